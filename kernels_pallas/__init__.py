@@ -1,0 +1,9 @@
+"""Pallas kernels for moejax. Depends on jax only (never on moejax).
+
+Each op has its own folder: a pure-jnp ``reference.py`` (also the XLA
+fallback), the Pallas kernel(s), and a small ``custom_vjp`` module.
+"""
+
+from kernels_pallas.gmm import gmm, tgmm
+
+__all__ = ["gmm", "tgmm"]

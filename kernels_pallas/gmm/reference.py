@@ -1,0 +1,26 @@
+"""Pure-jnp grouped matmul: the reference for every kernel and the XLA fallback."""
+
+import jax
+import jax.numpy as jnp
+
+
+def gmm_reference(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type=None):
+    """out[rows of group g] = lhs[rows of group g] @ rhs[g]; rows past sum(group_sizes) are 0."""
+    return jax.lax.ragged_dot(
+        lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def tgmm_reference(lhs_MK, grad_MN, group_sizes_G, preferred_element_type=None):
+    """Per-group lhs^T @ grad -> [G, K, N] (the weight gradient of gmm)."""
+    num_groups = group_sizes_G.shape[0]
+    ends = jnp.cumsum(group_sizes_G)
+    starts = ends - group_sizes_G
+    rows = jnp.arange(lhs_MK.shape[0])
+    member_GM = (rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None])
+    out_dtype = preferred_element_type or lhs_MK.dtype
+    masked_GMK = jnp.where(member_GM[:, :, None], lhs_MK[None], 0).astype(lhs_MK.dtype)
+    del num_groups
+    return jnp.einsum("gmk,mn->gkn", masked_GMK, grad_MN,
+                      preferred_element_type=jnp.float32).astype(out_dtype)
