@@ -1,0 +1,274 @@
+"""Frozen, self-validating configs: MoEConfig, MemoryConfig, ModelConfig, and presets.
+
+Every config checks itself in ``__post_init__`` and names the offending field
+and what is allowed, so a bad config fails at construction, not deep inside a
+jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ROUTERS = ("softmax", "sigmoid")
+DISPATCHES = ("auto", "dense", "capacity", "ragged", "gmm")
+AUX_LOSS_TYPES = ("batch", "sequence")
+DTYPES = ("float32", "bfloat16", "float16")
+QK_NORMS = ("none", "head", "proj")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that is not allowed."""
+
+
+def _require(ok: bool, cls: str, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{cls}.{field_name}: {message}")
+
+
+def _positive_ints(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 type(obj).__name__, name, f"must be a positive int, got {value!r}")
+
+
+def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    _require(value in allowed, type(obj).__name__, name,
+             f"must be one of {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """One MoE block: router, routed experts (SwiGLU), optional shared experts.
+
+    Field names follow the Hugging Face configs where one exists.
+    ``shared_d_ff`` is the hidden width of the shared-expert FFN as a whole
+    (default ``num_shared_experts * d_ff``). ``capacity_factor=None`` means
+    dropless. ``bias_update_rate`` > 0 turns on aux-loss-free balancing
+    (DeepSeek-V3): a per-expert selection bias nudged after every step.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
+    router: str = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    capacity_factor: float | None = None
+    dispatch: str = "auto"
+    aux_loss_coef: float = 0.01
+    aux_loss_type: str = "batch"
+    z_loss_coef: float = 0.001
+    bias_update_rate: float = 0.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        name = "MoEConfig"
+        _positive_ints(self, "d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group")
+        _choice(self, "router", ROUTERS)
+        _choice(self, "dispatch", DISPATCHES)
+        _choice(self, "aux_loss_type", AUX_LOSS_TYPES)
+        _choice(self, "dtype", DTYPES)
+        _require(self.top_k <= self.num_experts, name, "top_k",
+                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        _require(self.num_experts % self.n_group == 0, name, "n_group",
+                 f"n_group={self.n_group} must divide num_experts={self.num_experts}")
+        _require(self.topk_group <= self.n_group, name, "topk_group",
+                 f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        per_group = self.num_experts // self.n_group
+        _require(self.topk_group * per_group >= self.top_k, name, "topk_group",
+                 f"topk_group={self.topk_group} groups of {per_group} experts hold fewer "
+                 f"than top_k={self.top_k} experts")
+        _require(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+                 name, "num_shared_experts", f"must be an int >= 0, got {self.num_shared_experts!r}")
+        _require(self.shared_d_ff is None or (isinstance(self.shared_d_ff, int) and self.shared_d_ff > 0),
+                 name, "shared_d_ff", f"must be None or a positive int, got {self.shared_d_ff!r}")
+        _require(not self.shared_expert_gate or self.num_shared_experts > 0, name,
+                 "shared_expert_gate", "needs num_shared_experts > 0")
+        _require(self.capacity_factor is None or self.capacity_factor > 0, name, "capacity_factor",
+                 f"must be None (dropless) or > 0, got {self.capacity_factor!r}")
+        _require(self.dispatch != "capacity" or self.capacity_factor is not None, name,
+                 "capacity_factor", "dispatch='capacity' needs a capacity_factor")
+        _require(self.routed_scaling_factor > 0, name, "routed_scaling_factor",
+                 f"must be > 0, got {self.routed_scaling_factor!r}")
+        for coef in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            _require(getattr(self, coef) >= 0, name, coef, f"must be >= 0, got {getattr(self, coef)!r}")
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden width of the shared-expert FFN (0 when there is none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_d_ff or self.num_shared_experts * self.d_ff
+
+    @property
+    def uses_router_bias(self) -> bool:
+        """Sigmoid routing carries the selection-only correction bias (DeepSeek-V3)."""
+        return self.router == "sigmoid"
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """A memory layer (product-key or hashed n-gram) that replaces an FFN.
+
+    Reserved for the memory-layer wave; validated now so configs that name
+    one fail early with a clear message rather than being ignored.
+    """
+
+    kind: str = "product_key"
+    num_keys: int = 256            # sub-keys per half: n*n slots in all
+    top_k: int = 32
+    d_key: int = 128
+    num_heads: int = 1
+    value_lr_multiplier: float = 1.0
+
+    def __post_init__(self):
+        _choice(self, "kind", ("product_key", "hashed_ngram"))
+        _positive_ints(self, "num_keys", "top_k", "d_key", "num_heads")
+        _require(self.top_k <= self.num_keys * self.num_keys, "MemoryConfig", "top_k",
+                 f"top_k={self.top_k} exceeds the {self.num_keys ** 2} slots")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only Transformer: embeddings, GQA + RoPE attention, MoE/dense FFNs.
+
+    Layer i uses an MoE FFN when ``moe`` is set, ``i >= first_k_dense`` and
+    ``(i - first_k_dense) % moe_every == 0``; otherwise a dense SwiGLU FFN of
+    width ``d_ff``.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    head_dim: int | None = None
+    moe: MoEConfig | None = None
+    first_k_dense: int = 0
+    moe_every: int = 1
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    qk_norm: str = "none"
+    attention_bias: bool = False
+    dtype: str = "float32"
+    name: str = "custom"
+
+    def __post_init__(self):
+        name = "ModelConfig"
+        _positive_ints(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                       "d_ff", "moe_every", "max_seq_len")
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "qk_norm", QK_NORMS)
+        _require(self.n_heads % self.n_kv_heads == 0, name, "n_kv_heads",
+                 f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        _require(self.head_dim is not None or self.d_model % self.n_heads == 0, name, "head_dim",
+                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+        _require(self.head_dim is None or (self.head_dim > 0 and self.head_dim % 2 == 0),
+                 name, "head_dim", f"must be a positive even int (RoPE), got {self.head_dim!r}")
+        _require(self.resolved_head_dim % 2 == 0, name, "head_dim",
+                 f"head_dim {self.resolved_head_dim} must be even for RoPE")
+        _require(isinstance(self.first_k_dense, int) and 0 <= self.first_k_dense <= self.n_layers,
+                 name, "first_k_dense", f"must be in [0, n_layers={self.n_layers}], got {self.first_k_dense!r}")
+        if self.moe is not None:
+            _require(isinstance(self.moe, MoEConfig), name, "moe", "must be a MoEConfig or None")
+            _require(self.moe.d_model == self.d_model, name, "moe",
+                     f"moe.d_model={self.moe.d_model} differs from d_model={self.d_model}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        if self.moe is None or layer < self.first_k_dense:
+            return False
+        return (layer - self.first_k_dense) % self.moe_every == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def preset(name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset; ``overrides`` replace top-level fields."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        cfg = PRESETS[name]()
+        return cfg.replace(**overrides) if overrides else cfg
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return sorted(PRESETS)
+
+
+def _tiny() -> ModelConfig:
+    # Trains on a 2-core CPU in minutes on byte-level text.
+    moe = MoEConfig(d_model=128, d_ff=256, num_experts=8, top_k=2, aux_loss_coef=0.01)
+    return ModelConfig(name="tiny", vocab_size=256, d_model=128, n_layers=4, n_heads=4,
+                       n_kv_heads=2, d_ff=512, moe=moe, max_seq_len=256)
+
+
+def _mixtral_mini() -> ModelConfig:
+    # Mixtral: softmax top-2 of 8, renormalised, every layer MoE, no shared expert.
+    moe = MoEConfig(d_model=256, d_ff=512, num_experts=8, top_k=2, norm_topk_prob=True)
+    return ModelConfig(name="mixtral-mini", vocab_size=1024, d_model=256, n_layers=4, n_heads=8,
+                       n_kv_heads=2, d_ff=1024, moe=moe, rope_theta=1e6, rms_norm_eps=1e-5)
+
+
+def _qwen3_moe_mini() -> ModelConfig:
+    # Qwen3-MoE: many fine-grained experts, top-8, per-head q/k RMSNorm.
+    moe = MoEConfig(d_model=256, d_ff=128, num_experts=32, top_k=8, norm_topk_prob=True)
+    return ModelConfig(name="qwen3-moe-mini", vocab_size=1024, d_model=256, n_layers=4, n_heads=8,
+                       n_kv_heads=4, head_dim=64, d_ff=768, moe=moe, qk_norm="head",
+                       rope_theta=1e6)
+
+
+def _deepseek_mini() -> ModelConfig:
+    # DeepSeek-V3 routing: sigmoid scores, selection bias, group-limited top-k,
+    # routed scaling, shared experts, first layer dense.
+    moe = MoEConfig(d_model=256, d_ff=128, num_experts=32, top_k=4, num_shared_experts=1,
+                    router="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+                    n_group=4, topk_group=2, aux_loss_type="sequence", aux_loss_coef=1e-4,
+                    bias_update_rate=1e-3)
+    return ModelConfig(name="deepseek-mini", vocab_size=1024, d_model=256, n_layers=4, n_heads=8,
+                       n_kv_heads=8, d_ff=768, moe=moe, first_k_dense=1)
+
+
+def _olmoe_mini() -> ModelConfig:
+    # OLMoE: softmax top-8 of 64 without renormalisation, q/k norm over projections.
+    moe = MoEConfig(d_model=256, d_ff=128, num_experts=64, top_k=8, norm_topk_prob=False)
+    return ModelConfig(name="olmoe-mini", vocab_size=1024, d_model=256, n_layers=2, n_heads=8,
+                       n_kv_heads=8, d_ff=768, moe=moe, qk_norm="proj")
+
+
+def _dense_tiny() -> ModelConfig:
+    # The dense baseline with the same active parameters as `tiny` (top-2 of d_ff=256).
+    return _tiny().replace(name="dense-tiny", moe=None)
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "dense-tiny": _dense_tiny,
+    "mixtral-mini": _mixtral_mini,
+    "qwen3-moe-mini": _qwen3_moe_mini,
+    "deepseek-mini": _deepseek_mini,
+    "olmoe-mini": _olmoe_mini,
+}

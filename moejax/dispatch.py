@@ -1,0 +1,185 @@
+"""Token dispatch: permute / unpermute, group sizes, capacity; the expert backends.
+
+Shapes: T tokens, K = top_k, M = T*K (token, slot) rows, E experts, C capacity
+per expert, D model width, F expert hidden width.
+
+Every backend computes the same function
+``y_t = sum_k gate_tk * expert_{e_tk}(x_t)`` (minus dropped pairs for
+``capacity``); ``dense`` is the reference the others are tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+import kernels_pallas
+
+
+class SortPlan(NamedTuple):
+    """Where each (token, slot) pair sits once the pairs are sorted by expert."""
+
+    order_M: Int[Array, "M"]        # sorted row r holds flat pair order_M[r] (= t*K + k)
+    inverse_M: Int[Array, "M"]      # flat pair f sits at sorted row inverse_M[f]
+    group_sizes_E: Int[Array, "E"]  # rows per expert, in expert order
+
+
+def plan_sort(experts_TK: Int[Array, "T K"], num_experts: int) -> SortPlan:
+    """Stable sort of the (token, slot) pairs by expert id."""
+    flat_M = experts_TK.reshape(-1).astype(jnp.int32)
+    order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
+    inverse_M = jnp.argsort(order_M).astype(jnp.int32)
+    group_sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
+    return SortPlan(order_M, inverse_M, group_sizes_E)
+
+
+@jax.custom_vjp
+def take_rows(x_MD: Array, perm_M: Int[Array, "M"], inverse_M: Int[Array, "M"]) -> Array:
+    """``x[perm]`` for a permutation; the backward is the inverse gather.
+
+    Autodiff of a gather is a scatter-add, which is slow on XLA:CPU; for a
+    permutation the transpose is simply a gather with the inverse.
+    """
+    return x_MD[perm_M]
+
+
+def _take_rows_fwd(x_MD, perm_M, inverse_M):
+    return x_MD[perm_M], (perm_M, inverse_M)
+
+
+def _take_rows_bwd(residuals, g_MD):
+    perm_M, inverse_M = residuals
+    return g_MD[inverse_M], None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def permute(x_TD: Float[Array, "T D"], plan: SortPlan, top_k: int) -> Float[Array, "M D"]:
+    """Copy every token once per slot and sort the copies by expert."""
+    x_MD = jnp.repeat(x_TD, top_k, axis=0)
+    return take_rows(x_MD, plan.order_M, plan.inverse_M)
+
+
+def unpermute(y_MD: Float[Array, "M D"], plan: SortPlan, gates_TK: Float[Array, "T K"]
+              ) -> Float[Array, "T D"]:
+    """Undo the sort and combine the k expert outputs with float32 gate weights."""
+    num_tokens, top_k = gates_TK.shape
+    y_TKD = take_rows(y_MD, plan.inverse_M, plan.order_M).reshape(num_tokens, top_k, -1)
+    out_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), gates_TK.astype(jnp.float32))
+    return out_TD.astype(y_MD.dtype)
+
+
+def swiglu(gate, up):
+    return jax.nn.silu(gate) * up
+
+
+def grouped_ffn(x_MD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, *, backend: str):
+    """SwiGLU experts on expert-sorted rows via the grouped matmul."""
+    def mm(lhs, rhs):
+        return kernels_pallas.gmm(lhs, rhs, group_sizes_E, backend=backend)
+
+    h_MF = swiglu(mm(x_MD, w_gate_EDF), mm(x_MD, w_up_EDF))
+    return mm(h_MF, w_down_EFD)
+
+
+def sorted_dispatch(x_TD, gates_TK, experts_TK, weights, *, gmm_backend: str):
+    """Dropless: sort pairs by expert, grouped matmul, un-sort, combine."""
+    num_experts = weights[0].shape[0]
+    plan = plan_sort(experts_TK, num_experts)
+    x_MD = permute(x_TD, plan, gates_TK.shape[1])
+    y_MD = grouped_ffn(x_MD, *weights, plan.group_sizes_E, backend=gmm_backend)
+    return unpermute(y_MD, plan, gates_TK), jnp.zeros((), jnp.float32)
+
+
+def dense_dispatch(x_TD, gates_TK, experts_TK, weights):
+    """Reference: every expert on every token, weighted by the sparse gates."""
+    w_gate_EDF, w_up_EDF, w_down_EFD = weights
+    num_tokens, num_experts = x_TD.shape[0], w_gate_EDF.shape[0]
+    gates_TE = jnp.zeros((num_tokens, num_experts), jnp.float32).at[
+        jnp.arange(num_tokens)[:, None], experts_TK].add(gates_TK.astype(jnp.float32))
+    h_TEF = swiglu(jnp.einsum("td,edf->tef", x_TD, w_gate_EDF),
+                   jnp.einsum("td,edf->tef", x_TD, w_up_EDF))
+    y_TED = jnp.einsum("tef,efd->ted", h_TEF, w_down_EFD)
+    out_TD = jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), gates_TE)
+    return out_TD.astype(x_TD.dtype), jnp.zeros((), jnp.float32)
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """GShard capacity: ``ceil(capacity_factor * T * K / E)`` slots per expert."""
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def capacity_positions(experts_TK: Int[Array, "T K"], num_experts: int
+                       ) -> Int[Array, "T K"]:
+    """Arrival position of each pair in its expert's queue.
+
+    Priority is slot-major (every token's first choice before any second
+    choice), tokens in order within a slot: deterministic, and first choices
+    are the last to be dropped.
+    """
+    experts_KT = experts_TK.T
+    one_hot_KTE = jax.nn.one_hot(experts_KT, num_experts, dtype=jnp.int32)
+    arrivals_KTE = jnp.cumsum(one_hot_KTE.reshape(-1, num_experts), axis=0).reshape(
+        one_hot_KTE.shape)
+    position_KT = jnp.sum(arrivals_KTE * one_hot_KTE, axis=-1) - 1
+    return position_KT.T
+
+
+def capacity_dispatch(x_TD, gates_TK, experts_TK, weights, *, capacity_factor: float):
+    """GShard-style: fixed per-expert buffers, pairs past capacity dropped.
+
+    1. position of each pair in its expert's queue (slot-major priority).
+    2. kept pairs are written to buffer slot ``e * C + position``; dropped
+       pairs go to a spare row that nothing reads.
+    3. experts run batched on [E, C, D] buffers; outputs are gathered back
+       and combined with the gates of the kept pairs.
+    Returns (out_TD, dropped_fraction).
+    """
+    w_gate_EDF, w_up_EDF, w_down_EFD = weights
+    (num_tokens, top_k), num_experts = experts_TK.shape, w_gate_EDF.shape[0]
+    capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    position_TK = capacity_positions(experts_TK, num_experts)
+    keep_TK = position_TK < capacity
+    spare = num_experts * capacity
+    slot_TK = jnp.where(keep_TK, experts_TK * capacity + position_TK, spare)
+    token_TK = jnp.broadcast_to(jnp.arange(num_tokens)[:, None], slot_TK.shape)
+    buffer_SD = jnp.zeros((spare + 1, x_TD.shape[1]), x_TD.dtype).at[slot_TK.reshape(-1)].set(
+        x_TD[token_TK.reshape(-1)])
+    x_ECD = buffer_SD[:spare].reshape(num_experts, capacity, -1)
+    h_ECF = swiglu(jnp.einsum("ecd,edf->ecf", x_ECD, w_gate_EDF),
+                   jnp.einsum("ecd,edf->ecf", x_ECD, w_up_EDF))
+    y_SD = jnp.einsum("ecf,efd->ecd", h_ECF, w_down_EFD).reshape(spare, -1)
+    y_TKD = y_SD[jnp.minimum(slot_TK, spare - 1)]
+    kept_gates_TK = jnp.where(keep_TK, gates_TK.astype(jnp.float32), 0.0)
+    out_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), kept_gates_TK)
+    dropped = 1.0 - jnp.mean(keep_TK.astype(jnp.float32))
+    return out_TD.astype(x_TD.dtype), dropped
+
+
+def resolve_backend(dispatch: str, capacity_factor: float | None) -> str:
+    """'auto' -> capacity when a capacity factor is set, else the fastest dropless path."""
+    if dispatch != "auto":
+        return dispatch
+    if capacity_factor is not None:
+        return "capacity"
+    return "gmm" if jax.default_backend() in ("tpu", "gpu") else "ragged"
+
+
+def dispatch_experts(backend: str, x_TD, gates_TK, experts_TK, weights, *,
+                     capacity_factor: float | None = None):
+    """Run the routed experts with the named backend -> (out_TD, dropped_fraction)."""
+    if backend == "dense":
+        return dense_dispatch(x_TD, gates_TK, experts_TK, weights)
+    if backend == "capacity":
+        return capacity_dispatch(x_TD, gates_TK, experts_TK, weights,
+                                 capacity_factor=capacity_factor)
+    if backend == "ragged":
+        return sorted_dispatch(x_TD, gates_TK, experts_TK, weights, gmm_backend="xla")
+    if backend == "gmm":
+        return sorted_dispatch(x_TD, gates_TK, experts_TK, weights, gmm_backend="pallas")
+    raise ValueError(f"unknown dispatch backend {backend!r}")

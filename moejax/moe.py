@@ -1,0 +1,102 @@
+"""The MoE block: router + dispatch + routed SwiGLU experts (+ shared experts)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from moejax import dispatch as dispatch_lib
+from moejax.config import MoEConfig
+from moejax.routing import Router, update_router_bias
+
+
+def _normal(rngs: nnx.Rngs, shape, fan_in: int):
+    return nnx.initializers.normal(stddev=fan_in ** -0.5)(rngs.params(), shape, jnp.float32)
+
+
+class SwiGLU(nnx.Module):
+    """Dense SwiGLU FFN ``down(silu(x @ gate) * (x @ up))``: dense layers and shared experts."""
+
+    def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.dtype = dtype
+        self.w_gate = nnx.Param(_normal(rngs, (d_model, d_ff), d_model), logical_axes=("embed", "mlp"))
+        self.w_up = nnx.Param(_normal(rngs, (d_model, d_ff), d_model), logical_axes=("embed", "mlp"))
+        self.w_down = nnx.Param(_normal(rngs, (d_ff, d_model), d_ff), logical_axes=("mlp", "embed"))
+
+    def __call__(self, x_TD: Array) -> Array:
+        dt = self.dtype
+        x_TD = x_TD.astype(dt)
+        h_TF = dispatch_lib.swiglu(x_TD @ self.w_gate[...].astype(dt), x_TD @ self.w_up[...].astype(dt))
+        return h_TF @ self.w_down[...].astype(dt)
+
+
+class RoutedExperts(nnx.Module):
+    """E SwiGLU experts stored stacked: w_gate/w_up [E, D, F], w_down [E, F, D]."""
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+        self.w_gate = nnx.Param(_normal(rngs, (e, d, f), d), logical_axes=("expert", "embed", "mlp"))
+        self.w_up = nnx.Param(_normal(rngs, (e, d, f), d), logical_axes=("expert", "embed", "mlp"))
+        self.w_down = nnx.Param(_normal(rngs, (e, f, d), f), logical_axes=("expert", "mlp", "embed"))
+
+    def weights(self, dtype):
+        return tuple(w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+
+
+class MoE(nnx.Module):
+    """Mixture-of-Experts FFN.
+
+    1. Flatten x [B, S, D] to T = B*S tokens.
+    2. Router (float32): top-k experts and gates per token; balance loss,
+       z-loss and expert load.
+    3. Dispatch the (token, slot) pairs to the experts with the configured
+       backend ('dense' | 'capacity' | 'ragged' | 'gmm'; 'auto' picks) and
+       combine the expert outputs with the gates in float32.
+    4. Add the shared experts (optionally scaled by a sigmoid gate per token).
+    Returns (y [B, S, D], aux) with aux keys 'aux_loss', 'z_loss',
+    'router_loss' (the two weighted by their coefficients), 'expert_load' [E]
+    and 'dropped_fraction'.
+    """
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.router = Router(cfg, rngs=rngs)
+        self.experts = RoutedExperts(cfg, rngs=rngs)
+        self.shared = (SwiGLU(cfg.d_model, cfg.shared_hidden, rngs=rngs, dtype=self.dtype)
+                       if cfg.num_shared_experts else None)
+        self.shared_gate = (nnx.Param(_normal(rngs, (cfg.d_model, 1), cfg.d_model),
+                                      logical_axes=("embed", None))
+                            if cfg.shared_expert_gate else None)
+
+    @property
+    def backend(self) -> str:
+        return dispatch_lib.resolve_backend(self.cfg.dispatch, self.cfg.capacity_factor)
+
+    def __call__(self, x_BSD: Float[Array, "B S D"]) -> tuple[Float[Array, "B S D"], dict]:
+        cfg = self.cfg
+        if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoE expects x of shape [B, S, {cfg.d_model}], got {x_BSD.shape}")
+        batch, seq, d_model = x_BSD.shape
+        x_TD = x_BSD.reshape(batch * seq, d_model)
+        gates_TK, experts_TK, aux = self.router(x_TD, num_sequences=batch)
+        out_TD, dropped = dispatch_lib.dispatch_experts(
+            self.backend, x_TD.astype(self.dtype), gates_TK, experts_TK,
+            self.experts.weights(self.dtype), capacity_factor=cfg.capacity_factor)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                gate_T1 = jax.nn.sigmoid(x_TD.astype(jnp.float32) @ self.shared_gate[...])
+                shared_TD = (shared_TD.astype(jnp.float32) * gate_T1).astype(self.dtype)
+            out_TD = out_TD + shared_TD
+        aux["dropped_fraction"] = dropped
+        aux["router_loss"] = cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
+        return out_TD.reshape(batch, seq, d_model).astype(x_BSD.dtype), aux
+
+    def update_bias(self, expert_load_E: Float[Array, "E"]) -> None:
+        """Aux-loss-free balancing step (outside the optimizer); no-op without a bias."""
+        if self.cfg.uses_router_bias and self.cfg.bias_update_rate > 0:
+            self.router.bias[...] = update_router_bias(self.router.bias[...], expert_load_E,
+                                                       self.cfg.bias_update_rate)
