@@ -12,7 +12,8 @@ import math
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -93,3 +94,31 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def variable_spec(variable: nnx.Variable, mesh) -> P:
+    """PartitionSpec of one nnx Variable from its ``logical_axes`` metadata."""
+    value = variable[...]
+    axes = variable.get_metadata().get("logical_axes") or (None,) * value.ndim
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical_axes {axes} do not match a value of shape {value.shape}")
+    return logical_to_spec(axes, value.shape, mesh)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for an ``nnx.State`` (same tree), from the logical-axis rules."""
+    return jax.tree.map(lambda v: NamedSharding(mesh, variable_spec(v, mesh)), state,
+                        is_leaf=_is_variable)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> None:
+    """Place every variable of ``model`` on ``mesh`` according to the rules (in place)."""
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh)
+    values = jax.tree.map(lambda v: v[...], state, is_leaf=_is_variable)
+    placed = jax.device_put(values, jax.tree.map(lambda s: s, shardings, is_leaf=_is_variable))
+    nnx.update(model, placed)
