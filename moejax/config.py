@@ -8,7 +8,7 @@ jitted function.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ROUTERS = ("softmax", "sigmoid")
@@ -272,3 +272,24 @@ PRESETS = {
     "deepseek-mini": _deepseek_mini,
     "olmoe-mini": _olmoe_mini,
 }
+
+
+def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """JSON-ready dict of a ModelConfig (nested MoEConfig included)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Inverse of :func:`config_to_dict`; unknown fields are an error, not ignored."""
+    data = dict(data)
+    moe = data.pop("moe", None)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"ModelConfig: unknown fields {sorted(unknown)}")
+    if moe is not None:
+        moe_known = {f.name for f in dataclasses.fields(MoEConfig)}
+        if set(moe) - moe_known:
+            raise ConfigError(f"MoEConfig: unknown fields {sorted(set(moe) - moe_known)}")
+        moe = MoEConfig(**moe)
+    return ModelConfig(moe=moe, **data)
