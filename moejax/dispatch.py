@@ -157,7 +157,7 @@ def capacity_dispatch(x_TD, gates_TK, experts_TK, weights, *, capacity_factor: f
     y_TKD = y_SD[jnp.minimum(slot_TK, spare - 1)]
     kept_gates_TK = jnp.where(keep_TK, gates_TK.astype(jnp.float32), 0.0)
     out_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), kept_gates_TK)
-    dropped = 1.0 - jnp.mean(keep_TK.astype(jnp.float32))
+    dropped = jnp.mean(jnp.logical_not(keep_TK).astype(jnp.float32))  # exact 0 when none drop
     return out_TD.astype(x_TD.dtype), dropped
 
 

@@ -40,6 +40,19 @@ def group_limited_mask(scores_TE: Float[Array, "T E"], n_group: int, topk_group:
     return jnp.where(keep_TE, scores_TE, -jnp.inf)
 
 
+def _normalise(gates_TK: Float[Array, "T K"], norm_topk_prob: bool) -> Float[Array, "T K"]:
+    """Renormalise the k gates to sum to 1 when asked.
+
+    With k = 1 the result is exactly 1 with zero derivative; computing p / p
+    would only add float32 cancellation noise to the router gradient.
+    """
+    if not norm_topk_prob:
+        return gates_TK
+    if gates_TK.shape[-1] == 1:
+        return jnp.ones_like(gates_TK)
+    return gates_TK / (gates_TK.sum(axis=-1, keepdims=True) + 1e-20)
+
+
 def softmax_topk(logits_TE: Float[Array, "T E"], top_k: int, *, norm_topk_prob: bool,
                  n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0
                  ) -> tuple[Float[Array, "T K"], Int[Array, "T K"], Float[Array, "T E"]]:
@@ -51,9 +64,7 @@ def softmax_topk(logits_TE: Float[Array, "T E"], top_k: int, *, norm_topk_prob: 
     probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
     choice_TE = group_limited_mask(probs_TE, n_group, topk_group)
     _, experts_TK = jax.lax.top_k(choice_TE, top_k)
-    gates_TK = jnp.take_along_axis(probs_TE, experts_TK, axis=-1)
-    if norm_topk_prob:
-        gates_TK = gates_TK / (gates_TK.sum(axis=-1, keepdims=True) + 1e-20)
+    gates_TK = _normalise(jnp.take_along_axis(probs_TE, experts_TK, axis=-1), norm_topk_prob)
     return gates_TK * routed_scaling_factor, experts_TK, probs_TE
 
 
@@ -74,9 +85,7 @@ def sigmoid_topk(logits_TE: Float[Array, "T E"], bias_E: Float[Array, "E"], top_
     choice_TE = scores_TE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))[None, :]
     choice_TE = group_limited_mask(choice_TE, n_group, topk_group)
     _, experts_TK = jax.lax.top_k(choice_TE, top_k)
-    gates_TK = jnp.take_along_axis(scores_TE, experts_TK, axis=-1)
-    if norm_topk_prob:
-        gates_TK = gates_TK / (gates_TK.sum(axis=-1, keepdims=True) + 1e-20)
+    gates_TK = _normalise(jnp.take_along_axis(scores_TE, experts_TK, axis=-1), norm_topk_prob)
     probs_TE = scores_TE / scores_TE.sum(axis=-1, keepdims=True)
     return gates_TK * routed_scaling_factor, experts_TK, probs_TE
 

@@ -14,7 +14,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_platforms", "cpu")
 
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=25,
-                          print_blob=True)
+                          print_blob=True, database=None)
 settings.load_profile("ci")
 
 

@@ -1,0 +1,63 @@
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import moejax
+from moejax.config import ConfigError, config_from_dict, config_to_dict
+
+BASE = dict(d_model=16, d_ff=32, num_experts=8, top_k=2)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(top_k=9), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(n_group=3), "n_group"),
+    (dict(n_group=4, topk_group=5), "topk_group"),
+    (dict(n_group=4, topk_group=1, top_k=3), "topk_group"),
+    (dict(router="relu"), "router"),
+    (dict(dispatch="magic"), "dispatch"),
+    (dict(dispatch="capacity"), "capacity_factor"),
+    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(shared_expert_gate=True), "shared_expert_gate"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+    (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(d_model=1.5), "d_model"),
+])
+def test_bad_moe_config_names_the_field(changes, field):
+    with pytest.raises(ConfigError, match=rf"MoEConfig\.{field}\b"):
+        moejax.MoEConfig(**{**BASE, **changes})
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(d_model=130), "head_dim"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(first_k_dense=9), "first_k_dense"),
+    (dict(qk_norm="layer"), "qk_norm"),
+    (dict(moe=moejax.MoEConfig(**{**BASE, "d_model": 32})), "moe"),
+])
+def test_bad_model_config_names_the_field(changes, field):
+    base = moejax.ModelConfig.preset("tiny")
+    with pytest.raises(ConfigError, match=rf"ModelConfig\.{field}\b"):
+        base.replace(**changes)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="tiny"):
+        moejax.ModelConfig.preset("nope")
+
+
+@pytest.mark.parametrize("name", moejax.ModelConfig.preset_names())
+def test_every_preset_builds_runs_jitted_and_round_trips(name):
+    cfg = moejax.ModelConfig.preset(name)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    model = moejax.Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+    logits, aux = nnx.jit(lambda m, t: m(t))(model, tokens)
+    assert logits.shape == (2, 8, cfg.vocab_size) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    if cfg.moe is not None:
+        assert aux["expert_load"].shape == (cfg.num_moe_layers, cfg.moe.num_experts)
+        assert jnp.allclose(aux["expert_load"].sum(-1), 1.0)
