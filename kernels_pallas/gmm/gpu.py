@@ -30,7 +30,7 @@ _COMPILER_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=3)
 def _dot(a, b, **kw):
     # float32 inputs: full precision (no TF32), the numerics the tests check.
     allow_tf32 = False if a.dtype == jnp.float32 else None
-    return pl.dot(a, b, allow_tf32=allow_tf32, **kw)
+    return pltriton.dot(a, b, allow_tf32=allow_tf32, **kw)
 
 
 def _gmm_kernel(offsets_ref, group_ids_ref, m_tile_ids_ref, num_items_ref,
