@@ -37,6 +37,9 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     """
     check_gmm("gmm", lhs, rhs, group_sizes)
     backend, choice = _resolve("gmm", backend, tiling, interpret)
+    if not (jnp.issubdtype(lhs.dtype, jnp.floating) and jnp.issubdtype(rhs.dtype, jnp.floating)):
+        raise ValueError(f"gmm: lhs and rhs must be floating point (for int8 weights use "
+                         f"gmm_int8), got {lhs.dtype} and {rhs.dtype}")
     dtype = jnp.result_type(lhs, rhs)
     lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
     out_dtype = jnp.dtype(preferred_element_type or dtype)

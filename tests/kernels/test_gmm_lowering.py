@@ -53,6 +53,13 @@ def test_tgmm_and_int8_export(platform):
     assert TARGET[platform] in weight_grad and TARGET[platform] in int8
 
 
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_decode_sized_gmm_grad_exports(platform):
+    """A handful of rows (serving decode): tiles larger than M must still lower."""
+    args = (S((3, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16), S((G,), jnp.int32))
+    assert TARGET[platform] in _export(jax.grad(_loss, argnums=(0, 1)), platform, *args)
+
+
 def test_explicit_tiling_exports_for_tpu():
     args = (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16), S((G,), jnp.int32))
     module = _export(lambda a, b, s: _pallas_gmm(a, b, s, tiling=(256, 128, 256)), "tpu", *args)
@@ -92,6 +99,8 @@ def test_bad_tiling_argument_is_a_value_error():
      "group_sizes has length 3 but there are 2 groups"),
     (lambda: gmm(jnp.ones((4, 3)), jnp.ones((2, 3, 6)), jnp.array([2.0, 2.0])),
      "group_sizes must have an integer dtype, got float32"),
+    (lambda: gmm(jnp.ones((4, 3)), jnp.ones((2, 3, 6), jnp.int8), jnp.array([2, 2])),
+     "lhs and rhs must be floating point"),
     (lambda: gmm(jnp.ones((4, 3)), jnp.ones((3, 6)), jnp.array([4])),
      "rhs must be 3-D"),
     (lambda: gmm(jnp.ones((4, 3)), jnp.ones((2, 3, 6)), jnp.array([2, 2]), backend="cuda"),
