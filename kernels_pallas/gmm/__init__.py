@@ -7,7 +7,8 @@ multiplied by ``rhs[g]``; rows past ``sum(group_sizes)`` give zeros.
   gradient): differentiable; ``backend='auto'`` runs the Pallas kernel on
   TPU (tpu.py, Mosaic) or GPU (gpu.py, Triton) and the XLA path on CPU.
 - ``gmm_int8(lhs, rhs_int8, rhs_scale[G,N], group_sizes)``: weight-only int8
-  experts for serving, dequantized inside the kernel; forward only.
+  experts for serving, dequantized inside the kernel; gradients for lhs
+  and rhs_scale (the int8 weights are frozen).
 - ``GmmTiling(tm, tk, tn)``: block sizes; None picks a per-platform default.
 
 Files: reference.py (ragged_dot; the fallback), metadata.py (group -> tile

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from kernels_pallas.gmm.reference import gmm_int8_reference, gmm_reference, tgmm_reference
 from kernels_pallas.gmm.tiling import GmmTiling
 from kernels_pallas.gmm.validate import check_gmm, check_int8, check_tgmm
-from kernels_pallas.gmm.vjp import KernelChoice, gmm_pallas, run_gmm, tgmm_pallas
+from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
 
@@ -70,7 +70,7 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
 
 def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, tiling=None,
              backend="auto", interpret=None):
-    """Grouped matmul with weight-only int8 experts, for serving (forward only).
+    """Grouped matmul with weight-only int8 experts (serving; differentiable in lhs, rhs_scale).
 
     lhs [M,K] float, rhs [G,K,N] int8, rhs_scale [G,N] float (per output
     channel), group_sizes [G] -> [M,N] = lhs @ (rhs[g] * rhs_scale[g]) by
@@ -84,6 +84,6 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
     if backend == "pallas":
         if 0 in lhs.shape or 0 in rhs.shape:
             return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
-        return run_gmm(choice, lhs, rhs, group_sizes, out_dtype,
-                       rhs_scale_GN=rhs_scale.astype(jnp.float32))
+        return gmm_int8_pallas(lhs, rhs, rhs_scale.astype(jnp.float32), group_sizes,
+                               out_dtype, choice)
     return gmm_int8_reference(lhs, rhs, rhs_scale, group_sizes, out_dtype)

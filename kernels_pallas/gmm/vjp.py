@@ -161,3 +161,38 @@ def _tgmm_bwd(out_dtype, choice, residuals, d_out_GKN):
 
 
 tgmm_pallas.defvjp(_tgmm_fwd, _tgmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def gmm_int8_pallas(lhs_MK, rhs_GKN, scale_GN, group_sizes_G, out_dtype, choice):
+    """Differentiable int8-weight gmm: out = gmm(lhs, rhs * scale[:, None, :]).
+
+    d_lhs = gmm(d_out * scale[group of row], rhs^T) keeps the weights int8;
+    d_scale[g, n] = sum_k tgmm(lhs, d_out)[g, k, n] * rhs[g, k, n] (XLA drops
+    it when unused); the int8 weights themselves get no cotangent.
+    """
+    return run_gmm(choice, lhs_MK, rhs_GKN, group_sizes_G, out_dtype, rhs_scale_GN=scale_GN)
+
+
+def _int8_fwd(lhs_MK, rhs_GKN, scale_GN, group_sizes_G, out_dtype, choice):
+    out_MN = run_gmm(choice, lhs_MK, rhs_GKN, group_sizes_G, out_dtype, rhs_scale_GN=scale_GN)
+    return out_MN, (lhs_MK, rhs_GKN, scale_GN, group_sizes_G)
+
+
+def _int8_bwd(out_dtype, choice, residuals, d_out_MN):
+    lhs_MK, rhs_GKN, scale_GN, group_sizes_G = residuals
+    m, num_groups = lhs_MK.shape[0], rhs_GKN.shape[0]
+    ends_G = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), m)
+    group_of_row_M = jnp.minimum(
+        jnp.searchsorted(ends_G, jnp.arange(m, dtype=jnp.int32), side="right"), num_groups - 1)
+    d_out_MN = d_out_MN.astype(jnp.float32)
+    scaled_d_out_MN = (d_out_MN * scale_GN[group_of_row_M]).astype(lhs_MK.dtype)
+    d_lhs_MK = run_gmm(choice.transposed(), scaled_d_out_MN, rhs_GKN, group_sizes_G,
+                       lhs_MK.dtype, transpose_rhs=True)
+    d_weight_GKN = run_tgmm(choice, lhs_MK, d_out_MN.astype(lhs_MK.dtype), group_sizes_G,
+                            jnp.dtype(jnp.float32))
+    d_scale_GN = jnp.einsum("gkn,gkn->gn", d_weight_GKN, rhs_GKN.astype(jnp.float32))
+    return d_lhs_MK, None, d_scale_GN.astype(scale_GN.dtype), None
+
+
+gmm_int8_pallas.defvjp(_int8_fwd, _int8_bwd)

@@ -44,13 +44,17 @@ def test_gmm_forward_and_grad_export(platform, dtype):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_tgmm_and_int8_export(platform):
+def test_tgmm_and_int8_forward_and_grad_export(platform):
     lhs, sizes = S((M, K), jnp.bfloat16), S((G,), jnp.int32)
     weight_grad = _export(lambda a, b, s: tgmm(a, b, s, backend="pallas", interpret=False),
                           platform, lhs, S((M, N), jnp.bfloat16), sizes)
     int8 = _export(lambda a, q, sc, s: gmm_int8(a, q, sc, s, backend="pallas", interpret=False),
                    platform, lhs, S((G, K, N), jnp.int8), S((G, N), jnp.float32), sizes)
+    int8_grad = _export(jax.grad(lambda a, q, sc, s: jnp.sum(gmm_int8(
+        a, q, sc, s, backend="pallas", interpret=False).astype(jnp.float32) ** 2), argnums=(0, 2)),
+        platform, lhs, S((G, K, N), jnp.int8), S((G, N), jnp.float32), sizes)
     assert TARGET[platform] in weight_grad and TARGET[platform] in int8
+    assert int8_grad.count(f"custom_call @{TARGET[platform]}") == 3
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

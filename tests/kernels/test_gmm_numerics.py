@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from kernels_pallas.gmm import gmm
 from kernels_pallas.gmm.ops import gmm_int8
 from kernels_pallas.gmm.tiling import GmmTiling
-from kernels_pallas.gmm.vjp import KernelChoice, gmm_pallas, run_gmm, tgmm_pallas
+from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
 from tests.kernels.gmm_numpy import (assert_close, gmm_np, gmm_vjp_np, tgmm_np,
                                      tgmm_vjp_np)
 
@@ -115,22 +115,33 @@ def test_tgmm_forward_and_vjp_match_numpy(platform, case):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
-def test_gmm_int8_matches_dequantized_numpy(platform):
+def test_gmm_int8_forward_and_vjp_match_dequantized_numpy(platform):
     m, k, n, g = SHAPES["remainders"]
     rng = np.random.default_rng(0)
     lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     rhs_q = jnp.asarray(rng.integers(-127, 128, (g, k, n)), jnp.int8)
     scale = jnp.asarray(rng.uniform(0.001, 0.02, (g, n)), jnp.float32)
+    d_out = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
     sizes = np.array([6, 0, 27, 2], np.int32)  # an empty group and a 2-row tail
     choice = KernelChoice(TILING[platform], interpret=True, platform=platform)
-    run = jax.jit(lambda *args: run_gmm(choice, *args, jnp.dtype(jnp.float32),
-                                        rhs_scale_GN=scale))
-    got = run(lhs, rhs_q, jnp.asarray(sizes))
-    want = gmm_np(lhs, np.asarray(rhs_q, np.float64) * np.asarray(scale)[:, None, :], sizes)
-    assert_close(got, want, "float32", "int8 kernel")
+
+    @jax.jit
+    def run(a, s):
+        out, pullback = jax.vjp(lambda a, s: gmm_int8_pallas(
+            a, rhs_q, s, jnp.asarray(sizes), jnp.dtype(jnp.float32), choice), a, s)
+        return out, *pullback(d_out)
+    out, d_lhs, d_scale = run(lhs, scale)
+
+    q = np.asarray(rhs_q, np.float64)
+    weights = q * np.asarray(scale, np.float64)[:, None, :]
+    assert_close(out, gmm_np(lhs, weights, sizes), "float32", "out")
+    # d_out is rounded to bf16 (lhs's dtype) before the matmuls: bf16 tolerance.
+    assert_close(d_lhs, gmm_vjp_np(lhs, weights, sizes, d_out)[0], "bfloat16", "d_lhs")
+    want_d_scale = (tgmm_np(lhs, d_out, sizes) * q).sum(axis=1)
+    assert_close(d_scale, want_d_scale, "bfloat16", "d_scale")
     ref = gmm_int8(lhs, rhs_q, scale, jnp.asarray(sizes), backend="reference",
                    preferred_element_type=jnp.float32)
-    assert_close(ref, want, "float32", "int8 reference")
+    assert_close(ref, gmm_np(lhs, weights, sizes), "float32", "int8 reference")
 
 
 def test_public_gmm_pallas_backend_and_auto_agree_with_numpy():
