@@ -4,7 +4,10 @@ gmm grid = (n-tiles, work items, k-tiles), k innermost:
   1. Scalar-prefetched metadata (see metadata.py) maps each work item to a
      (group, m-tile); index maps use it to fetch lhs[m-tile, k], rhs[group, k, n].
   2. Each step adds lhs_tile @ rhs_tile into a float32 VMEM accumulator,
-     masking the K remainder (out-of-bounds block contents are undefined).
+     masking the K remainder (out-of-bounds block contents are undefined and
+     would mix into valid outputs). M and N remainders need no mask: garbage
+     there only reaches output rows/columns past the array, which the
+     pipeline does not write back.
   3. At the last k-step the accumulator (times the int8 scale, if any) is
      stored with a row mask: only rows of this group are written, so groups
      that share an m-tile fill the resident output block in turn.
