@@ -47,6 +47,7 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
         if 0 in lhs.shape or 0 in rhs.shape:
             return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
         return gmm_pallas(lhs, rhs, group_sizes, out_dtype, choice)
+    # 'xla' falls back to the reference until the XLA CPU path lands (kernels_pallas/gmm/xla.py).
     return gmm_reference(lhs, rhs, group_sizes, preferred_element_type)
 
 

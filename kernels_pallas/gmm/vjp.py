@@ -26,7 +26,9 @@ PLATFORMS = (None, "tpu", "gpu")
 class KernelChoice:
     """Which kernel runs and how. platform None: the running backend's kernel; when
     tracing on CPU with interpret=False (e.g. jax.export for TPU/GPU) both kernels are
-    staged with lax.platform_dependent, so a given tiling must be legal for both."""
+    staged with lax.platform_dependent, so a given tiling must be legal for both.
+    Export for one platform at a time: a multi-platform export would lower each
+    pallas_call for every platform, which Pallas refuses."""
 
     tiling: GmmTiling | None = None
     interpret: bool = False
