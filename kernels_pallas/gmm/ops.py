@@ -1,33 +1,90 @@
-"""Public entry points: pick a backend and call it."""
+"""Public entry points: validate, pick a backend and call it."""
 
 import jax
+import jax.numpy as jnp
 
-from kernels_pallas.gmm.reference import gmm_reference, tgmm_reference
+from kernels_pallas.gmm.reference import gmm_int8_reference, gmm_reference, tgmm_reference
+from kernels_pallas.gmm.tiling import GmmTiling
+from kernels_pallas.gmm.validate import check_gmm, check_int8, check_tgmm
+from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
+
+
+def _resolve(op, backend, tiling, interpret):
+    """-> (backend, KernelChoice) with 'auto' and interpret=None made concrete."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    on_accelerator = jax.default_backend() in ("tpu", "gpu")
+    if backend == "auto":
+        backend = "pallas" if on_accelerator else "xla"
+    if interpret is None:
+        interpret = not on_accelerator
+    return backend, KernelChoice(tiling=GmmTiling.coerce(tiling), interpret=bool(interpret))
 
 
 def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
         backend="auto", interpret=None):
     """Grouped matmul; rows of ``lhs`` are grouped contiguously, group g uses ``rhs[g]``.
 
+    lhs [M,K], rhs [G,K,N], group_sizes [G] integer -> [M,N]; rows past
+    sum(group_sizes) are zero. Differentiable in lhs and rhs.
     backend: 'pallas' (TPU/GPU kernel; interpret mode elsewhere), 'xla' (the
     fast XLA path used on CPU), 'reference' (jax.lax.ragged_dot), 'auto'
     (Pallas on TPU/GPU, 'xla' on CPU).
+    tiling: None (heuristic), a GmmTiling or (tm, tk, tn); used by 'pallas'.
+    interpret: None = interpret mode unless running on TPU/GPU.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"gmm: backend must be one of {BACKENDS}, got {backend!r}")
-    del tiling, interpret  # used by the Pallas kernels (work in progress)
+    check_gmm("gmm", lhs, rhs, group_sizes)
+    backend, choice = _resolve("gmm", backend, tiling, interpret)
+    if not (jnp.issubdtype(lhs.dtype, jnp.floating) and jnp.issubdtype(rhs.dtype, jnp.floating)):
+        raise ValueError(f"gmm: lhs and rhs must be floating point (for int8 weights use "
+                         f"gmm_int8), got {lhs.dtype} and {rhs.dtype}")
+    dtype = jnp.result_type(lhs, rhs)
+    lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+    out_dtype = jnp.dtype(preferred_element_type or dtype)
+    if backend == "pallas":
+        if 0 in lhs.shape or 0 in rhs.shape:
+            return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
+        return gmm_pallas(lhs, rhs, group_sizes, out_dtype, choice)
+    # 'xla' falls back to the reference until the XLA CPU path lands (kernels_pallas/gmm/xla.py).
     return gmm_reference(lhs, rhs, group_sizes, preferred_element_type)
 
 
 def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
          backend="auto", interpret=None):
-    """Per-group ``lhs^T @ grad`` -> [G, K, N]: the weight gradient of ``gmm``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"tgmm: backend must be one of {BACKENDS}, got {backend!r}")
-    del tiling, interpret
+    """Per-group ``lhs^T @ grad`` -> [G, K, N]: the weight gradient of ``gmm``.
+
+    Groups with no rows give zeros; rows past sum(group_sizes) are ignored.
+    """
+    check_tgmm("tgmm", lhs, grad, group_sizes)
+    backend, choice = _resolve("tgmm", backend, tiling, interpret)
+    dtype = jnp.result_type(lhs, grad)
+    lhs, grad = lhs.astype(dtype), grad.astype(dtype)
+    out_dtype = jnp.dtype(preferred_element_type or dtype)
+    if backend == "pallas":
+        if 0 in lhs.shape or 0 in grad.shape or group_sizes.shape[0] == 0:
+            return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
+        return tgmm_pallas(lhs, grad, group_sizes, out_dtype, choice)
     return tgmm_reference(lhs, grad, group_sizes, preferred_element_type)
 
 
-del jax
+def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, tiling=None,
+             backend="auto", interpret=None):
+    """Grouped matmul with weight-only int8 experts (serving; differentiable in lhs, rhs_scale).
+
+    lhs [M,K] float, rhs [G,K,N] int8, rhs_scale [G,N] float (per output
+    channel), group_sizes [G] -> [M,N] = lhs @ (rhs[g] * rhs_scale[g]) by
+    groups. The Pallas kernels dequantize each weight tile in VMEM/SRAM, so the
+    weights cross HBM as int8; 'xla'/'reference' dequantize up front.
+    """
+    check_gmm("gmm_int8", lhs, rhs, group_sizes)
+    check_int8("gmm_int8", rhs, rhs_scale)
+    backend, choice = _resolve("gmm_int8", backend, tiling, interpret)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    if backend == "pallas":
+        if 0 in lhs.shape or 0 in rhs.shape:
+            return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
+        return gmm_int8_pallas(lhs, rhs, rhs_scale.astype(jnp.float32), group_sizes,
+                               out_dtype, choice)
+    return gmm_int8_reference(lhs, rhs, rhs_scale, group_sizes, out_dtype)

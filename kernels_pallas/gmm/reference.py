@@ -24,3 +24,10 @@ def tgmm_reference(lhs_MK, grad_MN, group_sizes_G, preferred_element_type=None):
     del num_groups
     return jnp.einsum("gmk,mn->gkn", masked_GMK, grad_MN,
                       preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def gmm_int8_reference(lhs_MK, rhs_GKN_int8, scale_GN, group_sizes_G, out_dtype=None):
+    """Dequantize (rhs * per-output-channel scale) in float32, then the float reference."""
+    rhs_GKN = rhs_GKN_int8.astype(jnp.float32) * scale_GN[:, None, :].astype(jnp.float32)
+    out_MN = gmm_reference(lhs_MK.astype(jnp.float32), rhs_GKN, group_sizes_G, jnp.float32)
+    return out_MN.astype(out_dtype or lhs_MK.dtype)
