@@ -8,9 +8,9 @@ additions, and so whose result, is not fixed on GPUs):
    a stable sort: equal ids keep their position order, so the order of the
    additions below depends on the inputs only.
 2. Form the contributions ``w[t, j] * g[t]`` in sorted order (a gather).
-3. Sum runs of equal ids with a segmented inclusive scan (an associative
-   scan that restarts at every new id): the last element of each run holds
-   the run's total.
+3. Sum runs of equal ids with a segmented inclusive scan (``sorted_row_sums``,
+   log2(longest run) shift-and-add steps): the last element of each run
+   holds the run's total.
 4. For every table row n, find its run's end with a binary search in the
    sorted ids and gather that total (zero for rows that no token reads).
 
@@ -29,18 +29,28 @@ import jax.numpy as jnp
 from kernels_pallas.embedding_bag.reference import map_token_chunks
 
 
-def _segmented_sum_op(left, right):
-    """Associative op of a segmented sum: restart where `right` opens a new segment."""
-    left_sum, left_start = left
-    right_sum, right_start = right
-    keep_left = jnp.logical_not(right_start)[..., None]
-    return (right_sum + jnp.where(keep_left, left_sum, 0), left_start | right_start)
-
-
 def sorted_row_sums(sorted_ids_P, values_PD):
-    """Inclusive segmented sums over runs of equal ``sorted_ids_P`` -> [P, D] f32."""
-    opens_P = jnp.concatenate([jnp.ones((1,), bool), sorted_ids_P[1:] != sorted_ids_P[:-1]])
-    sums_PD, _ = jax.lax.associative_scan(_segmented_sum_op, (values_PD, opens_P))
+    """Inclusive sums over runs of equal ``sorted_ids_P`` -> [P, D] f32.
+
+    A Hillis-Steele scan that stops at run starts: after the step with offset
+    s, position p holds the sum of its run over (p - 2s, p]. Only
+    ceil(log2(longest run)) steps run (a while loop), each a shift, a mask
+    and an add over [P, D]; the order of additions is fixed by the ids.
+    """
+    num = sorted_ids_P.shape[0]
+    pos_P = jnp.arange(num, dtype=jnp.int32)
+    run_start_P = jnp.searchsorted(sorted_ids_P, sorted_ids_P, side="left").astype(jnp.int32)
+    longest_run = jnp.max(pos_P - run_start_P) + 1
+
+    def step(carry):
+        offset, sums_PD = carry
+        padded_QD = jnp.concatenate([jnp.zeros_like(sums_PD), sums_PD], axis=0)
+        earlier_PD = jax.lax.dynamic_slice_in_dim(padded_QD, num - offset, num, axis=0)
+        same_run_P = pos_P - offset >= run_start_P
+        return offset * 2, sums_PD + jnp.where(same_run_P[:, None], earlier_PD, 0)
+
+    _, sums_PD = jax.lax.while_loop(lambda c: c[0] < longest_run, step,
+                                    (jnp.int32(1), values_PD))
     return sums_PD
 
 

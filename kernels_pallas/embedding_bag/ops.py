@@ -72,6 +72,7 @@ def embedding_bag(
     deterministic backward), 'reference' (plain jnp, differentiated by JAX),
     'auto' (Pallas on TPU, 'xla' elsewhere).
     """
+    table, indices, weights = jnp.asarray(table), jnp.asarray(indices), jnp.asarray(weights)
     _validate(table, indices, weights, backend)
     out_dtype = jnp.dtype(preferred_element_type or table.dtype)
     if backend == "reference":

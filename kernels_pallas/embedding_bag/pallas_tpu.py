@@ -37,11 +37,13 @@ def sublane_multiple(dtype):
 
 
 def choose_block_tokens(num_tokens, k, d, dtype):
-    """Largest power-of-two token block whose two row slots fit ROWS_VMEM_BYTES."""
+    """Power-of-two token block: both row slots fit ROWS_VMEM_BYTES, and there are
+    about four blocks or more (two per TensorCore, so that the prefetch of the
+    next block has something to overlap with), but never fewer rows than a tile."""
     step = sublane_multiple(dtype)
     fit = ROWS_VMEM_BYTES // (2 * k * d * jnp.dtype(dtype).itemsize)
     bt = step
-    while bt * 2 <= min(fit, 256) and bt < num_tokens:
+    while bt * 2 <= min(fit, 256, num_tokens // 4):
         bt *= 2
     return bt
 
