@@ -8,7 +8,8 @@ Both kernels walk the tokens in blocks of ``bt``. For each block:
    of block b + 1 are started before block b is reduced, so the copies of the
    next block overlap the arithmetic of this one.
 2. ``forward``: ``out[t] = sum_j w[t, j] * rows[j, t]`` in float32; each term
-   is a dense [bt, D] multiply-add (tokens on sublanes, D on lanes).
+   is a dense multiply-add over one tile of tokens (8 rows for f32, 16 for
+   bf16, on sublanes) by D (on lanes), so the sums stay in registers.
    ``weights_grad``: ``dw[t, j] = <g[t], rows[j, t]>`` in float32.
 
 The grid is (splits, blocks per split): the first axis is parallel (the two
@@ -89,24 +90,40 @@ def _fetch_rows(ids_ref, table_hbm, rows_vmem, sems, bt, k):
     return slot
 
 
-def _forward_kernel(ids_ref, w_ref, table_hbm, out_ref, rows_vmem, sems, *, bt, k):
-    slot = _fetch_rows(ids_ref, table_hbm, rows_vmem, sems, bt, k)
-    w_bk = w_ref[...].astype(jnp.float32)
-    acc_bD = jnp.zeros(out_ref.shape, jnp.float32)
-    for j in range(k):  # k is small (memory layers: 32); unrolled, dense [bt, D] FMAs
-        acc_bD += w_bk[:, j:j + 1] * rows_vmem[slot, j].astype(jnp.float32)
-    out_ref[...] = acc_bD.astype(out_ref.dtype)
+def _for_each_tile(bt, step, fn):
+    """fn(rows) for each tile-aligned slice of `step` tokens: the float32 sums of a
+    [step, D] slice stay in vector registers instead of spilling a [bt, D] one."""
+    def body(i, carry):
+        fn(pl.ds(pl.multiple_of(i * step, step), step))
+        return carry
+    jax.lax.fori_loop(0, bt // step, body, 0)
 
 
-def _weights_grad_kernel(ids_ref, g_ref, table_hbm, out_ref, rows_vmem, sems, *, bt, k):
+def _forward_kernel(ids_ref, w_ref, table_hbm, out_ref, rows_vmem, sems, *, bt, k, step):
     slot = _fetch_rows(ids_ref, table_hbm, rows_vmem, sems, bt, k)
-    g_bD = g_ref[...].astype(jnp.float32)
-    lane_bk = jax.lax.broadcasted_iota(jnp.int32, out_ref.shape, 1)
-    dw_bk = jnp.zeros(out_ref.shape, jnp.float32)
-    for j in range(k):
-        dot_b1 = jnp.sum(g_bD * rows_vmem[slot, j].astype(jnp.float32), axis=1, keepdims=True)
-        dw_bk = jnp.where(lane_bk == j, dot_b1, dw_bk)
-    out_ref[...] = dw_bk.astype(out_ref.dtype)
+
+    def tile(tokens):
+        w_sk = w_ref[tokens, :].astype(jnp.float32)
+        acc_sD = jnp.zeros((step, out_ref.shape[1]), jnp.float32)
+        for j in range(k):  # k is small (memory layers: 32); unrolled, dense [step, D] FMAs
+            acc_sD += w_sk[:, j:j + 1] * rows_vmem[slot, j, tokens, :].astype(jnp.float32)
+        out_ref[tokens, :] = acc_sD.astype(out_ref.dtype)
+    _for_each_tile(bt, step, tile)
+
+
+def _weights_grad_kernel(ids_ref, g_ref, table_hbm, out_ref, rows_vmem, sems, *, bt, k, step):
+    slot = _fetch_rows(ids_ref, table_hbm, rows_vmem, sems, bt, k)
+
+    def tile(tokens):
+        g_sD = g_ref[tokens, :].astype(jnp.float32)
+        lane_sk = jax.lax.broadcasted_iota(jnp.int32, (step, k), 1)
+        dw_sk = jnp.zeros((step, k), jnp.float32)
+        for j in range(k):
+            row_sD = rows_vmem[slot, j, tokens, :].astype(jnp.float32)
+            dot_s1 = jnp.sum(g_sD * row_sD, axis=1, keepdims=True)
+            dw_sk = jnp.where(lane_sk == j, dot_s1, dw_sk)
+        out_ref[tokens, :] = dw_sk.astype(out_ref.dtype)
+    _for_each_tile(bt, step, tile)
 
 
 def _bag_call(kernel, table_ND, ids_Tk, per_token_TX, out_cols, out_dtype, interpret):
@@ -124,7 +141,7 @@ def _bag_call(kernel, table_ND, ids_Tk, per_token_TX, out_cols, out_dtype, inter
     block_of = lambda s, b, ids: (s * blocks_per_split + b, 0)  # noqa: E731
     rows_bytes = 2 * k * bt * d * table_ND.dtype.itemsize
     out = pl.pallas_call(
-        functools.partial(kernel, bt=bt, k=k),
+        functools.partial(kernel, bt=bt, k=k, step=sublane_multiple(table_ND.dtype)),
         out_shape=jax.ShapeDtypeStruct((padded, out_cols), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,

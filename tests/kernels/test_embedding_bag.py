@@ -126,21 +126,31 @@ def test_out_of_range_indices_are_clamped():
     np.testing.assert_allclose(np.asarray(got[0]), o, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_paths_match(monkeypatch):
-    # Large calls split the tokens (XLA: lax.map chunks, Pallas: SMEM-sized
-    # calls); shrink the limits so that small inputs take those paths, with a
-    # remainder chunk.
+def test_xla_chunked_path_matches(monkeypatch):
+    # Calls whose gathered rows exceed CHUNK_BYTES run in token chunks
+    # (lax.map, forward and d_weights); shrink the limit so that a small
+    # input takes that path, remainder chunk included (37 = 7 * 5 + 2).
     monkeypatch.setattr(reference, "CHUNK_BYTES", 5 * 3 * 128 * 4)
-    monkeypatch.setattr(pallas_tpu, "MAX_IDS_PER_CALL", 16 * 3)
     table, indices, weights, grad = make_inputs((11, 128, 37, 3), np.float32, "few_rows", 1)
     (o, o_s), (dt, dt_s, counts), (dw, dw_s) = bruteforce(table, indices, weights, grad)
+    fresh = jax.jit(lambda t, i, w, g: forward_and_vjp.__wrapped__(t, i, w, g, "xla"))
+    out, d_table, d_weights = fresh(table, indices, weights, grad)
     eps = float(jnp.finfo(jnp.float32).eps)
-    for backend in ("pallas", "xla"):
-        fn = jax.jit(lambda t, i, w, g, b=backend: forward_and_vjp.__wrapped__(t, i, w, g, b))
-        out, d_table, d_weights = fn(table, indices, weights, grad)
-        assert_close(out, o, o_s, 4 * eps, f"{backend} out")
-        assert_close(d_table, dt, dt_s, (1 + counts.max()) * eps, f"{backend} d_table")
-        assert_close(d_weights, dw, dw_s, 128 * eps, f"{backend} d_weights")
+    assert_close(out, o, o_s, 4 * eps, "out")
+    assert_close(d_table, dt, dt_s, (1 + counts.max()) * eps, "d_table")
+    assert_close(d_weights, dw, dw_s, 128 * eps, "d_weights")
+
+
+def test_pallas_splits_long_inputs_into_calls(monkeypatch):
+    # Row ids live in SMEM, so long inputs are cut into several pallas_calls
+    # (here 8 + 4 tokens; forward and d_weights share the cutting code).
+    monkeypatch.setattr(pallas_tpu, "MAX_IDS_PER_CALL", 8 * 3)
+    table, indices, weights, grad = make_inputs((11, 128, 12, 3), np.float32, "few_rows", 4)
+    (o, o_s), _, _ = bruteforce(table, indices, weights, grad)
+    forward = jax.jit(functools.partial(pallas_tpu.forward, out_dtype=jnp.float32,
+                                        interpret=True))
+    assert_close(forward(table, indices, weights), o, o_s, 4 * float(jnp.finfo(jnp.float32).eps),
+                 "out")
 
 
 def _primitive_names(jaxpr):
