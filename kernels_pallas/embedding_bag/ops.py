@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Integer
 
-from kernels_pallas.embedding_bag import backward, pallas_tpu
+from kernels_pallas.embedding_bag import backward, pallas_gpu, pallas_tpu
 from kernels_pallas.embedding_bag.reference import clamp_indices, embedding_bag_reference
 from kernels_pallas.embedding_bag.vjp import BagBackend, embedding_bag_vjp
 
-BACKENDS = ("auto", "pallas", "xla", "reference")
+BACKENDS = ("auto", "pallas", "pallas_tpu", "pallas_gpu", "xla", "reference")
 
 
 def _validate(table, indices, weights, backend):
@@ -40,10 +40,10 @@ def _xla_backend(out_dtype):
         weights_grad=backward.weights_grad)
 
 
-def _pallas_backend(out_dtype, interpret):
+def _pallas_backend(kernels, out_dtype, interpret):
     return BagBackend(
-        forward=functools.partial(pallas_tpu.forward, out_dtype=out_dtype, interpret=interpret),
-        weights_grad=functools.partial(pallas_tpu.weights_grad, interpret=interpret))
+        forward=functools.partial(kernels.forward, out_dtype=out_dtype, interpret=interpret),
+        weights_grad=functools.partial(kernels.weights_grad, interpret=interpret))
 
 
 def embedding_bag(
@@ -67,25 +67,32 @@ def embedding_bag(
     N - 1, and the gradient flows to the row that was read. No error is
     raised, so that the behaviour is the same under jit.
 
-    backend: 'pallas' (TPU kernel; interpret mode off TPU unless
-    ``interpret=False``), 'xla' (chunked jnp gather + einsum, with the same
-    deterministic backward), 'reference' (plain jnp, differentiated by JAX),
-    'auto' (Pallas on TPU, 'xla' elsewhere).
+    backend: 'pallas_tpu' (the TPU kernel), 'pallas_gpu' (the Triton kernel,
+    lowered for CUDA but not yet run on a GPU), 'pallas' (the GPU kernel on a
+    GPU, else the TPU one); off their platform the Pallas kernels run in
+    interpret mode unless ``interpret=False`` (e.g. to export for that
+    platform). 'xla': chunked jnp gather + einsum with the same deterministic
+    backward. 'reference': plain jnp, differentiated by JAX. 'auto': Pallas on
+    TPU, 'xla' elsewhere.
     """
     table, indices, weights = jnp.asarray(table), jnp.asarray(indices), jnp.asarray(weights)
     _validate(table, indices, weights, backend)
     out_dtype = jnp.dtype(preferred_element_type or table.dtype)
     if backend == "reference":
         return embedding_bag_reference(table, indices, weights, out_dtype)
-    on_tpu = jax.default_backend() == "tpu"
+    platform = jax.default_backend()
     if backend == "auto":
-        backend = "pallas" if on_tpu else "xla"
+        backend = "pallas_tpu" if platform == "tpu" else "xla"
+    if backend == "pallas":
+        backend = "pallas_gpu" if platform == "gpu" else "pallas_tpu"
     if indices.shape[0] == 0:
         return jnp.zeros((0, table.shape[1]), out_dtype)
     ids = clamp_indices(indices, table.shape[0])
-    if backend == "pallas":
-        interpret = (not on_tpu) if interpret is None else interpret
-        impl = _pallas_backend(out_dtype, interpret)
-    else:
+    if backend == "xla":
         impl = _xla_backend(out_dtype)
+    else:
+        kernel_platform, kernels = {"pallas_tpu": ("tpu", pallas_tpu),
+                                    "pallas_gpu": ("gpu", pallas_gpu)}[backend]
+        interpret = (platform != kernel_platform) if interpret is None else interpret
+        impl = _pallas_backend(kernels, out_dtype, interpret)
     return embedding_bag_vjp(table, ids, weights, impl)
