@@ -50,7 +50,7 @@ def choose_block_tokens(num_tokens, k, d, dtype):
 
 
 def _row_copies(ids_ref, table_hbm, rows_vmem, sems, block, slot, bt, k):
-    """The bt * k row DMAs of token block `block` into slot `slot`, as a list builder."""
+    """p -> the DMA of row p (of bt * k) of token block `block` into slot `slot`."""
     base = block * bt * k
 
     def copy(p):
@@ -155,6 +155,10 @@ def _bag_call(kernel, table_ND, ids_Tk, per_token_TX, out_cols, out_dtype, inter
             dimension_semantics=("parallel", "arbitrary"),
             vmem_limit_bytes=max(32 * 2**20, rows_bytes + 16 * 2**20)),
         interpret=interpret,
+        cost_estimate=pl.CostEstimate(  # a gather: bytes, not flops, set the time
+            flops=2 * padded * k * d, transcendentals=0,
+            bytes_accessed=padded * (k * d * table_ND.dtype.itemsize + k * 4
+                                     + (per_token_TX.shape[1] + out_cols) * 4)),
         name="embedding_bag" if kernel is _forward_kernel else "embedding_bag_dweights",
     )(ids_P, per_token_TX, table_ND)
     return out[:num_tokens]
