@@ -34,13 +34,15 @@ def _validate(table, indices, weights, backend):
         raise ValueError("embedding_bag: bags must hold at least one row (k >= 1)")
 
 
-def _xla_backend(out_dtype):
-    return BagBackend(
-        forward=functools.partial(embedding_bag_reference, out_dtype=out_dtype),
-        weights_grad=backward.weights_grad)
-
-
-def _pallas_backend(kernels, out_dtype, interpret):
+@functools.lru_cache(maxsize=None)
+def _impl(backend, out_dtype, interpret):
+    """One BagBackend per configuration, so that the custom_vjp sees the same
+    (hashable, equal) object on every call and nothing is re-traced."""
+    if backend == "xla":
+        return BagBackend(
+            forward=functools.partial(embedding_bag_reference, out_dtype=out_dtype),
+            weights_grad=backward.weights_grad)
+    kernels = {"pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}[backend]
     return BagBackend(
         forward=functools.partial(kernels.forward, out_dtype=out_dtype, interpret=interpret),
         weights_grad=functools.partial(kernels.weights_grad, interpret=interpret))
@@ -88,11 +90,7 @@ def embedding_bag(
     if indices.shape[0] == 0:
         return jnp.zeros((0, table.shape[1]), out_dtype)
     ids = clamp_indices(indices, table.shape[0])
-    if backend == "xla":
-        impl = _xla_backend(out_dtype)
-    else:
-        kernel_platform, kernels = {"pallas_tpu": ("tpu", pallas_tpu),
-                                    "pallas_gpu": ("gpu", pallas_gpu)}[backend]
-        interpret = (platform != kernel_platform) if interpret is None else interpret
-        impl = _pallas_backend(kernels, out_dtype, interpret)
-    return embedding_bag_vjp(table, ids, weights, impl)
+    if backend != "xla" and interpret is None:
+        kernel_platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[backend]
+        interpret = platform != kernel_platform
+    return embedding_bag_vjp(table, ids, weights, _impl(backend, out_dtype, bool(interpret)))

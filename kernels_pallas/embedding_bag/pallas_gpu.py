@@ -69,6 +69,9 @@ def _pad_tokens(*arrays_T):
     return padded, [jnp.pad(x, pad) for x in arrays_T]
 
 
+# jit with static dtypes: eager callers then reuse one compiled kernel instead of
+# re-tracing (and re-compiling) a fresh pallas_call on every call.
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
 def forward(table_ND, ids_Tk, weights_Tk, out_dtype, interpret=False):
     """[N, D], in-range [T, k] ids, [T, k] weights -> [T, D] in out_dtype."""
     num_tokens, k = ids_Tk.shape
@@ -90,6 +93,7 @@ def forward(table_ND, ids_Tk, weights_Tk, out_dtype, interpret=False):
     return out[:num_tokens]
 
 
+@functools.partial(jax.jit, static_argnames=("weights_dtype", "interpret"))
 def weights_grad(grad_TD, table_ND, ids_Tk, weights_dtype, interpret=False):
     """d weights [T, k] = <grad[t], table[ids[t, j]]> in float32, cast to weights_dtype."""
     num_tokens, k = ids_Tk.shape

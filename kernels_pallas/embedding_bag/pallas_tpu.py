@@ -175,6 +175,9 @@ def _in_calls(fn, ids_Tk, per_token_TX):
     return jnp.concatenate(parts, axis=0)
 
 
+# jit with static dtypes: eager callers then reuse one compiled kernel instead of
+# re-tracing (and re-compiling) a fresh pallas_call on every call.
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
 def forward(table_ND, ids_Tk, weights_Tk, out_dtype, interpret=False):
     """[N, D], in-range [T, k] ids, [T, k] weights -> [T, D] in out_dtype."""
     call = lambda ids, w: _bag_call(_forward_kernel, table_ND, ids, w,  # noqa: E731
@@ -182,6 +185,7 @@ def forward(table_ND, ids_Tk, weights_Tk, out_dtype, interpret=False):
     return _in_calls(call, ids_Tk.astype(jnp.int32), weights_Tk.astype(jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=("weights_dtype", "interpret"))
 def weights_grad(grad_TD, table_ND, ids_Tk, weights_dtype, interpret=False):
     """d weights [T, k] = <grad[t], table[ids[t, j]]> in float32, cast to weights_dtype."""
     k = ids_Tk.shape[1]
