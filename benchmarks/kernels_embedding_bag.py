@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import embedding_bag
+from kernels_pallas.embedding_bag import BACKENDS
 
 
 def add_arguments(parser):
@@ -30,7 +31,8 @@ def add_arguments(parser):
     parser.add_argument("--k", type=int, default=32, help="rows per bag")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--iters", type=int, default=12, help="rounds of timed calls")
-    parser.add_argument("--backend", default="auto", help="embedding_bag backend under test")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="embedding_bag backend under test")
     return parser
 
 
@@ -100,8 +102,8 @@ def run(args):
     for name, med in medians.items():
         baseline = medians["xla take+einsum fwd" if "bwd" not in name
                            else "xla take+einsum fwd+bwd (autodiff)"]
-        gbps = moved / med / 1e9 if "bwd" not in name else float("nan")
-        print(f"{name:42s} {med * 1e3:10.2f} {gbps:8.2f} {baseline / med:6.2f}x")
+        gbps = f"{moved / med / 1e9:8.2f}" if "bwd" not in name else f"{'-':>8s}"
+        print(f"{name:42s} {med * 1e3:10.2f} {gbps} {baseline / med:6.2f}x")
     return medians
 
 
