@@ -1,5 +1,6 @@
 """embedding_bag: every backend against a float64 numpy loop, plus the backward's
-determinism, its lack of scatter-adds, and the TPU lowering.
+determinism, its lack of scatter-adds, and the TPU (Mosaic) and GPU (Triton)
+lowerings.
 
 Shapes come from a short list (each new shape is a new compilation, and the
 Pallas interpreter compiles slowly); hypothesis draws the data: index
@@ -259,6 +260,17 @@ def test_int_table_is_rejected():
     with pytest.raises(ValueError, match="table must be a floating"):
         embedding_bag(jnp.zeros((3, 4), jnp.int32), jnp.zeros((2, 1), jnp.int32),
                       jnp.ones((2, 1), jnp.float32))
+
+
+def test_eager_calls_reuse_the_compiled_kernel():
+    # Each call used to build a fresh pallas_call (about 2 s of compilation per
+    # eager call in interpret mode); the second call must hit the cache.
+    table, indices, weights, _ = make_inputs(SHAPES[1], np.float32, "uniform", 6)
+    first = embedding_bag(table, indices, weights, backend="pallas_tpu")
+    cached = pallas_tpu.forward._cache_size()
+    again = embedding_bag(table, indices, weights, backend="pallas_tpu")
+    assert pallas_tpu.forward._cache_size() == cached
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
 
 
 def test_no_tokens_gives_empty_output():
