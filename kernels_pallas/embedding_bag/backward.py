@@ -62,8 +62,9 @@ def table_grad(grad_TD, indices_Tk, weights_Tk, num_rows, table_dtype):
     positions_P = jnp.arange(ids_P.shape[0], dtype=jnp.int32)
     sorted_ids_P, sorted_pos_P = jax.lax.sort((ids_P, positions_P), num_keys=1, is_stable=True)
     token_P = sorted_pos_P // k
-    weight_P = weights_Tk.reshape(-1)[sorted_pos_P].astype(jnp.float32)
-    contrib_PD = jnp.take(grad_TD, token_P, axis=0, mode="clip").astype(jnp.float32) * weight_P[:, None]
+    weight_P = jnp.take(weights_Tk.reshape(-1), sorted_pos_P, mode="clip").astype(jnp.float32)
+    grad_PD = jnp.take(grad_TD, token_P, axis=0, mode="clip").astype(jnp.float32)
+    contrib_PD = grad_PD * weight_P[:, None]
     sums_PD = sorted_row_sums(sorted_ids_P, contrib_PD)
     rows_N = jnp.arange(num_rows, dtype=jnp.int32)
     run_end_N = jnp.searchsorted(sorted_ids_P, rows_N, side="right") - 1
