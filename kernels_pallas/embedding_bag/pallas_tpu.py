@@ -19,6 +19,11 @@ second is sequential, which the cross-step prefetch needs.
 Row ids live in SMEM (1 MiB on v4 and later), so one call takes at most
 ``MAX_IDS_PER_CALL`` of them; longer inputs are cut into several calls.
 Indices must already be clamped into range: a DMA does not check bounds.
+
+Not yet run on a TPU (only exported for one, and run in interpret mode). The
+riskiest part is the one-row DMA of a 16-bit table: it lands on a single
+sublane of a packed (16, 128) VMEM tile, which Mosaic may reject at compile
+time; if so, route 16-bit tables to backend='xla' or copy row pairs as u32.
 """
 
 import functools
