@@ -4,6 +4,7 @@ Each op has its own folder: a pure-jnp ``reference.py`` (also the XLA
 fallback), the Pallas kernel(s), and a small ``custom_vjp`` module.
 """
 
+from kernels_pallas.embedding_bag import embedding_bag
 from kernels_pallas.gmm import gmm, tgmm
 
-__all__ = ["gmm", "tgmm"]
+__all__ = ["embedding_bag", "gmm", "tgmm"]
