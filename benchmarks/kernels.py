@@ -1,6 +1,8 @@
 """Kernel benchmarks: achieved TFLOP/s of each kernel next to its baselines, in one run.
 
     PYTHONPATH=. python benchmarks/kernels.py --op gmm            # or --op all
+    PYTHONPATH=. python benchmarks/kernels.py --op embedding_bag [flags of
+        benchmarks/kernels_embedding_bag.py: --rows --dim --tokens --k --dtype ...]
 
 One function per op (``bench_<op>``); each times its candidates interleaved,
 round by round, and reports medians, so a noisy shared machine skews every
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import kernels_embedding_bag
 from kernels_pallas.gmm import gmm
 
 
@@ -75,8 +78,15 @@ OPS = {"gmm": bench_gmm}
 
 
 def main(argv=None):
+    op_parser = argparse.ArgumentParser(add_help=False)
+    op_parser.add_argument("--op", choices=[*OPS, "embedding_bag", "all"], default="all")
+    op, rest = op_parser.parse_known_args(argv)
+    if op.op == "embedding_bag":  # its own flags (GB/s vs an XLA gather + sum)
+        return kernels_embedding_bag.main(rest)
+    if op.op == "all":
+        kernels_embedding_bag.main([])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--op", choices=[*OPS, "all"], default="all")
+    parser.add_argument("--op", choices=[*OPS, "embedding_bag", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on TPU/GPU, else float32")
     parser.add_argument("--grad", action="store_true", help="time forward+backward")
