@@ -112,3 +112,80 @@ class Attention(nnx.Module):
         out_BSGRK = jnp.einsum("bgrst,btgk->bsgrk", probs_BGRST, v_BTGK)
         out_BSHK = out_BSGRK.reshape(b, s, h, k)
         return jnp.einsum("bshk,hkd->bsd", out_BSHK, self.wo[...].astype(self.dtype))
+
+
+class MLAttention(nnx.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3), causal, with RoPE.
+
+    N = qk_nope_head_dim, P = qk_rope_head_dim, V = v_head_dim, C = kv_lora_rank,
+    Q = q_lora_rank.
+    1. Queries: q = x @ Wq [D, H, N+P], or through the low-rank bottleneck
+       q = rmsnorm(x @ Wq_a [D, Q]) @ Wq_b [Q, H, N+P]; split into q_nope, q_rope.
+    2. Keys/values: latent c = rmsnorm(x @ Wkv_a [D, C]); k_nope = c @ Wk_b
+       [C, H, N], v = c @ Wv_b [C, H, V]; one rotary key k_rope = x @ Wk_rope
+       [D, P] shared by all heads.
+    3. RoPE (half-split layout) on q_rope and k_rope; scores
+       (q_nope.k_nope + q_rope.k_rope) / sqrt(N+P) in float32, causal mask, softmax.
+    4. out = (probs @ v) @ Wo [H, V, D].
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.mla is None:
+            raise ValueError("MLAttention needs ModelConfig.mla")
+        self.cfg = cfg
+        mla = cfg.mla
+        d, h = cfg.d_model, cfg.n_heads
+        qk, c, p = mla.qk_head_dim, mla.kv_lora_rank, mla.qk_rope_head_dim
+        self.dtype = jnp.dtype(cfg.dtype)
+
+        def param(shape, fan_in, axes):
+            init = nnx.initializers.normal(stddev=fan_in ** -0.5)
+            return nnx.Param(init(rngs.params(), shape), logical_axes=axes)
+
+        if mla.q_lora_rank is None:
+            self.wq = param((d, h, qk), d, ("embed", "heads", None))
+        else:
+            q = mla.q_lora_rank
+            self.wq_a = param((d, q), d, ("embed", None))
+            self.q_norm = RMSNorm(q, mla.latent_norm_eps, logical_axis=None)
+            self.wq_b = param((q, h, qk), q, (None, "heads", None))
+        self.wkv_a = param((d, c), d, ("embed", None))
+        self.kv_norm = RMSNorm(c, mla.latent_norm_eps, logical_axis=None)
+        self.wk_rope = param((d, p), d, ("embed", None))
+        self.wk_b = param((c, h, mla.qk_nope_head_dim), c, (None, "heads", None))
+        self.wv_b = param((c, h, mla.v_head_dim), c, (None, "heads", None))
+        self.wo = param((h, mla.v_head_dim, d), h * mla.v_head_dim, ("heads", None, "embed"))
+
+    def _queries(self, x_BSD):
+        dt = self.dtype
+        if self.cfg.mla.q_lora_rank is None:
+            return jnp.einsum("bsd,dhk->bshk", x_BSD, self.wq[...].astype(dt))
+        lat_BSQ = self.q_norm(jnp.einsum("bsd,dq->bsq", x_BSD, self.wq_a[...].astype(dt)))
+        return jnp.einsum("bsq,qhk->bshk", lat_BSQ, self.wq_b[...].astype(dt))
+
+    def __call__(self, x_BSD: Float[Array, "B S D"], positions_BS: Int[Array, "B S"]
+                 ) -> Float[Array, "B S D"]:
+        mla, dt = self.cfg.mla, self.dtype
+        x_BSD = x_BSD.astype(dt)
+        q_BSHK = self._queries(x_BSD)
+        q_nope_BSHN = q_BSHK[..., :mla.qk_nope_head_dim]
+        q_rope_BSHP = q_BSHK[..., mla.qk_nope_head_dim:]
+        lat_BTC = self.kv_norm(jnp.einsum("btd,dc->btc", x_BSD, self.wkv_a[...].astype(dt)))
+        k_nope_BTHN = jnp.einsum("btc,chn->bthn", lat_BTC, self.wk_b[...].astype(dt))
+        v_BTHV = jnp.einsum("btc,chv->bthv", lat_BTC, self.wv_b[...].astype(dt))
+        k_rope_BT1P = jnp.einsum("btd,dp->btp", x_BSD, self.wk_rope[...].astype(dt))[:, :, None, :]
+
+        cos, sin = rope_angles(positions_BS, mla.qk_rope_head_dim, self.cfg.rope_theta)
+        q_rope_BSHP, k_rope_BT1P = apply_rope(q_rope_BSHP, cos, sin), apply_rope(k_rope_BT1P, cos, sin)
+        q_nope_BSHN = sharding.constrain(q_nope_BSHN, ("batch", "seq", "heads", None))
+
+        scores_BHST = (jnp.einsum("bshn,bthn->bhst", q_nope_BSHN, k_nope_BTHN,
+                                  preferred_element_type=jnp.float32)
+                       + jnp.einsum("bshp,btp->bhst", q_rope_BSHP, k_rope_BT1P[:, :, 0],
+                                    preferred_element_type=jnp.float32))
+        scores_BHST = scores_BHST * (mla.qk_head_dim ** -0.5)
+        causal_ST = positions_BS[:, :, None] >= positions_BS[:, None, :]
+        scores_BHST = jnp.where(causal_ST[:, None], scores_BHST, -1e30)
+        probs_BHST = jax.nn.softmax(scores_BHST, axis=-1).astype(dt)
+        out_BSHV = jnp.einsum("bhst,bthv->bshv", probs_BHST, v_BTHV)
+        return jnp.einsum("bshv,hvd->bsd", out_BSHV, self.wo[...].astype(dt))

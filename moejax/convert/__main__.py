@@ -1,0 +1,43 @@
+"""``python -m moejax.convert``: Hugging Face checkpoints <-> moejax model directories.
+
+    python -m moejax.convert --from-hf HF_DIR --out RUN      # RUN: config.json + orbax model/
+    python -m moejax.convert --to-hf RUN --out HF_DIR [--expert-layout fused]
+
+RUN is the directory format of ``moejax.checkpoint.save_model``: ``train``
+starts from it and ``serve export`` exports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moejax import checkpoint
+from moejax.convert.api import EXPERT_LAYOUTS, load_hf, save_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moejax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face model directory to import")
+    source.add_argument("--to-hf", metavar="RUN", help="moejax model directory to export")
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--dtype", default="float32", help="compute dtype stored in the moejax config")
+    parser.add_argument("--expert-layout", default="per_expert", choices=EXPERT_LAYOUTS,
+                        help="expert tensor layout for --to-hf")
+    args = parser.parse_args(argv)
+    if args.from_hf:
+        model, cfg = load_hf(args.from_hf, dtype=args.dtype)
+        checkpoint.save_model(args.out, model, cfg)
+        print(f"wrote moejax model {cfg.name} ({cfg.n_layers} layers, "
+              f"{cfg.num_moe_layers} MoE) to {args.out}")
+    else:
+        model, cfg = checkpoint.load_model(args.to_hf)
+        model_type = save_hf(model, cfg, args.out, expert_layout=args.expert_layout)
+        print(f"wrote Hugging Face {model_type} checkpoint to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
