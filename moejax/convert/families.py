@@ -255,7 +255,8 @@ def _write_deepseek_v3(cfg: ModelConfig) -> dict[str, Any]:
                kv_lora_rank=mla.kv_lora_rank, q_lora_rank=mla.q_lora_rank,
                qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim,
                v_head_dim=mla.v_head_dim, rope_interleave=True, attention_bias=False,
-               scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0)
+               scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0,
+               aux_loss_alpha=moe.aux_loss_coef, seq_aux=moe.aux_loss_type == "sequence")
     return out
 
 
