@@ -95,8 +95,9 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[Transformer, M
                 if array.shape != want:
                     raise ValueError(f"{family.model_type}: tensor for {'.'.join(map(str, sub))} has shape "
                                      f"{array.shape}, config.json implies {want}")
-                # A copy XLA owns, so the host array is freed right away (no aliasing).
-                _set(pure, sub, jnp.array(array, jnp.float32, copy=True))
+                # A copy XLA owns; waiting for it lets the host array go before the
+                # next read (an async transfer would keep several alive at once).
+                _set(pure, sub, jnp.array(array, jnp.float32, copy=True).block_until_ready())
                 filled.add(sub)
         unused = [n for n in reader.names() if n not in reader.read_names and not _ignorable(n, cfg)]
         skipped = [n for n in reader.names() if n not in reader.read_names and _ignorable(n, cfg)]

@@ -125,7 +125,8 @@ def test_loader_holds_one_layer_of_tensors_at_a_time(tmp_path):
         tracemalloc.stop()
     one_layer_experts = 3 * 8 * 64 * 256 * 4
     assert peak < 0.3 * total, (peak, total)
-    assert peak < 1.5 * one_layer_experts, (peak, one_layer_experts)
+    # one layer's three expert stacks, plus Python bookkeeping well under one more
+    assert peak < 2 * one_layer_experts, (peak, one_layer_experts)
 
 
 def test_cli_from_hf_writes_a_run_dir_and_back(tmp_path):
