@@ -102,8 +102,8 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[Transformer, M
         unused = [n for n in reader.names() if n not in reader.read_names and not _ignorable(n, cfg)]
         skipped = [n for n in reader.names() if n not in reader.read_names and _ignorable(n, cfg)]
     if unused:
-        raise UnsupportedConfigError(f"{family.model_type}: checkpoint tensors not understood by moejax.convert: "
-                                     f"{unused[:8]}{' ...' if len(unused) > 8 else ''}")
+        raise UnsupportedConfigError(f"{family.model_type}: checkpoint tensors not understood by "
+                                     f"moejax.convert: {unused[:8]}{' ...' if len(unused) > 8 else ''}")
     if skipped:
         log.info("skipped %d tensors transformers also ignores (e.g. %s)", len(skipped), skipped[0])
     missing = [p for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]

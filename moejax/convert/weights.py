@@ -35,6 +35,14 @@ class Entry:
     dump: Callable[..., list[tuple[str, np.ndarray]]]
 
 
+def checked(r: TensorReader, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Read ``name`` and insist on the shape config.json implies."""
+    array = r.get(name)
+    if array.shape != tuple(shape):
+        raise ValueError(f"tensor {name} has shape {array.shape}, config.json implies {tuple(shape)}")
+    return array
+
+
 def copy(path: Path, name: str) -> Entry:
     return Entry((path,), lambda r: (r.get(name),), lambda a: [(name, a)])
 
@@ -69,17 +77,18 @@ def stacked_experts(path: Path, prefix: str, num_experts: int, d_model: int, d_f
 
     def load(r):
         if gate_up in r:  # fused layout, found by name so either layout loads
-            both_EXD = r.get(gate_up)
+            both_EXD = checked(r, gate_up, (num_experts, 2 * d_ff, d_model))
             w_gate_EDF = both_EXD[:, :d_ff].transpose(0, 2, 1).copy()
             w_up_EDF = both_EXD[:, d_ff:].transpose(0, 2, 1).copy()
             del both_EXD
-            return w_gate_EDF, w_up_EDF, r.get(down).transpose(0, 2, 1).copy()
+            w_down_EFD = checked(r, down, (num_experts, d_model, d_ff)).transpose(0, 2, 1).copy()
+            return w_gate_EDF, w_up_EDF, w_down_EFD
         stacks = (np.empty((num_experts, d_model, d_ff), np.float32),
                   np.empty((num_experts, d_model, d_ff), np.float32),
                   np.empty((num_experts, d_ff, d_model), np.float32))
         for stack, name in zip(stacks, names):
             for e in range(num_experts):  # one expert tensor in flight at a time
-                stack[e] = r.get(f"{prefix}.{e}.{name}.weight").T
+                stack[e] = checked(r, f"{prefix}.{e}.{name}.weight", stack.shape[:0:-1]).T
         return stacks
 
     def dump(w_gate_EDF, w_up_EDF, w_down_EFD):
