@@ -62,7 +62,7 @@ def _placement(cfg: ModelConfig) -> list[int]:
 
 # ----------------------------------------------------------------- Mixtral
 def _read_mixtral(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, rope_theta=1e6, rms_norm_eps=1e-5)
     hf.expect("sliding_window", (None,), "moejax attention is full causal")
     hf.expect("router_jitter_noise", (0.0, 0), "training-time input jitter is not implemented")
     d_ff = hf.require("intermediate_size")
@@ -166,7 +166,7 @@ def _write_qwen(cfg: ModelConfig, *, qwen3: bool) -> dict[str, Any]:
 
 # ------------------------------------------------------------------- OLMoE
 def _read_olmoe(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, rms_norm_eps=1e-5)
     hf.expect("clip_qkv", (None,), "q/k/v clipping is not implemented")
     hf.expect("attention_bias", (False,), "OLMoE attention bias is not implemented")
     head_dim = hf.get("head_dim")

@@ -62,8 +62,13 @@ class HFConfig:
                 f"by moejax.convert; refusing to convert rather than ignore them")
 
 
-def read_common(hf: HFConfig) -> dict[str, Any]:
-    """Fields every supported family shares -> ModelConfig keyword arguments."""
+def read_common(hf: HFConfig, *, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6
+                ) -> dict[str, Any]:
+    """Fields every supported family shares -> ModelConfig keyword arguments.
+
+    ``rope_theta`` / ``rms_norm_eps`` are the family's transformers defaults,
+    used when config.json leaves the key out.
+    """
     hf.expect("hidden_act", ("silu",), "experts and dense FFNs are SwiGLU")
     hf.expect("attention_dropout", (0.0, 0), "moejax attention has no dropout")
     n_heads = hf.require("num_attention_heads")
@@ -73,8 +78,8 @@ def read_common(hf: HFConfig) -> dict[str, Any]:
         n_layers=hf.require("num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        rope_theta=float(read_rope_theta(hf)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(read_rope_theta(hf, rope_theta)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", rms_norm_eps)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.data.get("max_position_embeddings") or 2048),
     )

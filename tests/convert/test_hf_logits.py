@@ -120,3 +120,22 @@ def test_bfloat16_hf_checkpoint(references, workdir):
     model, _ = load_hf(path)
     err = ref_lib.rel_err(moejax_logits(model, ref.tokens), expected)
     assert err <= TOL, f"bf16 checkpoint, rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("model_type", sorted(ref_lib.CONFIG_CLASSES))
+def test_absent_keys_take_the_transformers_defaults(model_type, references, workdir):
+    import json
+    from moejax.convert import read_hf_config
+    ref = references(f"{model_type}-a")
+    config = json.loads((ref.path / "config.json").read_text())
+    for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "norm_topk_prob", "tie_word_embeddings"):
+        config.pop(key, None)
+    path = workdir / f"{model_type}-defaults"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, _, _ = read_hf_config(path)
+    defaults = ref_lib.CONFIG_CLASSES[model_type]()
+    assert cfg.rms_norm_eps == defaults.rms_norm_eps
+    assert cfg.rope_theta == defaults.rope_parameters["rope_theta"]
+    assert cfg.tie_embeddings == defaults.tie_word_embeddings
+    assert cfg.moe.norm_topk_prob == getattr(defaults, "norm_topk_prob", True)
