@@ -78,40 +78,45 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[Transformer, M
     Parameters are float32 (the model's master weights); ``dtype`` sets the
     compute dtype in the returned config. Tensors are read one at a time and
     placed straight into an abstract model, so no second copy of the model
-    is ever built.
+    is ever built. Either expert layout (per-expert or fused 3-D) loads.
     """
     cfg, family, raw = read_hf_config(path)
     cfg = cfg.replace(dtype=dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     pure = nnx.to_pure_dict(state)
-    filled: set[tuple] = set()
     with TensorReader(path) as reader:
-        prefix = _moe_prefix(reader, cfg, family)
-        fused = any(name.endswith("experts.gate_up_proj") for name in reader.names())
-        for entry in model_entries(cfg, family, moe_prefix=prefix, fused=fused,
-                                   rope_interleaved=bool(raw.get("rope_interleave", True))):
-            for sub, array in zip(entry.paths, entry.load(reader)):
-                want = _get(pure, sub).shape
-                if array.shape != want:
-                    raise ValueError(f"{family.model_type}: tensor for {'.'.join(map(str, sub))} has shape "
-                                     f"{array.shape}, config.json implies {want}")
-                # A copy XLA owns; waiting for it lets the host array go before the
-                # next read (an async transfer would keep several alive at once).
-                _set(pure, sub, jnp.array(array, jnp.float32, copy=True).block_until_ready())
-                filled.add(sub)
-        unused = [n for n in reader.names() if n not in reader.read_names and not _ignorable(n, cfg)]
-        skipped = [n for n in reader.names() if n not in reader.read_names and _ignorable(n, cfg)]
+        _fill_variables(pure, reader, cfg, family, rope_interleaved=bool(raw.get("rope_interleave", True)))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state), cfg
+
+
+def _fill_variables(pure: dict, reader: TensorReader, cfg: ModelConfig, family: Family, *,
+                    rope_interleaved: bool) -> None:
+    """Replace every abstract leaf of ``pure`` with its checkpoint tensor; leftovers on either side raise."""
+    filled: set[tuple] = set()
+    entries = model_entries(cfg, family, moe_prefix=_moe_prefix(reader, cfg, family), fused=False,
+                            rope_interleaved=rope_interleaved)
+    for entry in entries:
+        for sub, array in zip(entry.paths, entry.load(reader)):
+            want = _get(pure, sub).shape
+            if array.shape != want:
+                raise ValueError(f"{family.model_type}: tensor for {'.'.join(map(str, sub))} has shape "
+                                 f"{array.shape}, config.json implies {want}")
+            # A copy XLA owns; waiting for it lets the host array go before the
+            # next read (an async transfer would keep several alive at once).
+            _set(pure, sub, jnp.array(array, jnp.float32, copy=True).block_until_ready())
+            filled.add(sub)
+    left = [n for n in reader.names() if n not in reader.read_names]
+    unused = [n for n in left if not _ignorable(n, cfg)]
     if unused:
         raise UnsupportedConfigError(f"{family.model_type}: checkpoint tensors not understood by "
                                      f"moejax.convert: {unused[:8]}{' ...' if len(unused) > 8 else ''}")
-    if skipped:
-        log.info("skipped %d tensors transformers also ignores (e.g. %s)", len(skipped), skipped[0])
+    if len(left) > len(unused):
+        log.info("skipped %d tensors transformers also ignores", len(left) - len(unused))
     missing = [p for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]
                if tuple(k.key for k in p) not in filled]
     if missing:
         raise KeyError(f"moejax variables not found in the checkpoint: {missing[:8]}")
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), cfg
 
 
 def save_hf(model: Transformer, cfg: ModelConfig, path: str | Path, *, expert_layout: str = "per_expert",

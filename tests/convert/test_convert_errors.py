@@ -139,3 +139,20 @@ def test_model_config_validates_new_fields():
         MLAConfig(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=3, v_head_dim=4)
     with pytest.raises(ConfigError, match="q_lora_rank"):
         MLAConfig(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, q_lora_rank=0)
+
+
+def test_deepseek_multi_token_prediction_layers_are_skipped_like_transformers(saved, tmp_path):
+    # DeepSeek-V3 checkpoints carry the MTP module as layer n_layers; transformers
+    # does not run it either. Any other family with an extra layer is an error.
+    from safetensors.numpy import load_file, save_file
+    for family, ok in (("deepseek_v3", True), ("olmoe", False)):
+        dst = with_config(saved[family], tmp_path / family)
+        (dst / "model.safetensors").unlink()
+        tensors = load_file(str(saved[family] / "model.safetensors"))
+        tensors["model.layers.2.eh_proj.weight"] = np.ones((4, 4), np.float32)
+        save_file(tensors, str(dst / "model.safetensors"))
+        if ok:
+            load_hf(dst)
+        else:
+            with pytest.raises(UnsupportedConfigError, match="eh_proj"):
+                load_hf(dst)
