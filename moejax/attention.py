@@ -6,13 +6,16 @@ K head dim.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from moejax import sharding
-from moejax.config import ModelConfig
+from moejax.config import ModelConfig, YarnConfig
 
 
 class RMSNorm(nnx.Module):
@@ -29,12 +32,42 @@ class RMSNorm(nnx.Module):
         return (normed * scale).astype(x.dtype)
 
 
-def rope_angles(positions_BS: Int[Array, "B S"], head_dim: int, theta: float):
-    """cos, sin [B, S, K] in the half-split layout (rotate_half convention)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def yarn_inv_freq(head_dim: int, theta: float, yarn: YarnConfig) -> np.ndarray:
+    """YaRN frequencies [K/2]: original ones for the fast dims, /factor for the slow ones.
+
+    The dims between the correction bounds (where beta_fast / beta_slow
+    rotations fit in the original context) blend the two by a linear ramp.
+    """
+    def correction_dim(rotations):
+        return (head_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))
+                / (2 * math.log(theta)))
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of width zero would divide by zero
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep_original = 1.0 - ramp
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    return (inv_freq / yarn.factor * (1 - keep_original) + inv_freq * keep_original).astype(np.float32)
+
+
+def rope_angles(positions_BS: Int[Array, "B S"], head_dim: int, theta: float,
+                yarn: YarnConfig | None = None):
+    """cos, sin [B, S, K] in the half-split layout (rotate_half convention).
+
+    With YaRN the frequencies are rescaled and cos/sin multiplied by its
+    attention factor.
+    """
+    if yarn is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+        magnitude = 1.0
+    else:
+        inv_freq, magnitude = jnp.asarray(yarn_inv_freq(head_dim, theta, yarn)), yarn.attention_factor
     angles_BSk = positions_BS.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     angles_BSK = jnp.concatenate([angles_BSk, angles_BSk], axis=-1)
-    return jnp.cos(angles_BSK), jnp.sin(angles_BSK)
+    return jnp.cos(angles_BSK) * magnitude, jnp.sin(angles_BSK) * magnitude
 
 
 def apply_rope(x_BSHK: Array, cos_BSK: Array, sin_BSK: Array) -> Array:
@@ -98,7 +131,7 @@ class Attention(nnx.Module):
         if cfg.qk_norm != "none":
             q_BSHK = self._qk_norm(self.q_norm, q_BSHK)
             k_BTGK = self._qk_norm(self.k_norm, k_BTGK)
-        cos, sin = rope_angles(positions_BS, cfg.resolved_head_dim, cfg.rope_theta)
+        cos, sin = rope_angles(positions_BS, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_yarn)
         q_BSHK, k_BTGK = apply_rope(q_BSHK, cos, sin), apply_rope(k_BTGK, cos, sin)
         q_BSHK = sharding.constrain(q_BSHK, ("batch", "seq", "heads", None))
 
@@ -176,7 +209,7 @@ class MLAttention(nnx.Module):
         v_BTHV = jnp.einsum("btc,chv->bthv", lat_BTC, self.wv_b[...].astype(dt))
         k_rope_BT1P = jnp.einsum("btd,dp->btp", x_BSD, self.wk_rope[...].astype(dt))[:, :, None, :]
 
-        cos, sin = rope_angles(positions_BS, mla.qk_rope_head_dim, self.cfg.rope_theta)
+        cos, sin = rope_angles(positions_BS, mla.qk_rope_head_dim, self.cfg.rope_theta, self.cfg.rope_yarn)
         q_rope_BSHP, k_rope_BT1P = apply_rope(q_rope_BSHP, cos, sin), apply_rope(k_rope_BT1P, cos, sin)
         q_nope_BSHN = sharding.constrain(q_nope_BSHN, ("batch", "seq", "heads", None))
 
@@ -184,7 +217,7 @@ class MLAttention(nnx.Module):
                                   preferred_element_type=jnp.float32)
                        + jnp.einsum("bshp,btp->bhst", q_rope_BSHP, k_rope_BT1P[:, :, 0],
                                     preferred_element_type=jnp.float32))
-        scores_BHST = scores_BHST * (mla.qk_head_dim ** -0.5)
+        scores_BHST = scores_BHST * (mla.qk_head_dim ** -0.5 * mla.softmax_mscale)
         causal_ST = positions_BS[:, :, None] >= positions_BS[:, None, :]
         scores_BHST = jnp.where(causal_ST[:, None], scores_BHST, -1e30)
         probs_BHST = jax.nn.softmax(scores_BHST, axis=-1).astype(dt)

@@ -142,6 +142,30 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class YarnConfig:
+    """YaRN RoPE context extension (the HF ``rope_type='yarn'`` parameters).
+
+    Frequencies blend interpolated (``/factor``) and original ones by a linear
+    ramp over the dims between the ``beta_fast`` / ``beta_slow`` correction
+    bounds for ``original_max_position_embeddings``; cos/sin are multiplied
+    by ``attention_factor``.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True
+
+    def __post_init__(self):
+        _require(self.factor >= 1.0, "YarnConfig", "factor", f"must be >= 1, got {self.factor!r}")
+        _positive_ints(self, "original_max_position_embeddings")
+        _require(self.attention_factor > 0, "YarnConfig", "attention_factor",
+                 f"must be > 0, got {self.attention_factor!r}")
+
+
+@dataclass(frozen=True)
 class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2/V3); field names follow the HF config.
 
@@ -152,6 +176,8 @@ class MLAConfig:
     (the rotary key is shared by all heads); value heads are ``v_head_dim``
     wide. ``latent_norm_eps`` is the epsilon of the two latent RMSNorms
     (DeepSeek uses 1e-6 there, independent of ``rms_norm_eps``).
+    ``softmax_mscale`` multiplies the softmax scale 1/sqrt(N+P) (DeepSeek's
+    YaRN ``mscale_all_dim`` correction; 1 without YaRN).
     """
 
     kv_lora_rank: int
@@ -160,6 +186,7 @@ class MLAConfig:
     v_head_dim: int
     q_lora_rank: int | None = None
     latent_norm_eps: float = 1e-6
+    softmax_mscale: float = 1.0
 
     def __post_init__(self):
         _positive_ints(self, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -169,6 +196,8 @@ class MLAConfig:
                  f"must be even (RoPE), got {self.qk_rope_head_dim}")
         _require(self.latent_norm_eps > 0, "MLAConfig", "latent_norm_eps",
                  f"must be > 0, got {self.latent_norm_eps!r}")
+        _require(self.softmax_mscale > 0, "MLAConfig", "softmax_mscale",
+                 f"must be > 0, got {self.softmax_mscale!r}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -183,7 +212,8 @@ class ModelConfig:
     ``(i - first_k_dense) % moe_every == 0``; otherwise a dense SwiGLU FFN of
     width ``d_ff``. An explicit ``moe_layers`` tuple (HF Qwen-MoE's
     ``decoder_sparse_step`` with ``mlp_only_layers``) overrides that rule.
-    ``mla`` switches attention to multi-head latent attention (DeepSeek).
+    ``mla`` switches attention to multi-head latent attention (DeepSeek);
+    ``rope_yarn`` turns on YaRN-scaled RoPE.
     """
 
     vocab_size: int
@@ -206,6 +236,7 @@ class ModelConfig:
     name: str = "custom"
     moe_layers: tuple[int, ...] | None = None
     mla: MLAConfig | None = None
+    rope_yarn: YarnConfig | None = None
 
     def __post_init__(self):
         name = "ModelConfig"
@@ -237,6 +268,8 @@ class ModelConfig:
             _require(list(layers) == sorted(set(layers)), name, "moe_layers",
                      f"must be sorted without repeats, got {layers!r}")
             _require(self.moe is not None, name, "moe_layers", "needs an MoE config (moe=None)")
+        _require(self.rope_yarn is None or isinstance(self.rope_yarn, YarnConfig), name, "rope_yarn",
+                 "must be a YarnConfig or None")
         if self.mla is not None:
             _require(isinstance(self.mla, MLAConfig), name, "mla", "must be an MLAConfig or None")
             _require(self.n_kv_heads == self.n_heads, name, "n_kv_heads",
@@ -352,9 +385,15 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         if set(moe) - moe_known:
             raise ConfigError(f"MoEConfig: unknown fields {sorted(set(moe) - moe_known)}")
         moe = MoEConfig(**moe)
-    if mla is not None:
-        mla_known = {f.name for f in dataclasses.fields(MLAConfig)}
-        if set(mla) - mla_known:
-            raise ConfigError(f"MLAConfig: unknown fields {sorted(set(mla) - mla_known)}")
-        mla = MLAConfig(**mla)
-    return ModelConfig(moe=moe, mla=mla, **data)
+    mla = _nested(MLAConfig, mla)
+    rope_yarn = _nested(YarnConfig, data.pop("rope_yarn", None))
+    return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, **data)
+
+
+def _nested(cls, data: dict[str, Any] | None):
+    if data is None:
+        return None
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**data)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from moejax.config import MLAConfig, MoEConfig, ModelConfig
 from moejax.convert.hf_config import (HFConfig, UnsupportedConfigError, read_common, read_head_dim,
-                                      write_common)
+                                      read_rope, write_common)
 
 
 @dataclass(frozen=True)
@@ -211,9 +211,11 @@ def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
         raise UnsupportedConfigError(
             f"deepseek_v3 config.json: num_key_value_heads={common['n_kv_heads']} differs from "
             f"num_attention_heads={common['n_heads']} (MLA expands its latent to every head)")
+    _, _, softmax_mscale = read_rope(hf)  # YaRN's mscale_all_dim also scales MLA's softmax
     mla = MLAConfig(kv_lora_rank=hf.require("kv_lora_rank"), q_lora_rank=hf.get("q_lora_rank"),
                     qk_nope_head_dim=hf.require("qk_nope_head_dim"),
-                    qk_rope_head_dim=hf.require("qk_rope_head_dim"), v_head_dim=hf.require("v_head_dim"))
+                    qk_rope_head_dim=hf.require("qk_rope_head_dim"), v_head_dim=hf.require("v_head_dim"),
+                    softmax_mscale=softmax_mscale)
     expert_width = hf.require("moe_intermediate_size")
     n_shared = hf.get("n_shared_experts", 0) or 0
     moe = MoEConfig(d_model=common["d_model"], d_ff=expert_width,
@@ -235,8 +237,11 @@ def _write_deepseek_v3(cfg: ModelConfig) -> dict[str, Any]:
     moe, mla = cfg.moe, cfg.mla
     if mla is None:
         problems.append("it uses GQA attention (DeepSeek-V3 needs MLA)")
-    elif mla.latent_norm_eps != 1e-6:
-        problems.append(f"mla.latent_norm_eps={mla.latent_norm_eps} (transformers uses 1e-6)")
+    else:
+        if mla.latent_norm_eps != 1e-6:
+            problems.append(f"mla.latent_norm_eps={mla.latent_norm_eps} (transformers uses 1e-6)")
+        if mla.softmax_mscale != 1.0 and (cfg.rope_yarn is None or cfg.rope_yarn.factor <= 1):
+            problems.append("mla.softmax_mscale != 1 needs YaRN with factor > 1")
     if moe is not None:
         if moe.num_shared_experts and moe.shared_hidden % moe.d_ff:
             problems.append(f"shared width {moe.shared_hidden} is not a multiple of d_ff={moe.d_ff}")

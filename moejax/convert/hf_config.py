@@ -5,7 +5,10 @@ value), or rejected with a message that names it. Nothing is ignored silently.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from moejax.config import YarnConfig
 
 
 class UnsupportedConfigError(ValueError):
@@ -72,42 +75,90 @@ def read_common(hf: HFConfig, *, rope_theta: float = 10000.0, rms_norm_eps: floa
     hf.expect("hidden_act", ("silu",), "experts and dense FFNs are SwiGLU")
     hf.expect("attention_dropout", (0.0, 0), "moejax attention has no dropout")
     n_heads = hf.require("num_attention_heads")
+    theta, yarn, _ = read_rope(hf, rope_theta)
     return dict(
         vocab_size=hf.require("vocab_size"),
         d_model=hf.require("hidden_size"),
         n_layers=hf.require("num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        rope_theta=float(read_rope_theta(hf, rope_theta)),
+        rope_theta=theta,
+        rope_yarn=yarn,
         rms_norm_eps=float(hf.get("rms_norm_eps", rms_norm_eps)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.data.get("max_position_embeddings") or 2048),
     )
 
 
-def read_rope_theta(hf: HFConfig, default: float = 10000.0) -> float:
-    """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x).
+YARN_KEYS = frozenset({"factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                       "attention_factor", "mscale", "mscale_all_dim", "truncate"})
 
-    Only plain RoPE is supported; scaled variants (linear, dynamic, yarn,
-    llama3, ...) change the frequencies and are rejected by name.
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def read_rope(hf: HFConfig, default_theta: float = 10000.0) -> tuple[float, YarnConfig | None, float]:
+    """(rope_theta, YaRN config or None, DeepSeek softmax mscale) from config.json.
+
+    transformers 5 writes ``rope_parameters``; 4.x writes ``rope_theta`` and
+    ``rope_scaling``. Plain RoPE and YaRN are supported; other scalings
+    (linear, dynamic, llama3, longrope, ...) change the frequencies in ways
+    moejax does not implement and are rejected by name.
     """
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for source, entry in (("rope_parameters", params), ("rope_scaling", scaling)):
-        kind = entry.get("rope_type", entry.get("type", "default"))
-        if kind != "default":
-            raise UnsupportedConfigError(
-                f"{hf.model_type} config.json: {source} rope_type={kind!r} is not supported "
-                f"(only plain RoPE, rope_type='default')")
-        extra = sorted(set(entry) - {"rope_type", "type", "rope_theta"})
-        if extra:
-            raise UnsupportedConfigError(
-                f"{hf.model_type} config.json: {source} option(s) {', '.join(extra)} are not supported")
-    theta = params.get("rope_theta")
-    if theta is None:
-        theta = hf.get("rope_theta", default)
+    params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
     hf.used.add("rope_theta")
-    return theta
+    source, entry = "rope_parameters", params
+    for name, candidate in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if candidate.get("rope_type", candidate.get("type", "default")) != "default":
+            source, entry = name, candidate
+            break
+    kind = entry.get("rope_type", entry.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise UnsupportedConfigError(f"{hf.model_type} config.json: {source} rope_type={kind!r} is not "
+                                     "supported (plain RoPE and 'yarn' are)")
+    allowed = {"rope_type", "type", "rope_theta"} | (YARN_KEYS if kind == "yarn" else set())
+    extra = sorted(set(entry) - allowed)
+    if extra:
+        raise UnsupportedConfigError(f"{hf.model_type} config.json: {source} option(s) {', '.join(extra)} "
+                                     f"are not supported with rope_type={kind!r}")
+    theta = float(params.get("rope_theta") or hf.data.get("rope_theta") or default_theta)
+    if kind == "default":
+        return theta, None, 1.0
+    original = entry.get("original_max_position_embeddings")
+    if not original:
+        raise UnsupportedConfigError(f"{hf.model_type} config.json: yarn needs "
+                                     "original_max_position_embeddings")
+    factor = float(entry.get("factor") or hf.data["max_position_embeddings"] / original)
+    attention_factor = entry.get("attention_factor")
+    mscale, mscale_all_dim = entry.get("mscale"), entry.get("mscale_all_dim")
+    if attention_factor is None:  # transformers' inference of the cos/sin magnitude
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
+    yarn = YarnConfig(factor=factor, original_max_position_embeddings=int(original),
+                      beta_fast=float(entry.get("beta_fast") or 32), beta_slow=float(entry.get("beta_slow") or 1),
+                      attention_factor=float(attention_factor), truncate=bool(entry.get("truncate", True)))
+    softmax_mscale = yarn_mscale(factor, mscale_all_dim) ** 2 if mscale_all_dim else 1.0
+    return theta, yarn, softmax_mscale
+
+
+def write_rope(cfg, softmax_mscale: float = 1.0) -> dict[str, Any]:
+    """config.json keys for the model's RoPE, for transformers 5 and 4.x."""
+    out: dict[str, Any] = {"rope_theta": cfg.rope_theta}
+    yarn = cfg.rope_yarn
+    if yarn is None:
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        return out
+    params = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": yarn.factor,
+              "original_max_position_embeddings": yarn.original_max_position_embeddings,
+              "beta_fast": yarn.beta_fast, "beta_slow": yarn.beta_slow,
+              "attention_factor": yarn.attention_factor, "truncate": yarn.truncate}
+    if softmax_mscale != 1.0:  # the mscale_all_dim that reproduces it (DeepSeek)
+        params["mscale_all_dim"] = (math.sqrt(softmax_mscale) - 1.0) / (0.1 * math.log(yarn.factor))
+    out["rope_parameters"] = params
+    out["rope_scaling"] = {k: v for k, v in params.items() if k not in ("rope_theta", "truncate")}
+    return out
 
 
 def read_head_dim(hf: HFConfig, d_model: int, n_heads: int) -> int | None:
@@ -133,9 +184,7 @@ def write_common(cfg, model_type: str, architecture: str) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings,
         "max_position_embeddings": cfg.max_seq_len,
         "attention_dropout": 0.0,
-        # 5.x reads rope_parameters, 4.x reads rope_theta; both describe plain RoPE.
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **write_rope(cfg, cfg.mla.softmax_mscale if cfg.mla is not None else 1.0),
         "torch_dtype": "float32",
         "use_cache": True,
     }

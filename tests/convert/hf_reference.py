@@ -68,6 +68,24 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                           q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=6,
                                           v_head_dim=10, routed_scaling_factor=1.5, norm_topk_prob=False,
                                           rope_interleave=False)),
+    # YaRN: blended frequencies, cos/sin magnitude, and (DeepSeek) the softmax mscale.
+    "deepseek_v3-yarn": ("deepseek_v3", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=4, n_routed_experts=4,
+                                             num_experts_per_tok=2, n_group=1, topk_group=1,
+                                             n_shared_experts=1, first_k_dense_replace=1,
+                                             kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=256,
+                                             rope_parameters=dict(rope_type="yarn", rope_theta=100.0,
+                                                                  factor=4.0, beta_fast=32, beta_slow=1,
+                                                                  original_max_position_embeddings=64,
+                                                                  mscale=1.0, mscale_all_dim=0.8))),
+    "qwen3_moe-yarn": ("qwen3_moe", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                         max_position_embeddings=64,
+                                         rope_parameters=dict(rope_type="yarn", rope_theta=1000.0, factor=2.0,
+                                                              original_max_position_embeddings=32))),
 }
 
 CONFIG_CLASSES = {
@@ -82,9 +100,10 @@ CONFIG_CLASSES = {
 def make_config(model_type: str, **kwargs) -> transformers.PretrainedConfig:
     kwargs = dict(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                   **kwargs)
-    theta = kwargs.pop("rope_theta", 10000.0)
+    rope = kwargs.pop("rope_parameters", {"rope_type": "default",
+                                          "rope_theta": kwargs.pop("rope_theta", 10000.0)})
     config = CONFIG_CLASSES[model_type](**kwargs)
-    config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    config.rope_parameters = dict(rope)
     return config
 
 

@@ -49,7 +49,12 @@ REJECTED = [
     ("mixtral", {"sliding_window": 4096}, "sliding_window"),
     ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
-    ("mixtral", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+    ("mixtral", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+     "original_max_position_embeddings"),
+    ("mixtral", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "llama3"),
+    ("qwen3_moe", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                       "original_max_position_embeddings": 8, "low_freq_factor": 1.0}},
+     "low_freq_factor"),
     ("mixtral", {"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
     ("mixtral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                      "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
@@ -66,8 +71,8 @@ REJECTED = [
     ("deepseek_v3", {"moe_layer_freq": 2}, "moe_layer_freq"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias"),
     ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
-    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40,
-                                         "mscale_all_dim": 1.0}}, "yarn"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}},
+     "dynamic"),
 ]
 
 

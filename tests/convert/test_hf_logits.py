@@ -82,8 +82,11 @@ def test_greedy_generation_matches_transformers(name, references):
     ref = references(name)
     new = 20
     prompt = ref.tokens[:, :ref_lib.SEQ - new]
-    hf_out = ref.model.generate(torch.as_tensor(prompt), max_new_tokens=new, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
+    # An explicit all-ones mask: otherwise generate() treats prompt tokens equal
+    # to pad_token_id as padding.
+    prompt_t = torch.as_tensor(prompt)
+    hf_out = ref.model.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), max_new_tokens=new,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
     hf_tokens = hf_out[:, prompt.shape[1]:].numpy()
     assert hf_tokens.shape == (prompt.shape[0], new)
 
