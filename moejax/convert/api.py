@@ -15,7 +15,7 @@ from flax import nnx
 
 from moejax.config import ModelConfig
 from moejax.convert.families import Family, family_for_config, family_for_hf
-from moejax.convert.hf_config import HFConfig, UnsupportedConfigError
+from moejax.convert.hf_config import HFConfig, UnsupportedConfigError, read_fp8_block
 from moejax.convert.safetensors_io import TensorReader, write_sharded
 from moejax.convert.weights import model_entries
 from moejax.model import Transformer
@@ -34,6 +34,7 @@ def read_hf_config(path: str | Path) -> tuple[ModelConfig, Family, dict[str, Any
     family = family_for_hf(raw)
     hf = HFConfig(raw)
     cfg = family.read(hf)
+    read_fp8_block(hf)
     hf.check_all_used()
     return cfg, family, raw
 
@@ -84,7 +85,7 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[Transformer, M
     cfg = cfg.replace(dtype=dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     pure = nnx.to_pure_dict(state)
-    with TensorReader(path) as reader:
+    with TensorReader(path, fp8_block=read_fp8_block(HFConfig(raw))) as reader:
         _fill_variables(pure, reader, cfg, family, rope_interleaved=bool(raw.get("rope_interleave", True)))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), cfg

@@ -65,6 +65,25 @@ class HFConfig:
                 f"by moejax.convert; refusing to convert rather than ignore them")
 
 
+def read_fp8_block(hf: HFConfig) -> tuple[int, int] | None:
+    """Block size of block-wise FP8 weights (DeepSeek-V3's ``quantization_config``), or None.
+
+    Such checkpoints store ``W`` as float8 with a float32 ``W_scale_inv`` per
+    [block_out, block_in] tile; the loader dequantizes them to float32, which
+    represents the stored weights exactly. Other quantization methods are
+    rejected by name.
+    """
+    quant = hf.get("quantization_config")
+    if quant is None:
+        return None
+    method, block = quant.get("quant_method"), quant.get("weight_block_size")
+    if method != "fp8" or not (isinstance(block, list) and len(block) == 2):
+        raise UnsupportedConfigError(
+            f"{hf.model_type} config.json: quantization_config quant_method={method!r} "
+            f"weight_block_size={block!r} is not supported (only block-wise 'fp8' weights)")
+    return int(block[0]), int(block[1])
+
+
 def read_common(hf: HFConfig, *, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6
                 ) -> dict[str, Any]:
     """Fields every supported family shares -> ModelConfig keyword arguments.

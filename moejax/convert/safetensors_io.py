@@ -4,7 +4,8 @@ Reading: :class:`TensorReader` opens a single ``model.safetensors`` or a
 sharded checkpoint (``model.safetensors.index.json`` naming the shard of each
 tensor) and returns one tensor per call as a numpy array, read through
 ``safetensors.safe_open`` (memory-mapped), so a checkpoint never sits in
-memory as a whole. bfloat16 tensors come back as float32.
+memory as a whole. bfloat16 and float8 tensors come back as float32
+(block-quantized FP8 weights dequantized with their ``_scale_inv``).
 
 Writing: :func:`write_sharded` takes a stream of ``(name, array)`` pairs and
 cuts it into shards of at most ``max_shard_bytes``, holding only the current
@@ -18,29 +19,41 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def _safe_open(path: Path, framework: str = "np"):
+def _safe_open(path: Path):
     try:
         from safetensors import safe_open
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("moejax.convert needs safetensors: pip install 'moejax[convert]'") from err
-    return safe_open(str(path), framework=framework)
+    return safe_open(str(path), framework="np")
 
 
-# numpy has no bfloat16 / float8: those tensors are read through jax ('flax').
+# numpy has no bfloat16 / float8; safetensors' numpy reader refuses them, so
+# those are read straight from the file's byte ranges with ml_dtypes types.
 _NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+_ML_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+              "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """(tensor table, byte offset of the data) of a safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
 
 
 class TensorReader:
     """Name -> tensor access over one or several safetensors files, read lazily."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, fp8_block: tuple[int, int] | None = None):
         self.directory = Path(directory)
+        self.fp8_block = fp8_block
         index_path = self.directory / INDEX_FILE
         single_path = self.directory / SINGLE_FILE
         if index_path.is_file():
@@ -53,7 +66,8 @@ class TensorReader:
             raise FileNotFoundError(
                 f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory} (only safetensors "
                 f"checkpoints are read; convert .bin files with transformers first)")
-        self._handles: dict[tuple[Path, str], object] = {}
+        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[dict, int]] = {}
         self.read_names: set[str] = set()
 
     def names(self) -> list[str]:
@@ -62,20 +76,46 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def _handle(self, name: str, framework: str = "np"):
+    def _handle(self, name: str):
         if name not in self._file_of:
             raise KeyError(f"tensor {name!r} not found in the checkpoint at {self.directory}")
-        key = (self._file_of[name], framework)
-        if key not in self._handles:
-            self._handles[key] = _safe_open(key[0], framework).__enter__()
-        return self._handles[key]
+        path = self._file_of[name]
+        if path not in self._handles:
+            self._handles[path] = _safe_open(path).__enter__()
+        return self._handles[path]
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as a float32 numpy array (read from the memory map)."""
+        """The tensor ``name`` as a float32 numpy array (read from the memory map).
+
+        Block-quantized FP8 weights (a ``name + '_scale_inv'`` tensor beside
+        them) come back dequantized: each [bo, bi] tile times its scale.
+        """
+        array = self._read(name)
+        scale_name = f"{name}_scale_inv"
+        if self.fp8_block is not None and scale_name in self._file_of:
+            block_out, block_in = self.fp8_block
+            scale = self._read(scale_name)
+            rows, cols = array.shape
+            array = array * np.repeat(np.repeat(scale, block_out, axis=0), block_in, axis=1)[:rows, :cols]
+        return array
+
+    def _read(self, name: str) -> np.ndarray:
         dtype = self._handle(name).get_slice(name).get_dtype()
-        framework = "np" if dtype in _NUMPY_DTYPES else "flax"
         self.read_names.add(name)
-        return np.asarray(self._handle(name, framework).get_tensor(name), dtype=np.float32)
+        if dtype in _NUMPY_DTYPES:
+            return np.asarray(self._handle(name).get_tensor(name), dtype=np.float32)
+        if dtype not in _ML_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, which moejax.convert cannot read")
+        path = self._file_of[name]
+        if path not in self._headers:
+            self._headers[path] = _header(path)
+        table, data_start = self._headers[path]
+        begin, end = table[name]["data_offsets"]
+        raw = np.memmap(path, dtype=_ML_DTYPES[dtype], mode="r", offset=data_start + begin,
+                        shape=tuple(table[name]["shape"]))
+        if raw.nbytes != end - begin:
+            raise ValueError(f"tensor {name!r}: header byte range does not match its shape and dtype")
+        return raw.astype(np.float32)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())

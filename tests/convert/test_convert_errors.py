@@ -59,6 +59,7 @@ REJECTED = [
     ("mixtral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                      "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
     ("mixtral", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ("mixtral", {"quantization_config": {"quant_method": "awq", "bits": 4}}, "awq"),
     ("mixtral", {"some_new_switch": True}, "some_new_switch"),
     ("qwen2_moe", {"use_sliding_window": True}, "use_sliding_window"),
     ("qwen2_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step"),

@@ -147,3 +147,42 @@ def test_config_dict_round_trip_keeps_mla_and_moe_layers():
     for cfg in family_configs().values():
         data = json.loads(json.dumps(config_to_dict(cfg)))
         assert config_from_dict(data) == cfg
+
+
+def test_block_fp8_weights_are_dequantized(tmp_path):
+    # DeepSeek-V3's released format: float8_e4m3 weights with a float32
+    # weight_scale_inv per [16, 16] tile here (partial tiles at the edges).
+    import jax.numpy as jnp
+    import ml_dtypes
+    from safetensors.flax import save_file
+    from safetensors.numpy import load_file
+    cfg = family_configs()["deepseek_v3"]
+    save_hf(random_model(cfg), cfg, tmp_path / "float")
+    tensors = load_file(str(tmp_path / "float" / "model.safetensors"))
+    block = 16
+    quantized, expected = {}, {}
+    for name, w in tensors.items():
+        if w.ndim == 2 and name.endswith("proj.weight"):
+            rows, cols = w.shape
+            tiles = np.zeros((-(-rows // block), -(-cols // block)), np.float32)
+            for i in range(tiles.shape[0]):
+                for j in range(tiles.shape[1]):
+                    tiles[i, j] = np.abs(w[i * block:(i + 1) * block, j * block:(j + 1) * block]).max() / 448
+            scale = np.repeat(np.repeat(tiles, block, 0), block, 1)[:rows, :cols]
+            q = (w / scale).astype(ml_dtypes.float8_e4m3fn)
+            quantized[name], quantized[name + "_scale_inv"] = jnp.asarray(q), jnp.asarray(tiles)
+            expected[name] = q.astype(np.float32) * scale
+        else:
+            quantized[name] = expected[name] = jnp.asarray(w)
+    (tmp_path / "fp8").mkdir()
+    save_file(quantized, str(tmp_path / "fp8" / "model.safetensors"))
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    save_file({k: jnp.asarray(v) for k, v in expected.items()}, str(tmp_path / "float" / "model.safetensors"))
+
+    fp8_model, fp8_cfg = load_hf(tmp_path / "fp8")
+    float_model, float_cfg = load_hf(tmp_path / "float")
+    assert fp8_cfg == float_cfg
+    assert_same_variables(fp8_model, float_model)
