@@ -133,7 +133,9 @@ def test_cli_from_hf_writes_a_run_dir_and_back(tmp_path):
     cfg = family_configs()["deepseek_v3"]
     model = random_model(cfg)
     save_hf(model, cfg, tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0"}')
     assert cli_main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text() == '{"version": "1.0"}'
     restored, restored_cfg = checkpoint.load_model(tmp_path / "run")
     assert restored_cfg.mla == cfg.mla and restored_cfg.moe.router == "sigmoid"
     assert_same_variables(model, restored)
@@ -141,6 +143,7 @@ def test_cli_from_hf_writes_a_run_dir_and_back(tmp_path):
     assert cli_main(["--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf2"),
                      "--expert-layout", "fused"]) == 0
     assert_same_variables(model, load_hf(tmp_path / "hf2")[0])
+    assert (tmp_path / "hf2" / "tokenizer.json").is_file()
 
 
 def test_config_dict_round_trip_keeps_mla_and_moe_layers():
