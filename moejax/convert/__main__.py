@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from moejax import checkpoint
+from moejax.config import DTYPES
 from moejax.convert.api import EXPERT_LAYOUTS, load_hf, save_hf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,10 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face model directory to import")
     source.add_argument("--to-hf", metavar="RUN", help="moejax model directory to export")
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--dtype", default="float32", help="compute dtype stored in the moejax config")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="compute dtype stored in the moejax config (parameters stay float32)")
     parser.add_argument("--expert-layout", default="per_expert", choices=EXPERT_LAYOUTS,
                         help="expert tensor layout for --to-hf")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:  # config/option errors: a message, not a trace
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.from_hf:
         model, cfg = load_hf(args.from_hf, dtype=args.dtype)
         checkpoint.save_model(args.out, model, cfg)

@@ -145,6 +145,10 @@ def test_cli_from_hf_writes_a_run_dir_and_back(tmp_path):
     assert_same_variables(model, load_hf(tmp_path / "hf2")[0])
     assert (tmp_path / "hf2" / "tokenizer.json").is_file()
 
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama"}')
+    assert cli_main(["--from-hf", str(tmp_path / "bad"), "--out", str(tmp_path / "run2")]) == 2
+
 
 def test_config_dict_round_trip_keeps_mla_and_moe_layers():
     for cfg in family_configs().values():
