@@ -1,9 +1,9 @@
 """moejax: Mixture-of-Experts and memory-layer language models in JAX."""
 
 from moejax import sharding
-from moejax.config import ConfigError, MemoryConfig, MoEConfig, ModelConfig
+from moejax.config import ConfigError, MemoryConfig, MLAConfig, MoEConfig, ModelConfig, YarnConfig
 from moejax.model import Transformer
 from moejax.moe import MoE
 
-__all__ = ["ConfigError", "MemoryConfig", "MoEConfig", "ModelConfig", "MoE", "Transformer",
-           "sharding"]
+__all__ = ["ConfigError", "MemoryConfig", "MLAConfig", "MoEConfig", "ModelConfig", "MoE", "Transformer",
+           "YarnConfig", "sharding"]

@@ -50,9 +50,11 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> tuple[Tran
     cfg = load_config(directory)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(nnx.state(model)))
+    # An abstract model: building a real one first would run (and compile) every
+    # initializer only to overwrite the result.
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(abstract_state))
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(directory / "model", abstract)
-    nnx.update(model, state)
-    return model, cfg
+    nnx.replace_by_pure_dict(abstract_state, state)
+    return nnx.merge(graphdef, abstract_state), cfg

@@ -142,12 +142,78 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class YarnConfig:
+    """YaRN RoPE context extension (the HF ``rope_type='yarn'`` parameters).
+
+    Frequencies blend interpolated (``/factor``) and original ones by a linear
+    ramp over the dims between the ``beta_fast`` / ``beta_slow`` correction
+    bounds for ``original_max_position_embeddings``; cos/sin are multiplied
+    by ``attention_factor``.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True
+
+    def __post_init__(self):
+        _require(self.factor >= 1.0, "YarnConfig", "factor", f"must be >= 1, got {self.factor!r}")
+        _positive_ints(self, "original_max_position_embeddings")
+        _require(self.attention_factor > 0, "YarnConfig", "attention_factor",
+                 f"must be > 0, got {self.attention_factor!r}")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3); field names follow the HF config.
+
+    Queries go through a low-rank bottleneck of width ``q_lora_rank`` (None =
+    a full projection); keys and values share one latent of width
+    ``kv_lora_rank`` that is expanded per head. Each query/key head is
+    ``qk_nope_head_dim`` plain dims followed by ``qk_rope_head_dim`` rotary dims
+    (the rotary key is shared by all heads); value heads are ``v_head_dim``
+    wide. ``latent_norm_eps`` is the epsilon of the two latent RMSNorms
+    (DeepSeek uses 1e-6 there, independent of ``rms_norm_eps``).
+    ``softmax_mscale`` multiplies the softmax scale 1/sqrt(N+P) (DeepSeek's
+    YaRN ``mscale_all_dim`` correction; 1 without YaRN).
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    latent_norm_eps: float = 1e-6
+    softmax_mscale: float = 1.0
+
+    def __post_init__(self):
+        _positive_ints(self, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        _require(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+                 "MLAConfig", "q_lora_rank", f"must be None or a positive int, got {self.q_lora_rank!r}")
+        _require(self.qk_rope_head_dim % 2 == 0, "MLAConfig", "qk_rope_head_dim",
+                 f"must be even (RoPE), got {self.qk_rope_head_dim}")
+        _require(self.latent_norm_eps > 0, "MLAConfig", "latent_norm_eps",
+                 f"must be > 0, got {self.latent_norm_eps!r}")
+        _require(self.softmax_mscale > 0, "MLAConfig", "softmax_mscale",
+                 f"must be > 0, got {self.softmax_mscale!r}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only Transformer: embeddings, GQA + RoPE attention, MoE/dense FFNs.
 
     Layer i uses an MoE FFN when ``moe`` is set, ``i >= first_k_dense`` and
     ``(i - first_k_dense) % moe_every == 0``; otherwise a dense SwiGLU FFN of
-    width ``d_ff``.
+    width ``d_ff``. An explicit ``moe_layers`` tuple (HF Qwen-MoE's
+    ``decoder_sparse_step`` with ``mlp_only_layers``) overrides that rule.
+    ``mla`` switches attention to multi-head latent attention (DeepSeek);
+    ``rope_yarn`` turns on YaRN-scaled RoPE.
     """
 
     vocab_size: int
@@ -168,6 +234,9 @@ class ModelConfig:
     attention_bias: bool = False
     dtype: str = "float32"
     name: str = "custom"
+    moe_layers: tuple[int, ...] | None = None
+    mla: MLAConfig | None = None
+    rope_yarn: YarnConfig | None = None
 
     def __post_init__(self):
         name = "ModelConfig"
@@ -177,11 +246,12 @@ class ModelConfig:
         _choice(self, "qk_norm", QK_NORMS)
         _require(self.n_heads % self.n_kv_heads == 0, name, "n_kv_heads",
                  f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        _require(self.head_dim is not None or self.d_model % self.n_heads == 0, name, "head_dim",
+        _require(self.mla is not None or self.head_dim is not None or self.d_model % self.n_heads == 0,
+                 name, "head_dim",
                  f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
         _require(self.head_dim is None or (self.head_dim > 0 and self.head_dim % 2 == 0),
                  name, "head_dim", f"must be a positive even int (RoPE), got {self.head_dim!r}")
-        _require(self.resolved_head_dim % 2 == 0, name, "head_dim",
+        _require(self.mla is not None or self.resolved_head_dim % 2 == 0, name, "head_dim",
                  f"head_dim {self.resolved_head_dim} must be even for RoPE")
         _require(isinstance(self.first_k_dense, int) and 0 <= self.first_k_dense <= self.n_layers,
                  name, "first_k_dense", f"must be in [0, n_layers={self.n_layers}], got {self.first_k_dense!r}")
@@ -189,12 +259,32 @@ class ModelConfig:
             _require(isinstance(self.moe, MoEConfig), name, "moe", "must be a MoEConfig or None")
             _require(self.moe.d_model == self.d_model, name, "moe",
                      f"moe.d_model={self.moe.d_model} differs from d_model={self.d_model}")
+        if self.moe_layers is not None:
+            layers = self.moe_layers
+            _require(isinstance(layers, tuple) and all(isinstance(i, int) and 0 <= i < self.n_layers
+                                                       for i in layers),
+                     name, "moe_layers", f"must be a tuple of layer indices in [0, {self.n_layers}), "
+                     f"got {layers!r}")
+            _require(list(layers) == sorted(set(layers)), name, "moe_layers",
+                     f"must be sorted without repeats, got {layers!r}")
+            _require(self.moe is not None, name, "moe_layers", "needs an MoE config (moe=None)")
+        _require(self.rope_yarn is None or isinstance(self.rope_yarn, YarnConfig), name, "rope_yarn",
+                 "must be a YarnConfig or None")
+        if self.mla is not None:
+            _require(isinstance(self.mla, MLAConfig), name, "mla", "must be an MLAConfig or None")
+            _require(self.n_kv_heads == self.n_heads, name, "n_kv_heads",
+                     f"MLA expands its latent to every head: n_kv_heads={self.n_kv_heads} must equal "
+                     f"n_heads={self.n_heads}")
+            _require(self.qk_norm == "none" and not self.attention_bias, name, "mla",
+                     "MLA takes neither qk_norm nor attention_bias")
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
     def is_moe_layer(self, layer: int) -> bool:
+        if self.moe is not None and self.moe_layers is not None:
+            return layer in self.moe_layers
         if self.moe is None or layer < self.first_k_dense:
             return False
         return (layer - self.first_k_dense) % self.moe_every == 0
@@ -283,6 +373,9 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """Inverse of :func:`config_to_dict`; unknown fields are an error, not ignored."""
     data = dict(data)
     moe = data.pop("moe", None)
+    mla = data.pop("mla", None)
+    if data.get("moe_layers") is not None:
+        data["moe_layers"] = tuple(data["moe_layers"])  # JSON stores tuples as lists
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(data) - known
     if unknown:
@@ -292,4 +385,15 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         if set(moe) - moe_known:
             raise ConfigError(f"MoEConfig: unknown fields {sorted(set(moe) - moe_known)}")
         moe = MoEConfig(**moe)
-    return ModelConfig(moe=moe, **data)
+    mla = _nested(MLAConfig, mla)
+    rope_yarn = _nested(YarnConfig, data.pop("rope_yarn", None))
+    return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, **data)
+
+
+def _nested(cls, data: dict[str, Any] | None):
+    if data is None:
+        return None
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**data)

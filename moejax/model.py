@@ -7,7 +7,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from moejax import sharding
-from moejax.attention import Attention, RMSNorm
+from moejax.attention import Attention, MLAttention, RMSNorm
 from moejax.config import ModelConfig
 from moejax.moe import MoE, SwiGLU
 
@@ -20,7 +20,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = MLAttention(cfg, rngs=rngs) if cfg.mla is not None else Attention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:

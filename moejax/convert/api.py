@@ -1,0 +1,148 @@
+"""``load_hf`` / ``save_hf``: Hugging Face MoE checkpoints <-> moejax Transformers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.config import ModelConfig
+from moejax.convert.families import Family, family_for_config, family_for_hf
+from moejax.convert.hf_config import HFConfig, UnsupportedConfigError, read_fp8_block
+from moejax.convert.safetensors_io import TensorReader, write_sharded
+from moejax.convert.weights import model_entries
+from moejax.model import Transformer
+
+log = logging.getLogger(__name__)
+
+EXPERT_LAYOUTS = ("per_expert", "fused")
+
+
+def read_hf_config(path: str | Path) -> tuple[ModelConfig, Family, dict[str, Any]]:
+    """config.json -> (ModelConfig, family, raw dict); unsupported options raise."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    raw = json.loads(config_path.read_text())
+    family = family_for_hf(raw)
+    hf = HFConfig(raw)
+    cfg = family.read(hf)
+    read_fp8_block(hf)
+    hf.check_all_used()
+    return cfg, family, raw
+
+
+def _moe_prefix(reader: TensorReader, cfg: ModelConfig, family: Family) -> str:
+    """Which block name holds the MoE weights (Mixtral: 'block_sparse_moe' or 'mlp')."""
+    first = next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), None)
+    if first is None:
+        return family.moe_prefixes[0]
+    for prefix in family.moe_prefixes:
+        if f"model.layers.{first}.{prefix}.gate.weight" in reader:
+            return prefix
+    raise KeyError(f"no router weight model.layers.{first}.{{{','.join(family.moe_prefixes)}}}.gate.weight "
+                   f"in the checkpoint at {reader.directory}")
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+    """Tensors transformers itself skips: rotary caches, multi-token-prediction layers."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    if cfg.tie_embeddings and name == "lm_head.weight":
+        return True  # tied: the head is the embedding
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return cfg.mla is not None and match is not None and int(match.group(1)) >= cfg.n_layers
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[Transformer, ModelConfig]:
+    """Load a Hugging Face MoE checkpoint directory (config.json + safetensors).
+
+    Parameters are float32 (the model's master weights); ``dtype`` sets the
+    compute dtype in the returned config. Tensors are read one at a time and
+    placed straight into an abstract model, so no second copy of the model
+    is ever built. Either expert layout (per-expert or fused 3-D) loads.
+    """
+    cfg, family, raw = read_hf_config(path)
+    cfg = cfg.replace(dtype=dtype)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    pure = nnx.to_pure_dict(state)
+    with TensorReader(path, fp8_block=read_fp8_block(HFConfig(raw))) as reader:
+        _fill_variables(pure, reader, cfg, family, rope_interleaved=bool(raw.get("rope_interleave", True)))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state), cfg
+
+
+def _fill_variables(pure: dict, reader: TensorReader, cfg: ModelConfig, family: Family, *,
+                    rope_interleaved: bool) -> None:
+    """Replace every abstract leaf of ``pure`` with its checkpoint tensor; leftovers on either side raise."""
+    filled: set[tuple] = set()
+    entries = model_entries(cfg, family, moe_prefix=_moe_prefix(reader, cfg, family), fused=False,
+                            rope_interleaved=rope_interleaved)
+    for entry in entries:
+        for sub, array in zip(entry.paths, entry.load(reader)):
+            want = _get(pure, sub).shape
+            if array.shape != want:
+                raise ValueError(f"{family.model_type}: tensor for {'.'.join(map(str, sub))} has shape "
+                                 f"{array.shape}, config.json implies {want}")
+            # A copy XLA owns; waiting for it lets the host array go before the
+            # next read (an async transfer would keep several alive at once).
+            _set(pure, sub, jnp.array(array, jnp.float32, copy=True).block_until_ready())
+            filled.add(sub)
+    left = [n for n in reader.names() if n not in reader.read_names]
+    unused = [n for n in left if not _ignorable(n, cfg)]
+    if unused:
+        raise UnsupportedConfigError(f"{family.model_type}: checkpoint tensors not understood by "
+                                     f"moejax.convert: {unused[:8]}{' ...' if len(unused) > 8 else ''}")
+    if len(left) > len(unused):
+        log.info("skipped %d tensors transformers also ignores", len(left) - len(unused))
+    missing = [p for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]
+               if tuple(k.key for k in p) not in filled]
+    if missing:
+        raise KeyError(f"moejax variables not found in the checkpoint: {missing[:8]}")
+
+
+def save_hf(model: Transformer, cfg: ModelConfig, path: str | Path, *, expert_layout: str = "per_expert",
+            max_shard_bytes: int = 2 * 1024 ** 3) -> str:
+    """Write ``model`` as a Hugging Face checkpoint directory; returns its model_type.
+
+    ``expert_layout='per_expert'`` (default) writes ``experts.N.*`` tensors,
+    which every transformers version reads and which transformers 5 itself
+    writes; ``'fused'`` writes ``experts.gate_up_proj`` / ``experts.down_proj``.
+    Configs no supported family can express raise UnsupportedConfigError.
+    """
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
+    family = family_for_config(cfg)
+    hf_config = family.write(cfg)
+    fused = expert_layout == "fused"
+    prefix = "mlp" if fused else family.moe_prefixes[0]
+    pure = nnx.to_pure_dict(nnx.state(model))
+
+    def tensors():
+        for entry in model_entries(cfg, family, moe_prefix=prefix, fused=fused):
+            arrays = [np.asarray(_get(pure, p), np.float32) for p in entry.paths]
+            yield from entry.dump(*arrays)
+
+    path = Path(path)
+    write_sharded(tensors(), path, max_shard_bytes=max_shard_bytes)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
+    return family.model_type
