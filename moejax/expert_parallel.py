@@ -36,7 +36,8 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from moejax import sharding
-from moejax.dispatch import grouped_ffn, permute, plan_sort, take_rows, unpermute
+from moejax.dispatch import (dispatch_experts, grouped_ffn, permute, plan_sort, take_rows,
+                             unpermute)
 
 EXCHANGES = ("auto", "all_to_all", "ragged")
 TOKEN_AXES = ("data", "fsdp", "expert")
@@ -56,11 +57,13 @@ class EPLayout(NamedTuple):
 
 def layout_for(mesh, num_experts: int, num_tokens: int, d_model: int, d_ff: int
                ) -> EPLayout | None:
-    """The expert-parallel layout, or None when expert parallelism does not apply
-    (no mesh, ``expert`` axis of size 1, or sizes the axes do not divide)."""
-    if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
+    """The layout of the sharded dispatch, or None (no mesh, or sizes the axes do
+    not divide). With an ``expert`` axis of size 1 nothing is exchanged, but the
+    dispatch still runs per device on local tokens (data parallelism) instead of
+    as one global sort that the compiler would have to partition."""
+    if mesh is None or mesh.size == 1:
         return None
-    ep = mesh.shape[EXPERT_AXIS]
+    ep = mesh.shape.get(EXPERT_AXIS, 1)
     token_axes = tuple(a for a in TOKEN_AXES if mesh.shape.get(a, 1) > 1)
     if num_experts % ep or num_tokens % math.prod(mesh.shape[a] for a in token_axes):
         return None
@@ -93,8 +96,12 @@ def buffer_rows(tokens_local: int, top_k: int, layout: EPLayout,
 
 def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "T K"],
                              experts_TK: Int[Array, "T K"], weights, layout: EPLayout, *,
-                             capacity_factor: float | None, exchange: str, gmm_backend: str):
+                             capacity_factor: float | None, exchange: str, backend: str):
     """Run the routed experts expert-parallel -> (out_TD, stats).
+
+    ``backend`` is the MoE dispatch backend ('capacity' | 'ragged' | 'gmm'): on a
+    mesh without an expert axis it runs as is on each device's tokens; with one,
+    'gmm' picks the Pallas grouped matmul for the local experts.
 
     stats: 'dropped_fraction', 'ep_overflow' (dropped pairs), 'dispatch_bytes'
     (bytes that crossed devices, dispatch + return, forward), 'dispatch_min_bytes'
@@ -107,20 +114,24 @@ def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "
         raise ValueError("exchange='ragged' is dropless: it needs capacity_factor=None")
     # jit so that the same call also works eagerly (the shardings need a trace)
     return _dispatch(x_TD, gates_TK, experts_TK, tuple(weights), layout=layout,
-                     capacity_factor=capacity_factor, exchange=exchange, gmm_backend=gmm_backend)
+                     capacity_factor=capacity_factor, exchange=exchange, backend=backend)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "capacity_factor", "exchange", "gmm_backend"))
+@functools.partial(jax.jit, static_argnames=("layout", "capacity_factor", "exchange", "backend"))
 def _dispatch(x_TD, gates_TK, experts_TK, weights, *, layout: EPLayout,
-              capacity_factor: float | None, exchange: str, gmm_backend: str):
+              capacity_factor: float | None, exchange: str, backend: str):
     tokens_local = x_TD.shape[0] // math.prod(layout.mesh.shape[a] for a in layout.token_axes)
     capacity = buffer_rows(tokens_local, gates_TK.shape[1], layout, capacity_factor)
     tok = P(layout.token_axes, None)
-    body = _fixed_body if exchange == "all_to_all" else _ragged_body
+    gmm_backend = "pallas" if backend == "gmm" else "xla"
 
     def local(x_tD, gates_tK, experts_tK, w_gate, w_up, w_down):
         w = _gather_fsdp(w_gate, w_up, w_down, layout)
-        out_tD, stats = body(x_tD, gates_tK, experts_tK, w, layout, capacity, gmm_backend)
+        if layout.num_devices_ep == 1:
+            out_tD, stats = _local_body(x_tD, gates_tK, experts_tK, w, backend, capacity_factor)
+        else:
+            body = _fixed_body if exchange == "all_to_all" else _ragged_body
+            out_tD, stats = body(x_tD, gates_tK, experts_tK, w, layout, capacity, gmm_backend)
         if _sharded_over(layout.w_in_spec[2], "tensor"):
             out_tD = jax.lax.psum(out_tD, "tensor")
         stats = {k: jax.lax.psum(v, layout.token_axes) for k, v in stats.items()}
@@ -132,7 +143,7 @@ def _dispatch(x_TD, gates_TK, experts_TK, weights, *, layout: EPLayout,
             for a, s in zip((x_TD, gates_TK, experts_TK, *weights), specs)]
     out_TD, stats = jax.shard_map(local, mesh=layout.mesh, in_specs=specs,
                                   out_specs=(tok, P()))(*args)
-    stats["dropped_fraction"] = stats["ep_overflow"] / experts_TK.size
+    stats["dropped_fraction"] = stats.pop("dropped_pairs") / experts_TK.size
     return out_TD, stats
 
 
@@ -148,6 +159,16 @@ def _gather_fsdp(w_gate_LDF, w_up_LDF, w_down_LFD, layout: EPLayout):
     if _sharded_over(layout.w_out_spec[2], "fsdp"):
         w_down_LFD = jax.lax.all_gather(w_down_LFD, "fsdp", axis=2, tiled=True)
     return w_gate_LDF, w_up_LDF, w_down_LFD
+
+
+def _local_body(x_tD, gates_tK, experts_tK, weights, backend: str,
+                capacity_factor: float | None):
+    """No expert axis: every device holds all experts; dispatch its own tokens."""
+    out_tD, dropped = dispatch_experts(backend, x_tD, gates_tK, experts_tK, weights,
+                                       capacity_factor=capacity_factor)
+    zero = jnp.zeros((), jnp.float32)
+    return out_tD, {"dropped_pairs": dropped * experts_tK.size, "ep_overflow": zero,
+                    "dispatch_bytes": zero, "dispatch_min_bytes": zero}
 
 
 def _min_bytes(experts_tK, layout: EPLayout, row_bytes: int):
@@ -204,8 +225,10 @@ def _fixed_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity:
 
     row_bytes = x_tD.shape[1] * x_tD.dtype.itemsize
     sent_rows = (ep - 1) * capacity                    # rows leaving this device, each way
+    overflow = jnp.sum(~keep_m).astype(jnp.float32)
     stats = {
-        "ep_overflow": jnp.sum(~keep_m).astype(jnp.float32),
+        "dropped_pairs": overflow,
+        "ep_overflow": overflow,
         "dispatch_bytes": jnp.float32(sent_rows * (2 * row_bytes + 4)),
         "dispatch_min_bytes": _min_bytes(experts_tK, layout, row_bytes),
     }
@@ -251,6 +274,7 @@ def _ragged_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity
     row_bytes = x_tD.shape[1] * x_tD.dtype.itemsize
     min_bytes = _min_bytes(experts_tK, layout, row_bytes)
     stats = {
+        "dropped_pairs": jnp.zeros((), jnp.float32),
         "ep_overflow": jnp.zeros((), jnp.float32),
         # payload rows (exactly the off-device pairs) + the all-gathered counts
         "dispatch_bytes": min_bytes + jnp.float32((ep - 1) * num_experts * 4),

@@ -56,7 +56,8 @@ class MoE(nnx.Module):
        backend ('dense' | 'capacity' | 'ragged' | 'gmm'; 'auto' picks) and
        combine the expert outputs with the gates in float32. When a mesh with
        an ``expert`` axis > 1 is set (and the sizes divide), every backend but
-       the 'dense' reference runs expert-parallel (``moejax.expert_parallel``).
+       the 'dense' reference runs expert-parallel (``moejax.expert_parallel``);
+       on other meshes it runs per device on the local tokens.
     4. Add the shared experts (optionally scaled by a sigmoid gate per token).
     Returns (y [B, S, D], aux) with aux keys 'aux_loss', 'z_loss',
     'router_loss' (the two weighted by their coefficients), 'expert_load' [E],
@@ -107,8 +108,7 @@ class MoE(nnx.Module):
         if backend != "dense" and layout is not None:
             return expert_parallel.expert_parallel_dispatch(
                 x_TD, gates_TK, experts_TK, weights, layout,
-                capacity_factor=cfg.capacity_factor, exchange=cfg.ep_exchange,
-                gmm_backend="pallas" if backend == "gmm" else "xla")
+                capacity_factor=cfg.capacity_factor, exchange=cfg.ep_exchange, backend=backend)
         out_TD, dropped = dispatch_lib.dispatch_experts(
             backend, x_TD, gates_TK, experts_TK, weights, capacity_factor=cfg.capacity_factor)
         zero = jnp.zeros((), jnp.float32)
