@@ -70,7 +70,10 @@ class Transformer(nnx.Module):
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1], dtype=jnp.int32),
                                             tokens_BS.shape)
-        x_BSD = jnp.take(self.embed[...], tokens_BS, axis=0)
+        # gather rows from a table whole along embed (FSDP-gathered): a lookup
+        # into an embed-split table cannot be re-split over batch efficiently
+        embed_VD = sharding.constrain(self.embed[...], ("vocab", None))
+        x_BSD = jnp.take(embed_VD, tokens_BS, axis=0)
         x_BSD = sharding.constrain(x_BSD, ("batch", "seq", "embed"))
         layer_aux = []
         for block in self.layers:
