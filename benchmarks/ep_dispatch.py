@@ -32,7 +32,7 @@ from moejax import sharding  # noqa: E402
 
 MESHES = ("data=2,expert=4", "expert=8")
 EXPERTS = ((8, 2), (64, 8))               # (num_experts, top_k)
-EXCHANGES = (("all_to_all", None), ("all_to_all", 1.25), ("ragged", None))
+EXCHANGES = (("all_to_all", None), ("all_to_all", 1.25), ("ragged", None), ("ragged", 1.25))
 
 
 def skew(layer: moejax.MoE) -> None:

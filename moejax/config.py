@@ -73,7 +73,7 @@ class MoEConfig:
     dtype: str = "float32"
     # Token exchange when experts are spread over the mesh's `expert` axis:
     # 'all_to_all' (fixed buffers, every backend), 'ragged' (ragged_all_to_all,
-    # dropless), 'auto' (ragged on TPU/GPU when dropless, else all_to_all).
+    # no padding sent), 'auto' (ragged on TPU/GPU, else all_to_all).
     ep_exchange: str = "auto"
 
     def __post_init__(self):
@@ -104,8 +104,6 @@ class MoEConfig:
                  f"must be None (dropless) or > 0, got {self.capacity_factor!r}")
         _require(self.dispatch != "capacity" or self.capacity_factor is not None, name,
                  "capacity_factor", "dispatch='capacity' needs a capacity_factor")
-        _require(self.ep_exchange != "ragged" or self.capacity_factor is None, name,
-                 "ep_exchange", "ep_exchange='ragged' is dropless: it needs capacity_factor=None")
         _require(self.routed_scaling_factor > 0, name, "routed_scaling_factor",
                  f"must be > 0, got {self.routed_scaling_factor!r}")
         for coef in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):

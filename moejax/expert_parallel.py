@@ -2,8 +2,8 @@
 
 Shapes (per device, inside ``shard_map``): t local tokens, K = top_k,
 m = t*K local (token, slot) pairs, P = size of the ``expert`` axis, L = E/P
-experts per device, C rows per (source, destination) buffer, R = P*C rows
-received, D model width, F expert hidden width (F/tensor per device).
+experts per device, C rows per (source, destination) buffer, R rows received,
+D model width, F expert hidden width (F/tensor per device).
 
 Tokens are split over the batch axes (data, fsdp, expert); routing happens
 before, on the global arrays, so balance losses equal the single-device ones.
@@ -20,8 +20,10 @@ Inside ``shard_map`` each device:
 
 Fixed buffers hold ``C = t * min(K, L)`` rows when dropless (a token's K
 experts are distinct, so at most min(K, L) of them live on one device) or
-``ceil(capacity_factor * m / P)`` rows; pairs past C are dropped, counted and
-reported (``ep_overflow``, ``dropped_fraction``), never silently.
+``ceil(capacity_factor * m / P)`` rows; the ragged exchange's receive buffer
+holds ``R = P * t * min(K, L)`` rows when dropless (every source's worst case)
+or ``ceil(capacity_factor * m)``. Pairs that do not fit are dropped, counted
+and reported (``ep_overflow``, ``dropped_fraction``), never silently.
 """
 
 from __future__ import annotations
@@ -73,13 +75,14 @@ def layout_for(mesh, num_experts: int, num_tokens: int, d_model: int, d_ff: int
 
 
 def resolve_exchange(exchange: str, capacity_factor: float | None) -> str:
-    """'auto' -> ragged_all_to_all where the backend has it and nothing may drop,
-    else fixed-buffer all_to_all (XLA:CPU has no ragged_all_to_all)."""
+    """'auto' -> ragged_all_to_all where the backend has it (TPU, GPU), else
+    fixed-buffer all_to_all (XLA:CPU has no ragged_all_to_all)."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     if exchange != "auto":
         return exchange
-    if capacity_factor is None and jax.default_backend() in ("tpu", "gpu"):
+    del capacity_factor  # both exchanges honour it (drops counted in aux)
+    if jax.default_backend() in ("tpu", "gpu"):
         return "ragged"
     return "all_to_all"
 
@@ -92,6 +95,16 @@ def buffer_rows(tokens_local: int, top_k: int, layout: EPLayout,
         return dropless
     sized = math.ceil(capacity_factor * tokens_local * top_k / layout.num_devices_ep)
     return max(1, min(dropless, sized))
+
+
+def receive_rows(tokens_local: int, top_k: int, layout: EPLayout,
+                 capacity_factor: float | None) -> int:
+    """Rows of the ragged exchange's receive buffer: every source's worst case when
+    dropless, else ``ceil(capacity_factor * t * K)`` (the balanced load times the factor)."""
+    dropless = layout.num_devices_ep * tokens_local * min(top_k, layout.experts_per_device)
+    if capacity_factor is None:
+        return dropless
+    return max(1, min(dropless, math.ceil(capacity_factor * tokens_local * top_k)))
 
 
 def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "T K"],
@@ -110,8 +123,6 @@ def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "
     identical copies).
     """
     exchange = resolve_exchange(exchange, capacity_factor)
-    if exchange == "ragged" and capacity_factor is not None:
-        raise ValueError("exchange='ragged' is dropless: it needs capacity_factor=None")
     # jit so that the same call also works eagerly (the shardings need a trace)
     return _dispatch(x_TD, gates_TK, experts_TK, tuple(weights), layout=layout,
                      capacity_factor=capacity_factor, exchange=exchange, backend=backend)
@@ -121,7 +132,8 @@ def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "
 def _dispatch(x_TD, gates_TK, experts_TK, weights, *, layout: EPLayout,
               capacity_factor: float | None, exchange: str, backend: str):
     tokens_local = x_TD.shape[0] // math.prod(layout.mesh.shape[a] for a in layout.token_axes)
-    capacity = buffer_rows(tokens_local, gates_TK.shape[1], layout, capacity_factor)
+    sizer = buffer_rows if exchange == "all_to_all" else receive_rows
+    rows = sizer(tokens_local, gates_TK.shape[1], layout, capacity_factor)
     tok = P(layout.token_axes, None)
     gmm_backend = "pallas" if backend == "gmm" else "xla"
 
@@ -131,7 +143,7 @@ def _dispatch(x_TD, gates_TK, experts_TK, weights, *, layout: EPLayout,
             out_tD, stats = _local_body(x_tD, gates_tK, experts_tK, w, backend, capacity_factor)
         else:
             body = _fixed_body if exchange == "all_to_all" else _ragged_body
-            out_tD, stats = body(x_tD, gates_tK, experts_tK, w, layout, capacity, gmm_backend)
+            out_tD, stats = body(x_tD, gates_tK, experts_tK, w, layout, rows, gmm_backend)
         if _sharded_over(layout.w_in_spec[2], "tensor"):
             out_tD = jax.lax.psum(out_tD, "tensor")
         stats = {k: jax.lax.psum(v, layout.token_axes) for k, v in stats.items()}
@@ -235,15 +247,18 @@ def _fixed_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity:
     return out_tD, stats
 
 
-# --- strategy 2: ragged_all_to_all (dropless, nothing padded on the wire) --------------
+# --- strategy 2: ragged_all_to_all (nothing padded on the wire) ------------------------
 
-def _ragged_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity: int,
+def _ragged_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, recv_rows: int,
                  gmm_backend: str):
     """1. sort local pairs by global expert; per-expert counts, all-gathered -> [P, E];
     2. one ragged slice per (destination, local expert), written on the receiver in
        expert-major order, so the received rows are already grouped for the matmul;
-    3. grouped matmul over the P*C receive buffer (rows past the total are zero);
-    4. the transposed ragged exchange brings the rows back into sorted-pair order."""
+       every device knows all counts, so all agree which slices' tails fall past the
+       receive buffer (only with a capacity factor): those pairs drop and are counted;
+    3. grouped matmul over the receive buffer (rows past the total are zero);
+    4. the transposed ragged exchange brings the rows back into sorted-pair order
+       (dropped pairs come back as zero rows)."""
     (tokens, top_k), ep, per_dev = experts_tK.shape, layout.num_devices_ep, layout.experts_per_device
     num_experts = ep * per_dev
     me = jax.lax.axis_index(EXPERT_AXIS)
@@ -252,33 +267,32 @@ def _ragged_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity
     counts_PE = jax.lax.all_gather(plan.group_sizes_E, EXPERT_AXIS)          # [source, expert]
     before_PE = jnp.cumsum(counts_PE, axis=0) - counts_PE                   # from lower sources
     totals_PL = counts_PE.sum(axis=0).reshape(ep, per_dev)
-    base_E = (jnp.cumsum(totals_PL, axis=1) - totals_PL).reshape(-1)        # expert-major start
+    base_PL = jnp.cumsum(totals_PL, axis=1) - totals_PL                     # expert-major start
+    offsets_PE = base_PL.reshape(1, -1) + before_PE                         # slice start, receiver
+    kept_PE = jnp.clip(recv_rows - offsets_PE, 0, counts_PE)                # what fits
     starts_PE = jnp.cumsum(counts_PE, axis=1) - counts_PE                   # in each sender's sort
 
     def mine(a_PE):  # [P, E] -> [P, L] columns of my experts, flattened source-major
         return jax.lax.dynamic_slice_in_dim(a_PE, me * per_dev, per_dev, axis=1).reshape(-1)
 
-    send_sizes_E = counts_PE[me]
-    recv_sizes = mine(counts_PE)
-    recv_offsets = jnp.tile(jax.lax.dynamic_slice_in_dim(base_E, me * per_dev, per_dev), ep) \
-        + mine(before_PE)
-    rows = ep * capacity
-    recv_RD = ragged_exchange(x_mD, jnp.zeros((rows, x_tD.shape[1]), x_mD.dtype),
-                              starts_PE[me], send_sizes_E, base_E + before_PE[me], recv_sizes)
-    group_sizes_L = jax.lax.dynamic_slice_in_dim(totals_PL.reshape(-1), me * per_dev, per_dev)
+    recv_RD = ragged_exchange(x_mD, jnp.zeros((recv_rows, x_tD.shape[1]), x_mD.dtype),
+                              starts_PE[me], kept_PE[me], offsets_PE[me], mine(kept_PE))
+    group_sizes_L = mine(kept_PE).reshape(ep, per_dev).sum(axis=0)
     y_RD = grouped_ffn(recv_RD, *weights, group_sizes_L.astype(jnp.int32), backend=gmm_backend)
-    y_mD = ragged_exchange(y_RD, jnp.zeros_like(x_mD), recv_offsets, recv_sizes,
-                           mine(starts_PE), send_sizes_E)
+    y_mD = ragged_exchange(y_RD, jnp.zeros_like(x_mD), mine(offsets_PE), mine(kept_PE),
+                           mine(starts_PE), kept_PE[me])
     out_tD = unpermute(y_mD, plan, gates_tK).astype(jnp.float32)
 
     row_bytes = x_tD.shape[1] * x_tD.dtype.itemsize
-    min_bytes = _min_bytes(experts_tK, layout, row_bytes)
+    on_device_E = (jnp.arange(num_experts) // per_dev) == me
+    sent_off_device = jnp.sum(jnp.where(on_device_E, 0, kept_PE[me])).astype(jnp.float32)
+    overflow = jnp.sum(counts_PE[me] - kept_PE[me]).astype(jnp.float32)
     stats = {
-        "dropped_pairs": jnp.zeros((), jnp.float32),
-        "ep_overflow": jnp.zeros((), jnp.float32),
-        # payload rows (exactly the off-device pairs) + the all-gathered counts
-        "dispatch_bytes": min_bytes + jnp.float32((ep - 1) * num_experts * 4),
-        "dispatch_min_bytes": min_bytes,
+        "dropped_pairs": overflow,
+        "ep_overflow": overflow,
+        # payload rows (the off-device pairs that fit) + the all-gathered counts
+        "dispatch_bytes": sent_off_device * (2 * row_bytes) + jnp.float32((ep - 1) * num_experts * 4),
+        "dispatch_min_bytes": _min_bytes(experts_tK, layout, row_bytes),
     }
     return out_tD, stats
 

@@ -102,29 +102,67 @@ def _token_shards(experts_TK, num_shards):
     return np.split(np.asarray(experts_TK), num_shards)      # batch axes split T in order
 
 
-def test_fixed_buffers_drop_past_capacity_and_count_it():
-    """capacity_factor sizes the [P, C] buffers: per source device and destination
-    device, only the first C pairs in slot-major order are kept. The reference is
-    the dense layer with the gates of exactly those pairs zeroed (numpy)."""
-    factor, mesh = 0.5, sharding.make_mesh("data=2,expert=4")
-    layer, ref = layer_pair(capacity_factor=factor)
-    x, _ = inputs()
-    x_TD = x.reshape(-1, D)
-    gates_TK, experts_TK, _ = ref.router(x_TD)
-    shards, ep, per_dev = 8, 4, E // 4
-    tokens_local = x_TD.shape[0] // shards
-    capacity = math.ceil(factor * tokens_local * K / ep)
+def keep_fixed(experts_TK, shards, ep, factor):
+    """Fixed buffers: per source shard and destination device, only the first
+    C = ceil(factor * t * K / P) pairs in slot-major order fit."""
     keep = []
     for experts_tK in _token_shards(experts_TK, shards):
-        used = np.zeros(ep, int)
-        keep_Kt = np.zeros(experts_tK.T.shape, bool)
+        tokens_local, per_dev = experts_tK.shape[0], E // ep
+        capacity = math.ceil(factor * tokens_local * K / ep)
+        used, keep_Kt = np.zeros(ep, int), np.zeros(experts_tK.T.shape, bool)
         for k in range(K):                                    # slot-major priority
             for t in range(tokens_local):
                 dest = experts_tK[t, k] // per_dev
                 keep_Kt[k, t] = used[dest] < capacity
                 used[dest] += 1
         keep.append(keep_Kt.T)
-    keep_TK = np.concatenate(keep)
+    return np.concatenate(keep)
+
+
+def keep_ragged(experts_TK, shards, ep, factor):
+    """Ragged: each receiver lays rows out expert-major, sources in order within an
+    expert, a source's pairs in token-major order; rows past R = ceil(factor * t * K)
+    drop. Token shards s with the same expert coordinate s % P share nothing: the
+    exchange runs within each data group (consecutive runs of P shards)."""
+    per_dev = E // ep
+    shard_experts = _token_shards(experts_TK, shards)
+    tokens_local = shard_experts[0].shape[0]
+    rows = math.ceil(factor * tokens_local * K)
+    keep = []
+    for group in range(shards // ep):
+        members = shard_experts[group * ep:(group + 1) * ep]
+        counts_PE = np.stack([np.bincount(e.reshape(-1), minlength=E) for e in members])
+        kept_PE = np.zeros_like(counts_PE)
+        for dest in range(ep):
+            offset = 0
+            for e in range(dest * per_dev, (dest + 1) * per_dev):
+                for src in range(ep):
+                    kept_PE[src, e] = np.clip(rows - offset, 0, counts_PE[src, e])
+                    offset += counts_PE[src, e]
+        for src, experts_tK in enumerate(members):
+            seen = np.zeros(E, int)
+            keep_tK = np.zeros(experts_tK.shape, bool)
+            for t in range(tokens_local):                     # token-major order
+                for k in range(K):
+                    e = experts_tK[t, k]
+                    keep_tK[t, k] = seen[e] < kept_PE[src, e]
+                    seen[e] += 1
+            keep.append(keep_tK)
+    return np.concatenate(keep)
+
+
+@pytest.mark.parametrize("exchange, keep_rule", [("all_to_all", keep_fixed),
+                                                 ("ragged", keep_ragged)])
+def test_capacity_drops_are_exactly_the_overflow_and_counted(exchange, keep_rule):
+    """With a capacity factor the buffers are smaller than the worst case; the pairs
+    that do not fit are dropped. The reference is the dense layer with the gates of
+    exactly the pairs the rule (numpy) drops set to zero."""
+    factor, mesh = 0.5, sharding.make_mesh("data=2,expert=4")
+    layer, ref = layer_pair(capacity_factor=factor, ep_exchange=exchange)
+    x, _ = inputs()
+    x_TD = x.reshape(-1, D)
+    gates_TK, experts_TK, _ = ref.router(x_TD)
+    keep_TK = keep_rule(np.asarray(experts_TK), 8, 4, factor)
     assert (~keep_TK).sum() > 0                               # the test does drop
     y_ref, _ = dispatch.dense_dispatch(x_TD, gates_TK * keep_TK, experts_TK,
                                        ref.experts.weights(jnp.float32))
@@ -165,8 +203,7 @@ def test_exchange_choice_and_fallbacks():
     with pytest.raises(ValueError, match="exchange must be one of"):
         expert_parallel.resolve_exchange("alltoall", None)
     with pytest.raises(moejax.ConfigError, match="ep_exchange"):
-        moejax.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K, capacity_factor=1.0,
-                         ep_exchange="ragged")
+        moejax.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K, ep_exchange="ragged_a2a")
     mesh = sharding.make_mesh("data=2,expert=4")
     assert expert_parallel.layout_for(None, E, 32, D, F) is None
     assert expert_parallel.layout_for(sharding.make_mesh("data=8"), E, 32, D, F).num_devices_ep == 1
