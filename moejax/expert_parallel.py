@@ -192,6 +192,18 @@ def _min_bytes(experts_tK, layout: EPLayout, row_bytes: int):
 
 # --- strategy 1: fixed per-destination buffers + all_to_all ---------------------------
 
+def _buffer_slots(dest_m: Int[Array, "m"], ep: int, capacity: int):
+    """Row of each pair in the flattened [P, C] send buffers (P*C = spare row when
+    it does not fit) and whether it fits; earlier pairs win within a destination."""
+    pairs = dest_m.shape[0]
+    order_m = jnp.argsort(dest_m, stable=True)
+    run_start_P = jnp.searchsorted(dest_m[order_m], jnp.arange(ep, dtype=jnp.int32))
+    position_m = jnp.zeros((pairs,), jnp.int32).at[order_m].set(
+        jnp.arange(pairs, dtype=jnp.int32) - run_start_P[dest_m[order_m]])
+    keep_m = position_m < capacity
+    return jnp.where(keep_m, dest_m * capacity + position_m, ep * capacity), keep_m
+
+
 def _fixed_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity: int,
                 gmm_backend: str):
     """1. pairs in slot-major order (first choices first), stable-sorted by destination;
@@ -201,17 +213,10 @@ def _fixed_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity:
     4. receiver sorts its P*C rows by local expert, grouped matmul, un-sorts;
     5. all_to_all back, gather each pair's row, combine with the kept gates."""
     (tokens, top_k), ep, per_dev = experts_tK.shape, layout.num_devices_ep, layout.experts_per_device
-    pairs = tokens * top_k
     experts_m = experts_tK.T.reshape(-1).astype(jnp.int32)          # slot-major: f = k*t + i
     token_m = jnp.tile(jnp.arange(tokens, dtype=jnp.int32), top_k)
-    dest_m = experts_m // per_dev
-    order_m = jnp.argsort(dest_m, stable=True)
-    run_start_P = jnp.searchsorted(dest_m[order_m], jnp.arange(ep, dtype=jnp.int32))
-    position_m = jnp.zeros((pairs,), jnp.int32).at[order_m].set(
-        jnp.arange(pairs, dtype=jnp.int32) - run_start_P[dest_m[order_m]])
-    keep_m = position_m < capacity
+    slot_m, keep_m = _buffer_slots(experts_m // per_dev, ep, capacity)
     spare = ep * capacity
-    slot_m = jnp.where(keep_m, dest_m * capacity + position_m, spare)
 
     send_token_R = jnp.full((spare + 1,), tokens, jnp.int32).at[slot_m].set(token_m)[:spare]
     send_expert_R = jnp.full((spare + 1,), per_dev, jnp.int32).at[slot_m].set(
