@@ -269,3 +269,25 @@ def test_extreme_routings_match_dense(mesh_spec, exchange):
         assert float(stats["ep_overflow"]) == 0.0
 
     check()
+
+
+def test_without_expert_axis_each_device_dispatches_its_own_tokens():
+    """data=4, tensor=2 with a capacity factor: GShard semantics per device, i.e. the
+    single-device capacity dispatch applied to each token shard on its own."""
+    factor, mesh = 1.0, sharding.make_mesh("data=4,tensor=2")
+    layer, ref = layer_pair(capacity_factor=factor)
+    x, _ = inputs()
+    x_TD = x.reshape(-1, D)
+    gates_TK, experts_TK, _ = ref.router(x_TD)
+    weights = ref.experts.weights(jnp.float32)
+    per_shard = jax.jit(dispatch.capacity_dispatch, static_argnames="capacity_factor")
+    outs, dropped = zip(*(per_shard(x_tD, g_tK, e_tK, weights, capacity_factor=factor)
+                          for x_tD, g_tK, e_tK in zip(jnp.split(x_TD, 4), jnp.split(gates_TK, 4),
+                                                      jnp.split(experts_TK, 4))))
+    with jax.set_mesh(mesh):
+        sharding.shard_model(layer, mesh)
+        y, aux = nnx.jit(lambda m, x: m(x))(layer, x)
+    assert_close(y.reshape(-1, D), jnp.concatenate(outs))
+    assert float(np.mean(dropped)) > 0
+    np.testing.assert_allclose(float(aux["dropped_fraction"]), float(np.mean(dropped)), rtol=1e-6)
+    assert float(aux["dispatch_bytes"]) == 0.0
