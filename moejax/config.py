@@ -13,6 +13,7 @@ from typing import Any
 
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("auto", "dense", "capacity", "ragged", "gmm")
+EP_EXCHANGES = ("auto", "all_to_all", "ragged")
 AUX_LOSS_TYPES = ("batch", "sequence")
 DTYPES = ("float32", "bfloat16", "float16")
 QK_NORMS = ("none", "head", "proj")
@@ -70,12 +71,17 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0
     dtype: str = "float32"
+    # Token exchange when experts are spread over the mesh's `expert` axis:
+    # 'all_to_all' (fixed buffers, every backend), 'ragged' (ragged_all_to_all,
+    # no padding sent), 'auto' (ragged on TPU/GPU, else all_to_all).
+    ep_exchange: str = "auto"
 
     def __post_init__(self):
         name = "MoEConfig"
         _positive_ints(self, "d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group")
         _choice(self, "router", ROUTERS)
         _choice(self, "dispatch", DISPATCHES)
+        _choice(self, "ep_exchange", EP_EXCHANGES)
         _choice(self, "aux_loss_type", AUX_LOSS_TYPES)
         _choice(self, "dtype", DTYPES)
         _require(self.top_k <= self.num_experts, name, "top_k",

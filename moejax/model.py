@@ -70,7 +70,10 @@ class Transformer(nnx.Module):
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1], dtype=jnp.int32),
                                             tokens_BS.shape)
-        x_BSD = jnp.take(self.embed[...], tokens_BS, axis=0)
+        # gather rows from a table whole along embed (FSDP-gathered): a lookup
+        # into an embed-split table cannot be re-split over batch efficiently
+        embed_VD = sharding.constrain(self.embed[...], ("vocab", None))
+        x_BSD = jnp.take(embed_VD, tokens_BS, axis=0)
         x_BSD = sharding.constrain(x_BSD, ("batch", "seq", "embed"))
         layer_aux = []
         for block in self.layers:
@@ -96,6 +99,7 @@ def _merge_aux(layer_aux: list[dict]) -> dict:
     zero = jnp.zeros((), jnp.float32)
     if not layer_aux:
         return {"aux_loss": zero, "z_loss": zero, "router_loss": zero, "dropped_fraction": zero,
+                "ep_overflow": zero, "dispatch_bytes": zero, "dispatch_min_bytes": zero,
                 "expert_load": jnp.zeros((0, 0), jnp.float32)}
     total = lambda key: sum(a[key] for a in layer_aux)  # noqa: E731
     return {
@@ -103,6 +107,9 @@ def _merge_aux(layer_aux: list[dict]) -> dict:
         "z_loss": total("z_loss"),
         "router_loss": total("router_loss"),
         "dropped_fraction": total("dropped_fraction") / len(layer_aux),
+        # expert-parallel exchange: summed over the MoE layers (forward pass)
+        **{key: total(key) for key in ("ep_overflow", "dispatch_bytes", "dispatch_min_bytes")
+           if all(key in a for a in layer_aux)},
         "expert_load": jnp.stack([a["expert_load"] for a in layer_aux]),
     }
 

@@ -8,6 +8,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from moejax import dispatch as dispatch_lib
+from moejax import expert_parallel, sharding
 from moejax.config import MoEConfig
 from moejax.routing import Router, update_router_bias
 
@@ -53,11 +54,16 @@ class MoE(nnx.Module):
        z-loss and expert load.
     3. Dispatch the (token, slot) pairs to the experts with the configured
        backend ('dense' | 'capacity' | 'ragged' | 'gmm'; 'auto' picks) and
-       combine the expert outputs with the gates in float32.
+       combine the expert outputs with the gates in float32. When a mesh with
+       an ``expert`` axis > 1 is set (and the sizes divide), every backend but
+       the 'dense' reference runs expert-parallel (``moejax.expert_parallel``);
+       on other meshes it runs per device on the local tokens.
     4. Add the shared experts (optionally scaled by a sigmoid gate per token).
     Returns (y [B, S, D], aux) with aux keys 'aux_loss', 'z_loss',
-    'router_loss' (the two weighted by their coefficients), 'expert_load' [E]
-    and 'dropped_fraction'.
+    'router_loss' (the two weighted by their coefficients), 'expert_load' [E],
+    'dropped_fraction', and the exchange figures 'ep_overflow' (pairs dropped
+    by full expert-parallel buffers), 'dispatch_bytes' and 'dispatch_min_bytes'
+    (cross-device bytes of the forward exchange; 0 without expert parallelism).
     """
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
@@ -82,18 +88,32 @@ class MoE(nnx.Module):
         batch, seq, d_model = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, d_model)
         gates_TK, experts_TK, aux = self.router(x_TD, num_sequences=batch)
-        out_TD, dropped = dispatch_lib.dispatch_experts(
-            self.backend, x_TD.astype(self.dtype), gates_TK, experts_TK,
-            self.experts.weights(self.dtype), capacity_factor=cfg.capacity_factor)
+        out_TD, stats = self._routed(x_TD.astype(self.dtype), gates_TK, experts_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 gate_T1 = jax.nn.sigmoid(x_TD.astype(jnp.float32) @ self.shared_gate[...])
                 shared_TD = (shared_TD.astype(jnp.float32) * gate_T1).astype(self.dtype)
             out_TD = out_TD + shared_TD
-        aux["dropped_fraction"] = dropped
+        aux.update(stats)
         aux["router_loss"] = cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
         return out_TD.reshape(batch, seq, d_model).astype(x_BSD.dtype), aux
+
+    def _routed(self, x_TD, gates_TK, experts_TK):
+        """Routed experts, expert-parallel when the mesh allows -> (out_TD, stats)."""
+        cfg, backend = self.cfg, self.backend
+        weights = self.experts.weights(self.dtype)
+        layout = expert_parallel.layout_for(sharding.current_mesh(), cfg.num_experts,
+                                            x_TD.shape[0], cfg.d_model, cfg.d_ff)
+        if backend != "dense" and layout is not None:
+            return expert_parallel.expert_parallel_dispatch(
+                x_TD, gates_TK, experts_TK, weights, layout,
+                capacity_factor=cfg.capacity_factor, exchange=cfg.ep_exchange, backend=backend)
+        out_TD, dropped = dispatch_lib.dispatch_experts(
+            backend, x_TD, gates_TK, experts_TK, weights, capacity_factor=cfg.capacity_factor)
+        zero = jnp.zeros((), jnp.float32)
+        return out_TD, {"dropped_fraction": dropped, "ep_overflow": zero,
+                        "dispatch_bytes": zero, "dispatch_min_bytes": zero}
 
     def update_bias(self, expert_load_E: Float[Array, "E"]) -> None:
         """Aux-loss-free balancing step (outside the optimizer); no-op without a bias."""

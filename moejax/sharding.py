@@ -101,12 +101,13 @@ def _is_variable(x) -> bool:
 
 
 def variable_spec(variable: nnx.Variable, mesh) -> P:
-    """PartitionSpec of one nnx Variable from its ``logical_axes`` metadata."""
-    value = variable[...]
-    axes = variable.get_metadata().get("logical_axes") or (None,) * value.ndim
-    if len(axes) != value.ndim:
-        raise ValueError(f"logical_axes {axes} do not match a value of shape {value.shape}")
-    return logical_to_spec(axes, value.shape, mesh)
+    """PartitionSpec of one nnx Variable from its ``logical_axes`` metadata
+    (also for abstract variables from ``nnx.eval_shape``)."""
+    shape = tuple(variable.shape)
+    axes = variable.get_metadata().get("logical_axes") or (None,) * len(shape)
+    if len(axes) != len(shape):
+        raise ValueError(f"logical_axes {axes} do not match a value of shape {shape}")
+    return logical_to_spec(axes, shape, mesh)
 
 
 def state_shardings(state, mesh: Mesh):
