@@ -338,14 +338,16 @@ def _qwen3_moe_mini() -> ModelConfig:
 
 
 def _deepseek_mini() -> ModelConfig:
-    # DeepSeek-V3 routing: sigmoid scores, selection bias, group-limited top-k,
+    # DeepSeek-V3: multi-head latent attention; sigmoid scores, selection bias, group-limited top-k,
     # routed scaling, shared experts, first layer dense.
     moe = MoEConfig(d_model=256, d_ff=128, num_experts=32, top_k=4, num_shared_experts=1,
                     router="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
                     n_group=4, topk_group=2, aux_loss_type="sequence", aux_loss_coef=1e-4,
                     bias_update_rate=1e-3)
+    mla = MLAConfig(kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                    q_lora_rank=96)
     return ModelConfig(name="deepseek-mini", vocab_size=1024, d_model=256, n_layers=4, n_heads=8,
-                       n_kv_heads=8, d_ff=768, moe=moe, first_k_dense=1)
+                       n_kv_heads=8, d_ff=768, moe=moe, first_k_dense=1, mla=mla)
 
 
 def _olmoe_mini() -> ModelConfig:
