@@ -1,0 +1,102 @@
+"""Grouped matmul on CPU: the XLA tile loop vs jax.lax.ragged_dot vs a dense matmul.
+
+Each candidate runs an SwiGLU expert FFN, forward and backward (gradients
+w.r.t. the tokens and all three weights):
+
+    h = silu(x @ w1[g]) * (x @ w3[g]);  y = h @ w2[g]      (D->F, D->F, F->D)
+
+'dense' does the same three matmuls with one weight each ([D,F], [F,D]) on the
+same M rows: same FLOPs, no grouping; it is the speed to aim for. Group sizes
+come from routing each token to top_k distinct experts drawn at random.
+
+    PYTHONPATH=. python benchmarks/gmm_cpu.py            # both target shapes
+    PYTHONPATH=. python benchmarks/gmm_cpu.py --tile-rows 128 --skip-ragged
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import format_table, interleaved_medians
+from kernels_pallas.gmm.xla import default_tile_rows, gmm_xla
+
+SHAPES = {  # name: (experts E, top_k, d_model D, d_ff F, tokens)
+    "E8-k2-D512-F1024": (8, 2, 512, 1024, 8192),
+    "E64-k8-D512-F256": (64, 8, 512, 256, 8192),
+}
+
+
+def routed_group_sizes(num_experts, top_k, tokens, seed=0) -> np.ndarray:
+    """Rows per expert when every token picks top_k distinct experts at random."""
+    rng = np.random.default_rng(seed)
+    picks = np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k]
+    return np.bincount(picks.ravel(), minlength=num_experts).astype(np.int32)
+
+
+def swiglu(matmul, x_MD, w1, w3, w2):
+    h_MF = jax.nn.silu(matmul(x_MD, w1)) * matmul(x_MD, w3)
+    return matmul(h_MF, w2)
+
+
+def fwd_bwd(matmul):
+    """jit(x, weights, cotangent) -> (y, dx, dw1, dw3, dw2) for the given matmul."""
+    def run(x_MD, w1, w3, w2, ct_MD):
+        y_MD, vjp = jax.vjp(lambda *a: swiglu(matmul, *a), x_MD, w1, w3, w2)
+        return y_MD, vjp(ct_MD)
+    return jax.jit(run)
+
+
+def bench_shape(name, tile_rows, rounds, skip_ragged):
+    num_experts, top_k, d_model, d_ff, tokens = SHAPES[name]
+    rows = tokens * top_k
+    sizes_G = jnp.asarray(routed_group_sizes(num_experts, top_k, tokens))
+    tile = tile_rows or default_tile_rows(rows, num_experts)
+    keys = jax.random.split(jax.random.key(0), 5)
+    x_MD = jax.random.normal(keys[0], (rows, d_model), jnp.float32)
+    ct_MD = jax.random.normal(keys[1], (rows, d_model), jnp.float32)
+    w1_EDF, w3_EDF = (jax.random.normal(k, (num_experts, d_model, d_ff)) * d_model**-0.5
+                      for k in keys[2:4])
+    w2_EFD = jax.random.normal(keys[4], (num_experts, d_ff, d_model)) * d_ff**-0.5
+
+    grouped = {
+        "xla_gmm": lambda a, w: gmm_xla(a, w, sizes_G, tile_rows=tile),
+        "ragged_dot": lambda a, w: jax.lax.ragged_dot(a, w, sizes_G),
+    }
+    dense = fwd_bwd(lambda a, w: a @ w)
+    runs = {"dense": lambda: dense(x_MD, w1_EDF[0], w3_EDF[0], w2_EFD[0], ct_MD)}
+    for label, mm in grouped.items():
+        f = fwd_bwd(mm)
+        runs[label] = lambda f=f: f(x_MD, w1_EDF, w3_EDF, w2_EFD, ct_MD)
+
+    flops = 3 * 3 * 2 * rows * d_model * d_ff  # 3 matmuls, each 1 fwd + 2 bwd
+    print(f"\n{name}: M={rows} rows, G={num_experts}, tile_rows={tile}, "
+          f"sizes min/max={int(sizes_G.min())}/{int(sizes_G.max())}, "
+          f"{flops / 1e9:.0f} GFLOP per fwd+bwd")
+    fast = {k: v for k, v in runs.items() if k != "ragged_dot"}
+    medians = interleaved_medians(fast, rounds=rounds)
+    if not skip_ragged:  # many times slower: fewer rounds, its ratio is far from the bar
+        slow = interleaved_medians({"dense": runs["dense"], "ragged_dot": runs["ragged_dot"]},
+                                   rounds=2)
+        medians["ragged_dot"] = slow["ragged_dot"] * medians["dense"] / slow["dense"]
+    print(format_table(medians, "dense"))
+    if "ragged_dot" in medians:
+        print(f"  ragged_dot / xla_gmm: {medians['ragged_dot'] / medians['xla_gmm']:.1f}x")
+    print(f"  dense: {flops / medians['dense'] / 1e9:.0f} GFLOP/s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), action="append")
+    parser.add_argument("--tile-rows", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--skip-ragged", action="store_true")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, float32, fwd+bwd SwiGLU FFN")
+    for name in args.shape or SHAPES:
+        bench_shape(name, args.tile_rows, args.rounds, args.skip_ragged)
+
+
+if __name__ == "__main__":
+    main()
