@@ -10,7 +10,7 @@ same M rows: same FLOPs, no grouping; it is the speed to aim for. Group sizes
 come from routing each token to top_k distinct experts drawn at random.
 
     PYTHONPATH=. python benchmarks/gmm_cpu.py            # both target shapes
-    PYTHONPATH=. python benchmarks/gmm_cpu.py --tile-rows 128 --skip-ragged
+    PYTHONPATH=. python benchmarks/gmm_cpu.py --min-tile-rows 32 --skip-ragged
 """
 
 import argparse
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import format_table, interleaved_medians
-from kernels_pallas.gmm.xla import default_tile_rows, gmm_xla
+from benchmarks.timing import format_table, interleaved_samples
+from kernels_pallas.gmm.xla import gmm_xla, tile_sizes
 
 SHAPES = {  # name: (experts E, top_k, d_model D, d_ff F, tokens)
     "E8-k2-D512-F1024": (8, 2, 512, 1024, 8192),
@@ -48,11 +48,10 @@ def fwd_bwd(matmul):
     return jax.jit(run)
 
 
-def bench_shape(name, tile_rows, rounds, skip_ragged):
+def bench_shape(name, tiles, rounds, skip_ragged):
     num_experts, top_k, d_model, d_ff, tokens = SHAPES[name]
     rows = tokens * top_k
     sizes_G = jnp.asarray(routed_group_sizes(num_experts, top_k, tokens))
-    tile = tile_rows or default_tile_rows(rows, num_experts)
     keys = jax.random.split(jax.random.key(0), 5)
     x_MD = jax.random.normal(keys[0], (rows, d_model), jnp.float32)
     ct_MD = jax.random.normal(keys[1], (rows, d_model), jnp.float32)
@@ -61,7 +60,7 @@ def bench_shape(name, tile_rows, rounds, skip_ragged):
     w2_EFD = jax.random.normal(keys[4], (num_experts, d_ff, d_model)) * d_ff**-0.5
 
     grouped = {
-        "xla_gmm": lambda a, w: gmm_xla(a, w, sizes_G, tile_rows=tile),
+        "xla_gmm": lambda a, w: gmm_xla(a, w, sizes_G, **tiles),
         "ragged_dot": lambda a, w: jax.lax.ragged_dot(a, w, sizes_G),
     }
     dense = fwd_bwd(lambda a, w: a @ w)
@@ -71,31 +70,35 @@ def bench_shape(name, tile_rows, rounds, skip_ragged):
         runs[label] = lambda f=f: f(x_MD, w1_EDF, w3_EDF, w2_EFD, ct_MD)
 
     flops = 3 * 3 * 2 * rows * d_model * d_ff  # 3 matmuls, each 1 fwd + 2 bwd
-    print(f"\n{name}: M={rows} rows, G={num_experts}, tile_rows={tile}, "
+    print(f"\n{name}: M={rows} rows, G={num_experts}, tile sizes {tile_sizes(rows, **tiles)}, "
           f"sizes min/max={int(sizes_G.min())}/{int(sizes_G.max())}, "
           f"{flops / 1e9:.0f} GFLOP per fwd+bwd")
     fast = {k: v for k, v in runs.items() if k != "ragged_dot"}
-    medians = interleaved_medians(fast, rounds=rounds)
-    if not skip_ragged:  # many times slower: fewer rounds, its ratio is far from the bar
-        slow = interleaved_medians({"dense": runs["dense"], "ragged_dot": runs["ragged_dot"]},
+    samples = interleaved_samples(fast, rounds=rounds)
+    if not skip_ragged:  # many times slower: 2 rounds, scaled by dense in the same rounds
+        slow = interleaved_samples({"dense": runs["dense"], "ragged_dot": runs["ragged_dot"]},
                                    rounds=2)
-        medians["ragged_dot"] = slow["ragged_dot"] * medians["dense"] / slow["dense"]
-    print(format_table(medians, "dense"))
+        scale = np.median(samples["dense"]) / np.median(slow["dense"])
+        samples["ragged_dot"] = [t * scale for t in slow["ragged_dot"]]
+    print(format_table(samples, "dense"))
+    medians = {name: float(np.median(s)) for name, s in samples.items()}
     if "ragged_dot" in medians:
-        print(f"  ragged_dot / xla_gmm: {medians['ragged_dot'] / medians['xla_gmm']:.1f}x")
+        print(f"  ragged_dot / xla_gmm (medians): {medians['ragged_dot'] / medians['xla_gmm']:.1f}x")
     print(f"  dense: {flops / medians['dense'] / 1e9:.0f} GFLOP/s")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append")
-    parser.add_argument("--tile-rows", type=int, default=None)
+    parser.add_argument("--min-tile-rows", type=int, default=None)
+    parser.add_argument("--max-tile-rows", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip-ragged", action="store_true")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, float32, fwd+bwd SwiGLU FFN")
     for name in args.shape or SHAPES:
-        bench_shape(name, args.tile_rows, args.rounds, args.skip_ragged)
+        tiles = {"min_tile_rows": args.min_tile_rows, "max_tile_rows": args.max_tile_rows}
+        bench_shape(name, tiles, args.rounds, args.skip_ragged)
 
 
 if __name__ == "__main__":
