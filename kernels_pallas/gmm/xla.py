@@ -30,12 +30,14 @@ permuted, and the weights are never copied per tile.
 
 Backward (``custom_vjp``):
 
-4. ``dlhs = gmm(grad, rhs^T)``: the same loops, contracting the ``grad [T, N]``
+4. ``dlhs = gmm(grad, rhs^T)``: the same tiles, contracting the ``grad [T, N]``
    tile with ``rhs[g] [K, N]`` over N (no transposed copy of rhs).
 5. ``drhs = tgmm(lhs, grad)``: the same tiles; the tail zeroes the lhs rows it
    does not own, and each ``lhs_tile^T @ grad_tile`` is added in place into
    ``drhs[g]`` of the ``[G, K, N]`` carry (no ``[tiles, K, N]`` buffer, no
-   scatter-add). Empty groups keep a zero gradient.
+   scatter-add). Empty groups keep a zero gradient. Steps 4 and 5 share one
+   loop per tile size, so each tile of lhs and grad is sliced once (measured a
+   few percent faster than two loops).
 """
 
 from functools import partial
@@ -128,19 +130,17 @@ def _accumulation_dtype(*dtypes) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def _grouped_matmul(lhs_MK, rhs_GKN, plan, sizes, out_dtype, contract_rhs_dim: int = 1):
-    """Step 3: out[rows of g] = lhs[rows of g] @ rhs[g] (rhs[g] contracted on ``contract_rhs_dim``)."""
-    out_cols = rhs_GKN.shape[2 if contract_rhs_dim == 1 else 1]
+def _grouped_matmul(lhs_MK, rhs_GKN, plan, sizes, out_dtype):
+    """Step 3: out[rows of g] = lhs[rows of g] @ rhs[g]."""
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, rhs_GKN.dtype)
-    dims = (((1,), (contract_rhs_dim - 1,)), ((), ()))
-    out_MN = jnp.zeros((lhs_MK.shape[0], out_cols), out_dtype)
+    out_MN = jnp.zeros((lhs_MK.shape[0], rhs_GKN.shape[2]), out_dtype)
     for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
         def body(i, out_MN, level=level, tile_rows=tile_rows, masked=masked):
             row0 = level.row0_P[i]
             lhs_TK = jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0)
             rhs_KN = jax.lax.dynamic_index_in_dim(rhs_GKN, level.group_P[i], 0, keepdims=False)
-            tile_TN = jax.lax.dot_general(lhs_TK, rhs_KN, dims,
-                                          preferred_element_type=acc_dtype).astype(out_dtype)
+            tile_TN = jnp.einsum("tk,kn->tn", lhs_TK, rhs_KN,
+                                 preferred_element_type=acc_dtype).astype(out_dtype)
             if masked:
                 old_TN = jax.lax.dynamic_slice_in_dim(out_MN, row0, tile_rows, 0)
                 tile_TN = jnp.where(_owned_rows(level, i, tile_rows), tile_TN, old_TN)
@@ -149,22 +149,52 @@ def _grouped_matmul(lhs_MK, rhs_GKN, plan, sizes, out_dtype, contract_rhs_dim: i
     return out_MN
 
 
+def _add_tile_weight_grad(acc_GKN, g, lhs_TK, grad_TN):
+    """acc[g] += lhs_tile^T @ grad_tile, in place in the loop carry (step 5)."""
+    part_KN = jnp.einsum("tk,tn->kn", lhs_TK, grad_TN, preferred_element_type=acc_GKN.dtype)
+    acc_KN = jax.lax.dynamic_index_in_dim(acc_GKN, g, 0, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(acc_GKN, acc_KN + part_KN, g, 0)
+
+
 def _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, num_groups: int, out_dtype):
-    """Step 5: per-group ``lhs^T @ grad`` -> [G, K, N], accumulated in place."""
+    """Step 5 on its own: per-group ``lhs^T @ grad`` -> [G, K, N]."""
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, grad_MN.dtype)
     acc_GKN = jnp.zeros((num_groups, lhs_MK.shape[1], grad_MN.shape[1]), acc_dtype)
     for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
         def body(i, acc_GKN, level=level, tile_rows=tile_rows, masked=masked):
-            g, row0 = level.group_P[i], level.row0_P[i]
+            row0 = level.row0_P[i]
             lhs_TK = jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0)
             grad_TN = jax.lax.dynamic_slice_in_dim(grad_MN, row0, tile_rows, 0)
             if masked:
                 lhs_TK = jnp.where(_owned_rows(level, i, tile_rows), lhs_TK, 0).astype(lhs_MK.dtype)
-            part_KN = jnp.einsum("tk,tn->kn", lhs_TK, grad_TN, preferred_element_type=acc_dtype)
-            acc_KN = jax.lax.dynamic_index_in_dim(acc_GKN, g, 0, keepdims=False)
-            return jax.lax.dynamic_update_index_in_dim(acc_GKN, acc_KN + part_KN, g, 0)
+            return _add_tile_weight_grad(acc_GKN, level.group_P[i], lhs_TK, grad_TN)
         acc_GKN = jax.lax.fori_loop(0, level.count, body, acc_GKN)
     return acc_GKN.astype(out_dtype)
+
+
+def _grouped_matmul_bwd(lhs_MK, rhs_GKN, grad_MN, plan, sizes):
+    """Steps 4 and 5 in one loop per tile size, so each grad tile is sliced once."""
+    acc_dtype = _accumulation_dtype(lhs_MK.dtype, rhs_GKN.dtype, grad_MN.dtype)
+    dlhs_MK = jnp.zeros(lhs_MK.shape, lhs_MK.dtype)
+    drhs_GKN = jnp.zeros(rhs_GKN.shape, acc_dtype)
+    for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
+        def body(i, carry, level=level, tile_rows=tile_rows, masked=masked):
+            dlhs_MK, drhs_GKN = carry
+            g, row0 = level.group_P[i], level.row0_P[i]
+            lhs_TK = jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0)
+            grad_TN = jax.lax.dynamic_slice_in_dim(grad_MN, row0, tile_rows, 0)
+            rhs_KN = jax.lax.dynamic_index_in_dim(rhs_GKN, g, 0, keepdims=False)
+            dlhs_TK = jnp.einsum("tn,kn->tk", grad_TN, rhs_KN,
+                                 preferred_element_type=acc_dtype).astype(lhs_MK.dtype)
+            if masked:
+                owned_T1 = _owned_rows(level, i, tile_rows)
+                old_TK = jax.lax.dynamic_slice_in_dim(dlhs_MK, row0, tile_rows, 0)
+                dlhs_TK = jnp.where(owned_T1, dlhs_TK, old_TK)
+                lhs_TK = jnp.where(owned_T1, lhs_TK, 0).astype(lhs_MK.dtype)
+            dlhs_MK = jax.lax.dynamic_update_slice_in_dim(dlhs_MK, dlhs_TK, row0, 0)
+            return dlhs_MK, _add_tile_weight_grad(drhs_GKN, g, lhs_TK, grad_TN)
+        dlhs_MK, drhs_GKN = jax.lax.fori_loop(0, level.count, body, (dlhs_MK, drhs_GKN))
+    return dlhs_MK, drhs_GKN.astype(rhs_GKN.dtype)
 
 
 def _check_operands(name, lhs, other, group_sizes, other_name, other_rank):
@@ -208,8 +238,7 @@ def _gmm_fwd(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, sizes):
 def _gmm_bwd(out_dtype, sizes, residuals, grad_MN):
     del out_dtype
     lhs_MK, rhs_GKN, plan = residuals
-    dlhs_MK = _grouped_matmul(grad_MN, rhs_GKN, plan, sizes, lhs_MK.dtype, contract_rhs_dim=2)
-    drhs_GKN = _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, rhs_GKN.shape[0], rhs_GKN.dtype)
+    dlhs_MK, drhs_GKN = _grouped_matmul_bwd(lhs_MK, rhs_GKN, grad_MN, plan, sizes)
     return dlhs_MK, drhs_GKN, None
 
 
