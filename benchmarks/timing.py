@@ -21,8 +21,8 @@ def interleaved_samples(candidates: Mapping[str, Callable[[], object]], *,
     blocks on the result, so asynchronous dispatch is included. ``warmup``
     calls per candidate run first, so compilation is not timed.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}")
     for fn in candidates.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())

@@ -26,7 +26,9 @@ Algorithm (forward, ``gmm_xla``):
    are never written and stay zero.
 
 Waste is under ``T_min`` rows per group; no row is gathered, scattered or
-permuted, and the weights are never copied per tile.
+permuted, and the weights are never copied per tile. Rows at or past
+``sum(group_sizes)`` give zero output and zero gradient; negative sizes count
+as 0 and groups reaching past row M are cut at M.
 
 Backward (``custom_vjp``):
 
@@ -95,8 +97,9 @@ def tile_plan(group_sizes_G: jax.Array, num_rows: int, sizes: tuple[int, ...]
     """Step 2: one TileLevel per entry of ``sizes``, then the masked tail level."""
     num_groups = group_sizes_G.shape[0]
     sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
-    ends_G = jnp.minimum(jnp.cumsum(sizes_G), num_rows)  # rows past M are dropped
-    starts_G = jnp.minimum(ends_G - sizes_G, num_rows)
+    cumsum_G = jnp.cumsum(sizes_G)
+    ends_G = jnp.minimum(cumsum_G, num_rows)  # rows past M are dropped
+    starts_G = jnp.minimum(cumsum_G - sizes_G, num_rows)
     t_min, num_small = sizes[-1], len(sizes) - 1
     units_G = (ends_G - starts_G) // t_min  # q_g: whole T_min blocks
     levels = []
