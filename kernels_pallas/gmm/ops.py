@@ -7,6 +7,7 @@ from kernels_pallas.gmm.reference import gmm_int8_reference, gmm_reference, tgmm
 from kernels_pallas.gmm.tiling import GmmTiling
 from kernels_pallas.gmm.validate import check_gmm, check_int8, check_tgmm
 from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
+from kernels_pallas.gmm.xla import gmm_xla, tgmm_xla
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
 
@@ -47,7 +48,8 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
         if 0 in lhs.shape or 0 in rhs.shape:
             return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
         return gmm_pallas(lhs, rhs, group_sizes, out_dtype, choice)
-    # 'xla' falls back to the reference until the XLA CPU path lands (kernels_pallas/gmm/xla.py).
+    if backend == "xla":  # tile loop: ragged_dot runs many times under dense speed on XLA:CPU
+        return gmm_xla(lhs, rhs, group_sizes, preferred_element_type)
     return gmm_reference(lhs, rhs, group_sizes, preferred_element_type)
 
 
@@ -66,6 +68,8 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
         if 0 in lhs.shape or 0 in grad.shape or group_sizes.shape[0] == 0:
             return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
         return tgmm_pallas(lhs, grad, group_sizes, out_dtype, choice)
+    if backend == "xla":
+        return tgmm_xla(lhs, grad, group_sizes, preferred_element_type)
     return tgmm_reference(lhs, grad, group_sizes, preferred_element_type)
 
 

@@ -1,0 +1,184 @@
+"""The XLA tile-loop grouped matmul against a float64 numpy loop over groups.
+
+Tolerances are the textbook bound for a dot of length L computed with unit
+roundoff u_acc and rounded once to the output's u_out:
+|err| <= (L * u_acc + u_out) * sum |a| |b|, elementwise. Rows in no group and
+empty groups have an empty sum, so they must come out exactly zero.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels_pallas import gmm, tgmm
+from kernels_pallas.gmm.xla import gmm_xla, tgmm_xla, tile_sizes
+
+U_F32 = 2.0**-24
+
+
+def unit_roundoff(dtype) -> float:
+    return float(jnp.finfo(dtype).eps) / 2
+
+
+def group_of_rows(group_sizes, num_rows) -> np.ndarray:
+    """[M] group index per row, -1 for rows past sum(group_sizes)."""
+    owner = np.full(num_rows, -1)
+    ends = np.cumsum(group_sizes)
+    for g, (start, end) in enumerate(zip(ends - group_sizes, ends)):
+        owner[start:end] = g
+    return owner
+
+
+def numpy_gmm(lhs, rhs, group_sizes):
+    """float64 out[rows of g] = lhs @ rhs[g], and the magnitude sum |lhs| @ |rhs[g]|."""
+    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+    out = np.zeros((lhs.shape[0], rhs.shape[2]))
+    mag = np.zeros_like(out)
+    for row, g in enumerate(group_of_rows(group_sizes, lhs.shape[0])):
+        if g >= 0:
+            out[row] = lhs[row] @ rhs[g]
+            mag[row] = np.abs(lhs[row]) @ np.abs(rhs[g])
+    return out, mag
+
+
+def numpy_tgmm(lhs, grad, group_sizes, num_groups):
+    """float64 per-group lhs^T @ grad and its magnitude sum."""
+    lhs, grad = np.asarray(lhs, np.float64), np.asarray(grad, np.float64)
+    owner = group_of_rows(group_sizes, lhs.shape[0])
+    out = np.zeros((num_groups, lhs.shape[1], grad.shape[1]))
+    mag = np.zeros_like(out)
+    for g in range(num_groups):
+        rows = owner == g
+        out[g] = lhs[rows].T @ grad[rows]
+        mag[g] = np.abs(lhs[rows]).T @ np.abs(grad[rows])
+    return out, mag
+
+
+def assert_within_bound(got, want, mag, length, out_dtype, what):
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    bound = (max(length, 1) * U_F32 + unit_roundoff(out_dtype)) * mag
+    excess = np.abs(got - want) - bound
+    assert np.all(excess <= 0), (
+        f"{what}: worst excess {excess.max():.3g} at {np.unravel_index(excess.argmax(), excess.shape)}")
+
+
+NUM_ROWS, K_DIM, N_DIM, NUM_GROUPS = 33, 16, 5, 4  # one shape: hypothesis varies only data
+
+
+@st.composite
+def ragged_sizes(draw):
+    """Group sizes that sum to <= M, with empty groups and single-group cases likely."""
+    total = draw(st.integers(0, NUM_ROWS))
+    cuts = sorted(draw(st.lists(st.integers(0, total), min_size=NUM_GROUPS - 1,
+                                max_size=NUM_GROUPS - 1)))
+    return np.diff([0, *cuts, total]).astype(np.int32)
+
+
+def operands(num_rows, k_dim, n_dim, num_groups, dtype, seed):
+    rng = np.random.default_rng(seed)
+    lhs = jnp.asarray(rng.normal(size=(num_rows, k_dim)), dtype)
+    rhs = jnp.asarray(rng.normal(size=(num_groups, k_dim, n_dim)), dtype)
+    cot = jnp.asarray(rng.normal(size=(num_rows, n_dim)), dtype)
+    return lhs, rhs, cot
+
+
+@functools.partial(jax.jit, static_argnames=("tiles",))
+def gmm_and_vjp(lhs, rhs, group_sizes, cot, tiles):
+    min_rows, max_rows = tiles
+    out, vjp = jax.vjp(lambda a, b: gmm_xla(a, b, group_sizes, min_tile_rows=min_rows,
+                                            max_tile_rows=max_rows), lhs, rhs)
+    return out, *vjp(cot)
+
+
+@pytest.mark.parametrize("tiles", [(2, 8), (3, 12), (None, None)], ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@settings(max_examples=10)
+@given(sizes=ragged_sizes(), seed=st.integers(0, 2**16))
+def test_forward_and_vjp_match_numpy(dtype, tiles, sizes, seed):
+    lhs, rhs, cot = operands(NUM_ROWS, K_DIM, N_DIM, NUM_GROUPS, dtype, seed)
+    out, dlhs, drhs = gmm_and_vjp(lhs, rhs, jnp.asarray(sizes), cot, tiles)
+    assert out.dtype == dlhs.dtype == drhs.dtype == dtype
+
+    want, mag = numpy_gmm(lhs, rhs, sizes)
+    assert_within_bound(out, want, mag, K_DIM, dtype, "out")
+    # dlhs is gmm(cot, rhs^T); drhs is the per-group lhs^T @ cot.
+    want, mag = numpy_gmm(cot, jnp.swapaxes(rhs, 1, 2), sizes)
+    assert_within_bound(dlhs, want, mag, N_DIM, dtype, "dlhs")
+    want, mag = numpy_tgmm(lhs, cot, sizes, NUM_GROUPS)
+    assert_within_bound(drhs, want, mag, NUM_ROWS, dtype, "drhs")
+
+
+@pytest.mark.parametrize("sizes", [[0, 0, 0], [40, 0, 0], [0, 0, 40], [0, 13, 0], [1, 38, 1]],
+                         ids=["all-empty", "all-in-first", "all-in-last", "sum<M", "tiny-ends"])
+def test_edge_cases_with_multi_level_tiles(sizes):
+    lhs, rhs, cot = operands(40, 6, 5, 3, jnp.float32, seed=1)
+    sizes = np.asarray(sizes, np.int32)
+    out, dlhs, drhs = gmm_and_vjp(lhs, rhs, jnp.asarray(sizes), cot, (2, 16))
+    want, mag = numpy_gmm(lhs, rhs, sizes)
+    assert_within_bound(out, want, mag, 6, jnp.float32, "out")
+    want, mag = numpy_gmm(cot, jnp.swapaxes(rhs, 1, 2), sizes)
+    assert_within_bound(dlhs, want, mag, 5, jnp.float32, "dlhs")
+    want, mag = numpy_tgmm(lhs, cot, sizes, 3)
+    assert_within_bound(drhs, want, mag, 40, jnp.float32, "drhs")
+
+
+def test_single_row_and_one_row_tiles():
+    lhs, rhs, cot = operands(1, 3, 2, 2, jnp.float32, seed=6)
+    for sizes in ([0, 1], [0, 0]):
+        sizes = np.asarray(sizes, np.int32)
+        out, dlhs, drhs = gmm_and_vjp(lhs, rhs, jnp.asarray(sizes), cot, (None, None))
+        np.testing.assert_allclose(out, numpy_gmm(lhs, rhs, sizes)[0], rtol=1e-6)
+        np.testing.assert_allclose(drhs, numpy_tgmm(lhs, cot, sizes, 2)[0], rtol=1e-6)
+
+
+def test_bf16_with_float32_output():
+    lhs, rhs, _ = operands(33, 16, 8, 3, jnp.bfloat16, seed=2)
+    sizes = np.asarray([10, 0, 20], np.int32)
+    out = gmm_xla(lhs, rhs, jnp.asarray(sizes), preferred_element_type=jnp.float32,
+                  min_tile_rows=4, max_tile_rows=16)
+    assert out.dtype == jnp.float32
+    want, mag = numpy_gmm(lhs, rhs, sizes)
+    assert_within_bound(out, want, mag, 16, jnp.float32, "out")
+
+
+def test_tgmm_matches_numpy():
+    lhs, _, cot = operands(33, 5, 4, 4, jnp.float32, seed=3)
+    sizes = np.asarray([7, 0, 19, 3], np.int32)
+    got = tgmm_xla(lhs, cot, jnp.asarray(sizes), min_tile_rows=2, max_tile_rows=8)
+    want, mag = numpy_tgmm(lhs, cot, sizes, 4)
+    assert_within_bound(got, want, mag, 33, jnp.float32, "tgmm")
+
+
+def test_public_entry_points_use_the_tile_loop_on_cpu():
+    lhs, rhs, cot = operands(7, 5, 4, 3, jnp.float32, seed=4)
+    sizes = jnp.asarray([2, 0, 4], jnp.int32)
+    for backend in ("xla", "auto"):
+        jaxpr = str(jax.make_jaxpr(lambda a, b: gmm(a, b, sizes, backend=backend))(lhs, rhs))
+        assert "ragged_dot" not in jaxpr and "while" in jaxpr, backend
+        jaxpr = str(jax.make_jaxpr(lambda a, c: tgmm(a, c, sizes, backend=backend))(lhs, cot))
+        assert "while" in jaxpr, backend
+    np.testing.assert_array_equal(gmm(lhs, rhs, sizes, backend="xla"), gmm_xla(lhs, rhs, sizes))
+
+
+def test_tile_sizes_are_descending_powers_of_two_that_fit():
+    assert tile_sizes(65536) == (512, 256, 128, 64)
+    assert tile_sizes(100, 8, 512) == (64, 32, 16, 8)
+    assert tile_sizes(5) == (5,)  # the tail tile must fit inside lhs
+
+
+def test_bad_arguments_raise_value_errors():
+    lhs, rhs, _ = operands(7, 5, 4, 3, jnp.float32, seed=5)
+    sizes = jnp.asarray([2, 0, 4], jnp.int32)
+    with pytest.raises(ValueError, match="rhs"):
+        gmm_xla(lhs, rhs[0], sizes)
+    with pytest.raises(ValueError, match="group_sizes"):
+        gmm_xla(lhs, rhs, sizes.astype(jnp.float32))
+    with pytest.raises(ValueError, match="do not match"):
+        gmm_xla(lhs, rhs[:2], sizes)
+    with pytest.raises(ValueError, match="max_tile_rows"):
+        gmm_xla(lhs, rhs, sizes, min_tile_rows=8, max_tile_rows=4)
