@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.gmm.metadata import make_group_metadata
+from kernels_pallas.shard_map_types import out_struct
 
 _COMPILER_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=3)
 
@@ -92,7 +93,7 @@ def gmm_gpu(lhs_MK, rhs_GKN, group_sizes_G, *, tiling, out_dtype, interpret=Fals
         compute_dtype=lhs_MK.dtype)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_shape=out_struct((m, n), out_dtype, lhs_MK),
         grid=(meta.group_ids.shape[0], pl.cdiv(n, tn)),
         compiler_params=_COMPILER_PARAMS,
         interpret=interpret,
@@ -133,7 +134,7 @@ def tgmm_gpu(lhs_MK, grad_MN, group_sizes_G, *, tiling, out_dtype, interpret=Fal
     kernel = functools.partial(_tgmm_kernel, k_size=k, n_size=n, tm=tm, tk=tk, tn=tn)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=out_struct((num_groups, k, n), out_dtype, lhs_MK),
         grid=(num_groups, pl.cdiv(k, tk), pl.cdiv(n, tn)),
         compiler_params=_COMPILER_PARAMS,
         interpret=interpret,

@@ -8,6 +8,7 @@ from kernels_pallas.gmm.tiling import GmmTiling
 from kernels_pallas.gmm.validate import check_gmm, check_int8, check_tgmm
 from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
 from kernels_pallas.gmm.xla import gmm_xla, tgmm_xla
+from kernels_pallas.shard_map_types import match_varying
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
 
@@ -42,7 +43,7 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
         raise ValueError(f"gmm: lhs and rhs must be floating point (for int8 weights use "
                          f"gmm_int8), got {lhs.dtype} and {rhs.dtype}")
     dtype = jnp.result_type(lhs, rhs)
-    lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+    lhs, rhs, group_sizes = match_varying(lhs.astype(dtype), rhs.astype(dtype), group_sizes)
     out_dtype = jnp.dtype(preferred_element_type or dtype)
     if backend == "pallas":
         if 0 in lhs.shape or 0 in rhs.shape:
@@ -62,7 +63,7 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
     check_tgmm("tgmm", lhs, grad, group_sizes)
     backend, choice = _resolve("tgmm", backend, tiling, interpret)
     dtype = jnp.result_type(lhs, grad)
-    lhs, grad = lhs.astype(dtype), grad.astype(dtype)
+    lhs, grad, group_sizes = match_varying(lhs.astype(dtype), grad.astype(dtype), group_sizes)
     out_dtype = jnp.dtype(preferred_element_type or dtype)
     if backend == "pallas":
         if 0 in lhs.shape or 0 in grad.shape or group_sizes.shape[0] == 0:
@@ -89,6 +90,7 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
     if backend == "pallas":
         if 0 in lhs.shape or 0 in rhs.shape:
             return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
-        return gmm_int8_pallas(lhs, rhs, rhs_scale.astype(jnp.float32), group_sizes,
-                               out_dtype, choice)
+        lhs, rhs, rhs_scale, group_sizes = match_varying(
+            lhs, rhs, rhs_scale.astype(jnp.float32), group_sizes)
+        return gmm_int8_pallas(lhs, rhs, rhs_scale, group_sizes, out_dtype, choice)
     return gmm_int8_reference(lhs, rhs, rhs_scale, group_sizes, out_dtype)

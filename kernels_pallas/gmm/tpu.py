@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.gmm.metadata import make_group_metadata
+from kernels_pallas.shard_map_types import out_struct
 
 _DOT_NN = (((1,), (0,)), ((), ()))   # [tm,tk] x [tk,tn]
 _DOT_NT = (((1,), (1,)), ((), ()))   # [tm,tk] x [tn,tk]
@@ -123,7 +124,7 @@ def gmm_tpu(lhs_MK, rhs_GKN, group_sizes_G, *, tiling, out_dtype, interpret=Fals
         compute_dtype=lhs_MK.dtype)
     call = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_shape=out_struct((m, n), out_dtype, lhs_MK),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4, grid=grid, in_specs=in_specs,
             out_specs=pl.BlockSpec((tm, tn), out_map),
@@ -183,7 +184,7 @@ def tgmm_tpu(lhs_MK, grad_MN, group_sizes_G, *, tiling, out_dtype, interpret=Fal
 
     call = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm),
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=out_struct((num_groups, k, n), out_dtype, lhs_MK),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4, grid=grid,
             in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), grad_map)],

@@ -133,10 +133,23 @@ def _accumulation_dtype(*dtypes) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+def _carry_zeros(shape, dtype, *operands) -> jax.Array:
+    """Zeros for a loop carry, typed as varying over every mesh axis the operands vary over.
+
+    Inside ``shard_map`` a fori_loop carry must keep its type, and the body's
+    output varies wherever lhs, rhs or the group metadata vary; plain
+    ``jnp.zeros`` varies over none. ``zeros_like`` inherits an operand's axes.
+    """
+    zeros = jnp.zeros_like(operands[0], shape=shape, dtype=dtype)
+    for operand in operands[1:]:
+        zeros = zeros + jnp.zeros_like(operand, shape=(1,) * len(shape), dtype=dtype)
+    return zeros
+
+
 def _grouped_matmul(lhs_MK, rhs_GKN, plan, sizes, out_dtype):
     """Step 3: out[rows of g] = lhs[rows of g] @ rhs[g]."""
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, rhs_GKN.dtype)
-    out_MN = jnp.zeros((lhs_MK.shape[0], rhs_GKN.shape[2]), out_dtype)
+    out_MN = _carry_zeros((lhs_MK.shape[0], rhs_GKN.shape[2]), out_dtype, lhs_MK, rhs_GKN, plan[0].row0_P)
     for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
         def body(i, out_MN, level=level, tile_rows=tile_rows, masked=masked):
             row0 = level.row0_P[i]
@@ -162,7 +175,8 @@ def _add_tile_weight_grad(acc_GKN, g, lhs_TK, grad_TN):
 def _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, num_groups: int, out_dtype):
     """Step 5 on its own: per-group ``lhs^T @ grad`` -> [G, K, N]."""
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, grad_MN.dtype)
-    acc_GKN = jnp.zeros((num_groups, lhs_MK.shape[1], grad_MN.shape[1]), acc_dtype)
+    acc_GKN = _carry_zeros((num_groups, lhs_MK.shape[1], grad_MN.shape[1]), acc_dtype,
+                           lhs_MK, grad_MN, plan[0].row0_P)
     for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
         def body(i, acc_GKN, level=level, tile_rows=tile_rows, masked=masked):
             row0 = level.row0_P[i]
@@ -178,8 +192,9 @@ def _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, num_groups: int, out_dtyp
 def _grouped_matmul_bwd(lhs_MK, rhs_GKN, grad_MN, plan, sizes):
     """Steps 4 and 5 in one loop per tile size, so each grad tile is sliced once."""
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, rhs_GKN.dtype, grad_MN.dtype)
-    dlhs_MK = jnp.zeros(lhs_MK.shape, lhs_MK.dtype)
-    drhs_GKN = jnp.zeros(rhs_GKN.shape, acc_dtype)
+    operands = (lhs_MK, rhs_GKN, grad_MN, plan[0].row0_P)
+    dlhs_MK = _carry_zeros(lhs_MK.shape, lhs_MK.dtype, *operands)
+    drhs_GKN = _carry_zeros(rhs_GKN.shape, acc_dtype, *operands)
     for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
         def body(i, carry, level=level, tile_rows=tile_rows, masked=masked):
             dlhs_MK, drhs_GKN = carry
