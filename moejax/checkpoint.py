@@ -1,10 +1,16 @@
-"""Model checkpoint I/O with orbax: a directory with ``config.json`` and the
-model's variables (parameters and non-trained state such as router biases).
+"""Checkpoint I/O with orbax.
 
-Layout of a model directory::
+Model directory: ``config.json`` and the model's variables (parameters and
+non-trained state such as router biases)::
 
     DIR/config.json     ModelConfig (moejax.config.config_to_dict)
     DIR/model/          orbax checkpoint of nnx.state(model) as a pure dict
+
+Train states: an orbax ``CheckpointManager`` over ``DIR/<step>/`` with two
+items, ``state`` (any pytree of arrays: parameters, optimizer state, ...) and
+``meta`` (JSON). Saves are asynchronous and atomic: orbax writes into a
+temporary directory and renames it when complete, so a crash mid-save leaves
+the previous step as the latest.
 """
 
 from __future__ import annotations
@@ -56,3 +62,35 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> tuple[Tran
         state = ckptr.restore(directory / "model", abstract)
     nnx.update(model, state)
     return model, cfg
+
+
+def train_state_manager(directory: str | Path, *, keep: int, async_save: bool = True
+                        ) -> ocp.CheckpointManager:
+    """A manager of train-state checkpoints under ``directory`` that keeps the last ``keep``."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                 item_names=("state", "meta"))
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+    """Start saving ``state`` (pytree) and ``meta`` (JSON) as ``step``; returns once the
+    arrays are copied, so the caller may donate them to the next step."""
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """Restore ``step`` into the structure, shapes, dtypes and shardings of
+    ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct``) -> (state, meta)."""
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+
+def restore_model_variables(directory: str | Path, abstract_state):
+    """The variables of a model directory (``DIR/model``) restored into ``abstract_state``
+    (a pure dict of ``jax.ShapeDtypeStruct``, shardings allowed): no model is built."""
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(Path(directory).absolute() / "model", abstract_state)
