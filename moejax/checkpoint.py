@@ -70,8 +70,31 @@ def train_state_manager(directory: str | Path, *, keep: int, async_save: bool = 
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                 item_names=("state", "meta"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+
+
+def _path_key(path) -> str:
+    # dict keys, sequence indices and named-tuple fields all become plain names, the
+    # way orbax stores them
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def check_tree_shapes(stored, abstract) -> None:
+    """Raise ValueError naming the first leaf whose path or shape differs between a
+    checkpoint's metadata tree and the expected abstract tree (before any array is read)."""
+    stored = getattr(stored, "tree", stored)
+    have = {_path_key(p): tuple(getattr(leaf, "shape", ()))
+            for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    want = {_path_key(p): tuple(leaf.shape)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    problems = [f"{k}: stored {have[k]} vs expected {want[k]}"
+                for k in want if k in have and have[k] != want[k]]
+    problems += [f"{k}: missing from the checkpoint" for k in want if k not in have]
+    problems += [f"{k}: not in the model" for k in have if k not in want]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{problems[0]}{more}")
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
@@ -83,7 +106,9 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, state, meta: dic
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_state):
     """Restore ``step`` into the structure, shapes, dtypes and shardings of
-    ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct``) -> (state, meta)."""
+    ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct``) -> (state, meta).
+    A checkpoint of another shape raises ValueError before anything is read."""
+    check_tree_shapes(manager.item_metadata(step)["state"], abstract_state)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
@@ -92,5 +117,7 @@ def restore_train_state(manager: ocp.CheckpointManager, step: int, abstract_stat
 def restore_model_variables(directory: str | Path, abstract_state):
     """The variables of a model directory (``DIR/model``) restored into ``abstract_state``
     (a pure dict of ``jax.ShapeDtypeStruct``, shardings allowed): no model is built."""
+    path = Path(directory).absolute() / "model"
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(directory).absolute() / "model", abstract_state)
+        check_tree_shapes(ckptr.metadata(path).item_metadata, abstract_state)
+        return ckptr.restore(path, abstract_state)

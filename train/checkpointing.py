@@ -118,6 +118,7 @@ class Checkpoints:
         try:
             return mckpt.restore_train_state(self.manager, step, abstract_state)
         except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+            self.close()
             raise TrainError(f"checkpoint {self.directory / str(step)} does not match the model "
                              f"built from config.json ({_first_line(err)})") from None
 

@@ -119,6 +119,8 @@ def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig
     if unknown:
         raise TrainError(f"--set: unknown model field(s) {unknown}; allowed: {sorted(known)} "
                          f"and moe.FIELD")
+    if "d_model" in top and cfg.moe is not None:
+        moe.setdefault("d_model", top["d_model"])  # the MoE block follows the model width
     try:
         if moe:
             if cfg.moe is None:
@@ -128,8 +130,6 @@ def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig
             if bad:
                 raise TrainError(f"--set: unknown MoE field(s) {bad}; allowed: {sorted(moe_known)}")
             top["moe"] = cfg.moe.replace(**moe)
-        if "d_model" in top and cfg.moe is not None and "moe" not in top:
-            top["moe"] = cfg.moe.replace(d_model=top["d_model"])
         return cfg.replace(**top) if top else cfg
     except (ConfigError, TypeError) as err:
         raise TrainError(f"--set: {err}") from None

@@ -68,7 +68,7 @@ class Trainer:
         self._warn_if_resumed_differently()
         self.train_step = jit_train_step(self.state.graphdef, self.state.tx, self.state.shardings)
         self.eval_step = jit_eval_step(self.state.graphdef, self.state.shardings)
-        self.schedule = lr_schedule(cfg)
+        self.schedule = jax.jit(lr_schedule(cfg))  # one compile, not one per jnp op
         if self.primary:
             (self.out / "train_config.json").write_text(cfg.to_json())
         self.log = MetricsLog(self.out, self.state.step, cfg.tensorboard, self.primary)
@@ -209,7 +209,7 @@ class Trainer:
                 if self.cfg.plot else None)
         summary = summarize(records, step, wall, trained, self.cfg.tokens_per_step)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(summary, self.out, plot, self.checkpoints.steps())
+        print_summary(summary, self.out, plot, self.checkpoints.steps(), self.log.tb is not None)
         return 0
 
     def close(self) -> None:

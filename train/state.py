@@ -57,8 +57,9 @@ def build_state(cfg: TrainConfig, start: StartPoint, mesh: Mesh, checkpoints: Ch
 
     if start.kind == "model":
         params, nonparam = _from_model_dir(Path(cfg.out), abstract_model, mesh)
-    else:
-        _, params, nonparam = split_model(Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed)))
+    else:  # one jitted init, each array created where its sharding puts it
+        init = lambda: split_model(Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed)))[1:]  # noqa: E731
+        params, nonparam = jax.jit(init, out_shardings=(sh.params, sh.nonparam))()
     params = jax.device_put(params, sh.params)
     nonparam = jax.device_put(nonparam, sh.nonparam)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)

@@ -32,7 +32,8 @@ def summarize(records: list[dict], step: int, wall_s: float, trained_steps: int,
     return summary
 
 
-def print_summary(summary: dict, out: Path, plot: Path | None, checkpoint_steps: list[int]) -> None:
+def print_summary(summary: dict, out: Path, plot: Path | None, checkpoint_steps: list[int],
+                  tensorboard: bool) -> None:
     lines = ["", "== summary =="]
     rate = summary["tokens_per_s"]
     lines.append(f"steps        {summary['step']} ({summary['trained_steps']} this run, "
@@ -51,5 +52,5 @@ def print_summary(summary: dict, out: Path, plot: Path | None, checkpoint_steps:
                      f"dropped {summary['dropped_fraction']:.1%}")
     steps = ", ".join(map(str, sorted(checkpoint_steps))) or "none"
     lines.append(f"written      {out}/ : model (config.json + model/), checkpoints/ (steps {steps}), "
-                 f"metrics.jsonl, tb/{', ' + plot.name if plot else ''}, summary.json")
+                 f"metrics.jsonl, {'tb/, ' if tensorboard else ''}{plot.name + ', ' if plot else ''}summary.json")
     print("\n".join(lines), flush=True)
