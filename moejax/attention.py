@@ -25,13 +25,14 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...]).astype(x.dtype)
+        scale = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))  # explicit rank: no promotion
+        return (normed * scale).astype(x.dtype)
 
 
 def rope_angles(positions_BS: Int[Array, "B S"], head_dim: int, theta: float):
     """cos, sin [B, S, K] in the half-split layout (rotate_half convention)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BSk = positions_BS.astype(jnp.float32)[..., None] * inv_freq
+    angles_BSk = positions_BS.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     angles_BSK = jnp.concatenate([angles_BSk, angles_BSk], axis=-1)
     return jnp.cos(angles_BSK), jnp.sin(angles_BSK)
 
@@ -78,7 +79,7 @@ class Attention(nnx.Module):
     def _project(self, x_BSD, w_DHK, bias_name):
         out = jnp.einsum("bsd,dhk->bshk", x_BSD, w_DHK[...].astype(self.dtype))
         if self.cfg.attention_bias:
-            out = out + getattr(self, bias_name)[...].astype(self.dtype)
+            out = out + getattr(self, bias_name)[...].astype(self.dtype)[None, None]
         return out
 
     def _qk_norm(self, norm: RMSNorm, x_BSHK):

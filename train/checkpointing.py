@@ -59,8 +59,8 @@ def latest_checkpoint(out: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
-    """Decide fresh / resume / start-from-model and the model config (see module doc)."""
+def start_kind(cfg: TrainConfig) -> tuple[str, int | None]:
+    """('checkpoint' | 'model' | 'fresh', latest checkpoint step); checks --resume early."""
     out = Path(cfg.out)
     step = latest_checkpoint(out)
     has_model = (out / "config.json").is_file() and (out / "model").is_dir()
@@ -68,6 +68,13 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
     if kind == "fresh" and cfg.resume:
         raise TrainError(f"--resume: {out} holds neither a checkpoint ({CHECKPOINT_DIR}/) nor a "
                          f"model (config.json + model/)")
+    return kind, step
+
+
+def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
+    """Decide fresh / resume / start-from-model and the model config (see module doc)."""
+    out = Path(cfg.out)
+    kind, step = start_kind(cfg)
     asked = requested_model(cfg)
     if kind == "fresh":
         model_cfg = asked or _saved_config(out) or ModelConfig.preset(DEFAULT_PRESET)
@@ -87,6 +94,9 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
     if data_vocab > model_cfg.vocab_size:
         raise TrainError(f"the data has token ids up to {data_vocab - 1} but the model's "
                          f"vocab_size is {model_cfg.vocab_size}; pass --set vocab_size={data_vocab}")
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len "
+                         f"{model_cfg.max_seq_len}; pass --set max_seq_len={cfg.seq_len} or a shorter --seq-len")
     if cfg.dtype is not None:
         model_cfg = with_compute_dtype(model_cfg, cfg.dtype)
     return StartPoint(kind, model_cfg, step or 0)

@@ -118,6 +118,12 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
+    except SystemExit as exit_:  # --help, or an argparse error already printed
+        return exit_.code if isinstance(exit_.code, int) else 2
+    except TrainError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    try:
         _quiet_libraries()
         from train.loop import run
         return run(cfg)

@@ -24,7 +24,7 @@ import numpy as np
 
 from moejax import checkpoint as mckpt
 from train import data as data_lib
-from train.checkpointing import Checkpoints, plan_start
+from train.checkpointing import Checkpoints, plan_start, start_kind
 from train.config import TrainConfig, TrainError
 from train.metrics import MetricsLog, Progress, format_duration, read_records
 from train.optim import lr_schedule
@@ -51,6 +51,7 @@ class Trainer:
             raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the mesh's "
                              f"batch parallelism data*fsdp*expert = {batch_parallelism(self.mesh)}")
         self.primary = jax.process_index() == 0
+        start_kind(cfg)  # a --resume with nothing to resume fails before the data is read
         self.corpus = data_lib.load_corpus(cfg.data, cfg.tokenizer)
         host = (jax.process_index(), jax.process_count())
         self.sampler = data_lib.BatchSampler(self.corpus.train, cfg.batch_size, cfg.seq_len,

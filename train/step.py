@@ -56,7 +56,7 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation) -> Callable:
             return loss + aux["router_loss"], (loss, aux)
 
         (total, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         model = merge_model(graphdef, new_params, nonparam)
