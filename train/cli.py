@@ -45,6 +45,18 @@ examples:
 """
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows every meaningful default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or isinstance(default, bool) or default == [] or default == argparse.SUPPRESS
+        if not hidden and "%(default)" not in text:
+            text += " (default %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + error
         self.exit(2, f"error: {message} (see python -m train --help)\n")
@@ -53,13 +65,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = _Parser(prog="python -m train", description=DESCRIPTION, epilog=EXAMPLES,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=_Formatter)
     run = p.add_argument_group("run")
-    run.add_argument("--out", default=d.out, help=f"run directory (default {d.out})")
+    run.add_argument("--out", default=d.out, help="run directory")
     run.add_argument("--preset", help="model preset (default: the model in --out, else tiny)")
     run.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a model field, e.g. n_layers=2 or moe.num_experts=4 (repeatable)")
-    run.add_argument("--steps", type=int, default=d.steps, help="total steps (default %(default)s)")
+    run.add_argument("--steps", type=int, default=d.steps, help="total steps")
     run.add_argument("--resume", action="store_true",
                      help="require a checkpoint or model in --out (resuming is automatic anyway)")
     run.add_argument("--seed", type=int, default=d.seed, help="init and data-order seed")
@@ -72,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimizer (AdamW, linear warmup + cosine decay)")
     opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     opt.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr")
-    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup from 0")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on matrices only")
-    opt.add_argument("--beta1", type=float, default=d.beta1)
-    opt.add_argument("--beta2", type=float, default=d.beta2)
+    opt.add_argument("--beta1", type=float, default=d.beta1, help="Adam first-moment decay")
+    opt.add_argument("--beta2", type=float, default=d.beta2, help="Adam second-moment decay")
     opt.add_argument("--clip-norm", type=float, default=d.clip_norm, help="global-norm clip (0: off)")
     opt.add_argument("--param-group", dest="param_groups", action="append", default=[],
                      metavar="REGEX=LR_MULT", help="scale the lr of parameters whose path matches, "
@@ -86,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, "
                                     "tensor; product = device count). Default: data=<devices>")
     io = p.add_argument_group("logging and checkpoints")
-    io.add_argument("--log-every", type=int, default=d.log_every)
-    io.add_argument("--eval-every", type=int, default=d.eval_every)
-    io.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    io.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    io.add_argument("--log-every", type=int, default=d.log_every, help="steps per metrics record")
+    io.add_argument("--eval-every", type=int, default=d.eval_every, help="steps per validation")
+    io.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                    help="fixed validation batches per evaluation")
+    io.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                    help="steps per checkpoint (one is also written at the end)")
     io.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
     io.add_argument("--sync-checkpoint", dest="async_checkpoint", action="store_false",
                     help="write checkpoints synchronously")

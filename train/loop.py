@@ -208,6 +208,7 @@ class Trainer:
         plot = (plot_run(records, self.out / PLOT_NAME, f"{self.model_cfg.name} on "
                          f"{Path(self.corpus.description.split(' (')[0]).name}")
                 if self.cfg.plot else None)
+        # the first step (compile) is outside ``wall``, so it is not counted in tokens/s
         summary = summarize(records, step, wall, trained, self.cfg.tokens_per_step)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, self.out, plot, self.checkpoints.steps(), self.log.tb is not None)

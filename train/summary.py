@@ -15,7 +15,8 @@ def summarize(records: list[dict], step: int, wall_s: float, trained_steps: int,
     train = [r for r in records if "loss" in r and r.get("step", 0) > 0]
     loads = [r["expert_load"] for r in train if np.size(r.get("expert_load", [])) > 0]
     summary = {"step": step, "trained_steps": trained_steps, "wall_time_s": round(wall_s, 2),
-               "tokens_per_s": round(trained_steps * tokens_per_step / wall_s, 1) if wall_s > 0 else None}
+               "tokens_per_s": (round((trained_steps - 1) * tokens_per_step / wall_s, 1)
+                               if wall_s > 0 and trained_steps > 1 else None)}
     if evals:
         for key in ("val_loss", "val_bpb"):
             if key in evals[-1]:
