@@ -143,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg)
     except TrainError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return err.exit_code

@@ -21,6 +21,14 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 class TrainError(Exception):
     """Bad input or an unrecoverable run condition, explained in one line."""
 
+    exit_code = 2
+
+
+class NonFiniteError(TrainError):
+    """The loss or the gradients stopped being finite."""
+
+    exit_code = 3
+
 
 @dataclass(frozen=True)
 class TrainConfig:

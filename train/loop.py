@@ -25,7 +25,7 @@ import numpy as np
 from moejax import checkpoint as mckpt
 from train import data as data_lib
 from train.checkpointing import Checkpoints, plan_start, start_kind
-from train.config import TrainConfig, TrainError
+from train.config import NonFiniteError, TrainConfig, TrainError
 from train.metrics import MetricsLog, Progress, format_duration, read_records
 from train.optim import lr_schedule
 from train.plot import PLOT_NAME, plot_run
@@ -34,12 +34,7 @@ from train.state import build_state, parameter_counts
 from train.summary import print_summary, summarize
 from train.step import batch_parallelism, jit_eval_step, jit_train_step
 
-EXIT_NONFINITE = 3
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
-
-
-class NonFiniteError(Exception):
-    pass
 
 
 class Trainer:
@@ -229,4 +224,4 @@ def run(cfg: TrainConfig) -> int:
         keep = (f"the last good checkpoint is step {max(steps)} in {trainer.checkpoints.directory}"
                 if steps else "no checkpoint was written")
         trainer.close()
-        raise TrainError(f"{err}; stopped, {keep}") from None
+        raise NonFiniteError(f"{err}; stopped, {keep}") from None

@@ -11,13 +11,8 @@ import json
 import shutil
 
 import pytest
-from flax import nnx
-
-import moejax
-from moejax.checkpoint import save_model
 from train import cli
-from train.config import apply_overrides
-from train_cli_helper import MICRO, run_train
+from train_cli_helper import MICRO, run_train, save_micro_model
 
 
 def assert_one_line_error(returncode: int, stderr: str, *needles: str) -> None:
@@ -31,12 +26,7 @@ def assert_one_line_error(returncode: int, stderr: str, *needles: str) -> None:
 
 @pytest.fixture(scope="module")
 def micro_model_dir(tmp_path_factory):
-    """A model directory (config.json + model/) of the micro test model."""
-    overrides = tuple(MICRO[i + 1] for i, flag in enumerate(MICRO) if flag == "--set")
-    cfg = apply_overrides(moejax.ModelConfig.preset("tiny"), overrides)
-    path = tmp_path_factory.mktemp("micro_model")
-    save_model(path, moejax.Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
-    return path
+    return save_micro_model(tmp_path_factory.mktemp("micro_model"), seed=0)
 
 
 def _with_changed_config(src, dst, **moe_changes):

@@ -19,7 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train_cli_helper import MICRO, checkpoint_steps, run_train, start_train, wait_for_checkpoint
+from moejax.checkpoint import load_model
+from train import data as data_lib
+from train.step import lm_loss
+from train_cli_helper import (MICRO, checkpoint_steps, run_train, save_micro_model, start_train,
+                              wait_for_checkpoint)
 
 STEPS, WARMUP, LR = 32, 4, 1e-2
 
@@ -137,3 +141,40 @@ def test_mesh_data2_expert4_matches_single_device(reference_run, corpus_file, co
         np.testing.assert_allclose(r["loss"], ref[r["step"]]["loss"], rtol=1e-4)
         if "val_loss" in r:
             np.testing.assert_allclose(r["val_loss"], ref[r["step"]]["val_loss"], rtol=1e-4)
+
+
+def test_out_holding_only_a_model_dir_starts_from_its_weights(reference_run, corpus_file,
+                                                             compile_cache, tmp_path):
+    """What ``python -m moejax.convert --out RUN`` leaves: config.json + model/ only.
+    (``reference_run`` only warms the compilation cache: the step program is the same.)"""
+    out = save_micro_model(tmp_path / "converted", seed=123)  # not the seed train would use
+    model, _ = load_model(out)
+    val_BS1 = data_lib.eval_batches(data_lib.load_corpus(str(corpus_file)).val, 8, 32, 1)[0]
+    logits = jax.jit(lambda x: model(x)[0])(val_BS1[:, :-1])
+    expected = float(lm_loss(logits, val_BS1[:, 1:]))
+
+    result = run_train(run_args(corpus_file, out, "--resume"), cache_dir=compile_cache)
+    assert result.returncode == 0, result.stderr
+    assert "weights from" in result.stdout and "fresh optimizer" in result.stdout
+    first = records(out)[0]
+    assert first["step"] == 0
+    np.testing.assert_allclose(first["val_loss"], expected, rtol=1e-5)
+    assert checkpoint_steps(out)[-1] == STEPS
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus_file, compile_cache, tmp_path):
+    # lr 1e30: the warmup's first non-zero step makes the weights astronomically large, and
+    # the step after it overflows
+    out = tmp_path / "diverge"
+    args = ["--data", str(corpus_file), "--out", str(out), *MICRO, "--steps", "8", "--lr", "1e30",
+            "--warmup-steps", "4", "--checkpoint-every", "1", "--log-every", "1", "--no-plot",
+            "--no-tensorboard"]
+    result = run_train(args, cache_dir=compile_cache)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and "non-finite loss" in lines[0], result.stderr
+    good = checkpoint_steps(out)
+    assert good and f"last good checkpoint is step {good[-1]}" in lines[0]
+    assert good[-1] < 8 and not (out / "model").exists()
+    state = restored_state(out, good[-1])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))

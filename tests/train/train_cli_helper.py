@@ -63,3 +63,20 @@ def wait_for_checkpoint(proc: subprocess.Popen, out: Path, after: int, timeout: 
                                  f"step {after}:\n{proc.stderr.read()}")
         time.sleep(0.02)
     raise AssertionError("timed out waiting for a checkpoint")
+
+
+def micro_overrides() -> tuple[str, ...]:
+    return tuple(MICRO[i + 1] for i, flag in enumerate(MICRO) if flag == "--set")
+
+
+def save_micro_model(path: Path, seed: int) -> Path:
+    """A model directory (config.json + model/) of the micro model, as convert writes one."""
+    from flax import nnx
+
+    import moejax
+    from moejax.checkpoint import save_model
+    from train.config import apply_overrides
+
+    cfg = apply_overrides(moejax.ModelConfig.preset("tiny"), micro_overrides())
+    save_model(path, moejax.Transformer(cfg, rngs=nnx.Rngs(seed)), cfg)
+    return path
