@@ -103,7 +103,8 @@ class Trainer:
         cfg, s = self.cfg, self.state
         self._banner()
         if s.step >= cfg.steps:
-            print(f"{self.out} is already at step {s.step} >= --steps {cfg.steps}; nothing to do")
+            print(f"{self.out} is already at step {s.step} >= --steps {cfg.steps}: nothing to train "
+                  f"(raise --steps to continue, or use another --out to start over)")
             return self._finish(s.step, time.perf_counter(), trained=0)
         if s.step == 0:
             self._initial_eval()
