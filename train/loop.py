@@ -151,14 +151,17 @@ class Trainer:
     def _log(self, done: int, window: list[dict], interval_s: float, step_time: float) -> None:
         cfg = self.cfg
         mean = lambda key: float(np.mean([m[key] for m in window]))  # noqa: E731
-        counted = [m for m in window if m["step"] > self.first_step + 1] or window
+        timed = [m for m in window if m["step"] > self.first_step + 1]  # not the compile step
         record = {"step": done, "loss": mean("loss"), "total_loss": mean("total_loss"),
                   "aux_loss": mean("aux_loss"), "z_loss": mean("z_loss"),
                   "router_loss": mean("router_loss"), "dropped_fraction": mean("dropped_fraction"),
                   "grad_norm": mean("grad_norm"), "lr": float(self.schedule(done - 1)),
-                  "tokens_per_s": len(counted) * cfg.tokens_per_step / max(interval_s, 1e-9),
+                  "tokens_per_s": (len(timed) * cfg.tokens_per_step / interval_s
+                                   if timed and interval_s > 0 else None),
                   "expert_load": np.mean([m["expert_load"] for m in window], axis=0)}
         self.progress.bar(done, record["loss"], record["tokens_per_s"], step_time)
+        if record["tokens_per_s"] is None:
+            del record["tokens_per_s"]
         if done % cfg.eval_every == 0 or done == cfg.steps:
             record.update(self.evaluate())
             self.progress.line(self._eval_line(done, record))

@@ -122,13 +122,14 @@ class Progress:
     def eta(self, step: int, step_time: float) -> str:
         return format_duration((self.total - step) * step_time)
 
-    def bar(self, step: int, loss: float, tokens_per_s: float, step_time: float) -> None:
+    def bar(self, step: int, loss: float, tokens_per_s: float | None, step_time: float) -> None:
         if not self.enabled:
             return
         frac = step / self.total
         filled = int(frac * 24)
         text = (f"step {step:>{len(str(self.total))}}/{self.total} [{'#' * filled}{'.' * (24 - filled)}] "
-                f"{frac:4.0%} | loss {loss:.3f} | {tokens_per_s:,.0f} tok/s | "
+                f"{frac:4.0%} | loss {loss:.3f} | "
+                f"{'--' if tokens_per_s is None else f'{tokens_per_s:,.0f}'} tok/s | "
                 f"ETA {self.eta(step, step_time)}")
         if self.live:
             sys.stdout.write("\r" + text.ljust(100))
