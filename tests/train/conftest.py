@@ -12,10 +12,11 @@ CORPUS_MODULES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py
 
 
 @pytest.fixture(scope="session")
-def shared_dir(tmp_path_factory, worker_id) -> Path:
+def shared_dir(tmp_path_factory, request) -> Path:
     """A directory shared by all xdist workers of this session (per-session otherwise)."""
     base = tmp_path_factory.getbasetemp()
-    root = base.parent if worker_id != "master" else base
+    is_xdist_worker = hasattr(request.config, "workerinput")
+    root = base.parent if is_xdist_worker else base
     path = root / "train_shared"
     path.mkdir(exist_ok=True)
     return path
