@@ -1,0 +1,157 @@
+"""TrainConfig: every knob of a training run, validated at construction.
+
+The config is frozen and JSON-serialisable (it is written to
+``OUT/train_config.json``). Errors the user can fix are ``TrainError``: the
+command line prints them as one line and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from moejax.config import ConfigError, ModelConfig
+
+DEFAULT_PRESET = "tiny"
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class TrainError(Exception):
+    """Bad input or an unrecoverable run condition, explained in one line."""
+
+    exit_code = 2
+
+
+class NonFiniteError(TrainError):
+    """The loss or the gradients stopped being finite."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``preset=None`` means: the model in ``out`` if there is
+    one, else ``tiny``. ``model_overrides`` are ``FIELD=VALUE`` strings
+    (``moe.FIELD=VALUE`` for the MoE block) applied to the preset."""
+
+    out: str = "runs/default"
+    preset: str | None = None
+    model_overrides: tuple[str, ...] = ()
+    data: str | None = None
+    tokenizer: str | None = None
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip_norm: float = 1.0
+    param_groups: tuple[str, ...] = ()
+    dtype: str | None = None       # compute dtype; None = the model config's
+    mesh: str | None = None
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep: int = 3
+    async_checkpoint: bool = True
+    seed: int = 0
+    resume: bool = False
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
+                     "log_every", "checkpoint_every", "keep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TrainError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise TrainError(f"--lr must be > 0, got {self.lr!r}")
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise TrainError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.weight_decay < 0 or self.clip_norm < 0:
+            raise TrainError("--weight-decay and --clip-norm must be >= 0 (0 turns them off)")
+        if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
+            raise TrainError(f"--dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if self.preset is not None and self.preset not in ModelConfig.preset_names():
+            raise TrainError(f"unknown preset {self.preset!r}; available: "
+                             f"{', '.join(ModelConfig.preset_names())}")
+        if not self.out:
+            raise TrainError("--out must name a directory")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _flag(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as router=sigmoid
+
+
+def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig:
+    """``('n_layers=2', 'moe.num_experts=4')`` -> a new ModelConfig (validated)."""
+    top: dict[str, Any] = {}
+    moe: dict[str, Any] = {}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise TrainError(f"--set {item!r}: expected FIELD=VALUE, e.g. n_layers=2 or moe.top_k=1")
+        key = key.strip()
+        target, field = (moe, key[4:]) if key.startswith("moe.") else (top, key)
+        target[field] = _parse_value(value.strip())
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
+    unknown = [k for k in top if k not in known]
+    if unknown:
+        raise TrainError(f"--set: unknown model field(s) {unknown}; allowed: {sorted(known)} "
+                         f"and moe.FIELD")
+    if "d_model" in top and cfg.moe is not None:
+        moe.setdefault("d_model", top["d_model"])  # the MoE block follows the model width
+    try:
+        if moe:
+            if cfg.moe is None:
+                raise TrainError(f"--set moe.*: model {cfg.name!r} has no MoE block")
+            moe_known = {f.name for f in dataclasses.fields(type(cfg.moe))}
+            bad = [k for k in moe if k not in moe_known]
+            if bad:
+                raise TrainError(f"--set: unknown MoE field(s) {bad}; allowed: {sorted(moe_known)}")
+            top["moe"] = cfg.moe.replace(**moe)
+        return cfg.replace(**top) if top else cfg
+    except (ConfigError, TypeError) as err:
+        raise TrainError(f"--set: {err}") from None
+
+
+def with_compute_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
+    """Parameters stay float32; ``dtype`` is the compute dtype of every block."""
+    moe = cfg.moe.replace(dtype=dtype) if cfg.moe is not None else None
+    return cfg.replace(dtype=dtype, moe=moe)
+
+
+def requested_model(cfg: TrainConfig) -> ModelConfig | None:
+    """The model the flags ask for, or None when they ask for none in particular."""
+    if cfg.preset is None and not cfg.model_overrides:
+        return None
+    base = ModelConfig.preset(cfg.preset or DEFAULT_PRESET)
+    return apply_overrides(base, cfg.model_overrides)

@@ -1,0 +1,231 @@
+"""The training loop.
+
+1. Set up: distributed runtime, mesh, corpus, start point (fresh / model /
+   checkpoint), train state on the mesh, jitted steps.
+2. For each step: this host's rows of the batch for ``step`` -> train step.
+   The host reads step i's metrics while step i+1 runs (one step of
+   pipelining) and stops on a non-finite loss or gradient.
+3. Every ``log_every`` steps a metrics record; every ``eval_every`` the
+   validation loss (nats/token and bits/byte); every ``checkpoint_every``,
+   at the end, and on SIGTERM/SIGINT an async checkpoint.
+4. At the end: the final model (OUT/config.json + OUT/model/), the PNG, the
+   summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from moejax import checkpoint as mckpt
+from train import data as data_lib
+from train.checkpointing import Checkpoints, plan_start, start_kind
+from train.config import NonFiniteError, TrainConfig, TrainError
+from train.metrics import MetricsLog, Progress, format_duration, read_records
+from train.optim import lr_schedule
+from train.plot import PLOT_NAME, plot_run
+from train.runtime import StopSignal, build_mesh, maybe_initialize_distributed
+from train.state import build_state, parameter_counts
+from train.summary import print_summary, summarize
+from train.step import batch_parallelism, jit_eval_step, jit_train_step
+
+EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        maybe_initialize_distributed()
+        self.mesh = build_mesh(cfg.mesh)
+        if cfg.batch_size % batch_parallelism(self.mesh):
+            raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the mesh's "
+                             f"batch parallelism data*fsdp*expert = {batch_parallelism(self.mesh)}")
+        self.primary = jax.process_index() == 0
+        start_kind(cfg)  # a --resume with nothing to resume fails before the data is read
+        self.corpus = data_lib.load_corpus(cfg.data, cfg.tokenizer)
+        host = (jax.process_index(), jax.process_count())
+        self.sampler = data_lib.BatchSampler(self.corpus.train, cfg.batch_size, cfg.seq_len,
+                                             cfg.seed, *host)
+        self.val = data_lib.eval_batches(self.corpus.val, cfg.batch_size, cfg.seq_len,
+                                         cfg.eval_batches, *host)
+        self.start = plan_start(cfg, self.corpus.vocab_size)
+        self.model_cfg = self.start.model_cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.primary and self.start.kind == "fresh":
+            mckpt.save_config(self.out, self.model_cfg)
+        self.checkpoints = Checkpoints(self.out, cfg.keep, cfg.async_checkpoint)
+        self.state = build_state(cfg, self.start, self.mesh, self.checkpoints,
+                                 (cfg.batch_size, cfg.seq_len + 1))
+        self._warn_if_resumed_differently()
+        self.train_step = jit_train_step(self.state.graphdef, self.state.tx, self.state.shardings)
+        self.eval_step = jit_eval_step(self.state.graphdef, self.state.shardings)
+        self.schedule = jax.jit(lr_schedule(cfg))  # one compile, not one per jnp op
+        if self.primary:
+            (self.out / "train_config.json").write_text(cfg.to_json())
+        self.log = MetricsLog(self.out, self.state.step, cfg.tensorboard, self.primary)
+        self.progress = Progress(cfg.steps, self.state.step, enabled=self.primary)
+
+    # -- pieces ---------------------------------------------------------------
+    def _warn_if_resumed_differently(self) -> None:
+        meta = self.state.meta
+        if meta and (meta.get("seed") != self.cfg.seed or meta.get("data") != self.corpus.fingerprint()):
+            print("note: the seed or the data differ from the checkpoint's; the batches "
+                  "will differ from an uninterrupted run")
+
+    def _device_batch(self, rows_BS1: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(self.state.shardings.batch, rows_BS1)
+
+    def evaluate(self) -> dict:
+        s = self.state
+        losses = [self.eval_step(s.params, s.nonparam, self._device_batch(b)) for b in self.val]
+        val_loss = float(np.mean(jax.device_get(losses)))
+        record = {"val_loss": val_loss}
+        if self.corpus.bytes_per_token:
+            record["val_bpb"] = val_loss / math.log(2) / self.corpus.bytes_per_token
+        return record
+
+    def _save(self, step: int) -> None:
+        meta = {"step": step, "seed": self.cfg.seed, "data": self.corpus.fingerprint(),
+                "tokens_seen": step * self.cfg.tokens_per_step, "model": self.model_cfg.name}
+        self.checkpoints.save(step, self.state.checkpoint_tree(), meta)
+
+    def _eval_line(self, step: int, record: dict) -> str:
+        bpb = f", {record['val_bpb']:.3f} bits/byte" if "val_bpb" in record else ""
+        return f"step {step}: val loss {record['val_loss']:.4f} nats/token{bpb}"
+
+    # -- the loop -------------------------------------------------------------
+    def run(self) -> int:
+        cfg, s = self.cfg, self.state
+        self._banner()
+        if s.step >= cfg.steps:
+            print(f"{self.out} is already at step {s.step} >= --steps {cfg.steps}: nothing to train "
+                  f"(raise --steps to continue, or use another --out to start over)")
+            return self._finish(s.step, time.perf_counter(), trained=0)
+        if s.step == 0:
+            self._initial_eval()
+        pending, window = None, []
+        t_start = t_log = time.perf_counter()
+        first = self.first_step = s.step
+        with StopSignal() as stop:
+            for step in range(s.step, cfg.steps):
+                done = step + 1
+                batch = self._device_batch(self.sampler.batch(step))
+                s.params, s.opt_state, s.nonparam, metrics = self.train_step(
+                    s.params, s.opt_state, s.nonparam, batch)
+                if pending is not None:
+                    window.append(self._check(*pending))
+                pending = (done, metrics)
+                if step == first:  # compile + first step: keep it out of tokens/s
+                    jax.block_until_ready(metrics)
+                    t_start = t_log = time.perf_counter()
+                    self.progress.line(f"compiled and ran step {done} in "
+                                       f"{format_duration(t_start - self.t_setup)}")
+                boundary = (done % cfg.log_every == 0 or done % cfg.eval_every == 0 or
+                            done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.received)
+                if not boundary:
+                    continue
+                window.append(self._check(*pending))
+                pending = None
+                t_now = time.perf_counter()
+                self._log(done, window, t_now - t_log, (t_now - t_start) / max(done - first - 1, 1))
+                window, t_log = [], time.perf_counter()
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.received:
+                    self._save(done)
+                if stop.received:
+                    return self._stopped(done, stop.received)
+        return self._finish(cfg.steps, t_start, trained=cfg.steps - first)
+
+    def _check(self, done: int, metrics) -> dict:
+        host = jax.device_get(metrics)
+        if not host["finite"]:
+            raise NonFiniteError(f"non-finite loss ({float(host['total_loss'])}) or gradient norm "
+                                 f"({float(host['grad_norm'])}) at step {done}")
+        host["step"] = done
+        return host
+
+    def _log(self, done: int, window: list[dict], interval_s: float, step_time: float) -> None:
+        cfg = self.cfg
+        mean = lambda key: float(np.mean([m[key] for m in window]))  # noqa: E731
+        timed = [m for m in window if m["step"] > self.first_step + 1]  # not the compile step
+        record = {"step": done, "loss": mean("loss"), "total_loss": mean("total_loss"),
+                  "aux_loss": mean("aux_loss"), "z_loss": mean("z_loss"),
+                  "router_loss": mean("router_loss"), "dropped_fraction": mean("dropped_fraction"),
+                  "grad_norm": mean("grad_norm"), "lr": float(self.schedule(done - 1)),
+                  "tokens_per_s": (len(timed) * cfg.tokens_per_step / interval_s
+                                   if timed and interval_s > 0 else None),
+                  "expert_load": np.mean([m["expert_load"] for m in window], axis=0)}
+        self.progress.bar(done, record["loss"], record["tokens_per_s"], step_time)
+        if record["tokens_per_s"] is None:
+            del record["tokens_per_s"]
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            record.update(self.evaluate())
+            self.progress.line(self._eval_line(done, record))
+        self.log.write(record)
+
+    def _initial_eval(self) -> None:
+        s = self.state
+        first = self._device_batch(self.sampler.batch(0))
+        record = {"step": 0, "loss": float(self.eval_step(s.params, s.nonparam, first))}
+        record.update(self.evaluate())
+        self.progress.line(self._eval_line(0, record))
+        self.log.write(record)
+
+    def _banner(self) -> None:
+        cfg, s = self.cfg, self.state
+        total, active = parameter_counts(self.model_cfg, s.params)
+        how = {"fresh": "fresh start", "model": f"weights from {self.out}/model, fresh optimizer",
+               "checkpoint": f"resuming from checkpoint step {s.step}"}[self.start.kind]
+        self.progress.line(
+            f"model {self.model_cfg.name}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
+            f"compute {self.model_cfg.dtype}; {how}\n"
+            f"data {self.corpus.description}: {len(self.corpus.train):,} train / "
+            f"{len(self.corpus.val):,} val tokens, vocab {self.corpus.vocab_size}\n"
+            f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.default_backend()} "
+            f"device(s); {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens -> {self.out}")
+        self.t_setup = time.perf_counter()
+
+    def _stopped(self, done: int, signame: str) -> int:
+        self.checkpoints.wait()
+        self.progress.line(f"{signame}: saved checkpoint at step {done} in "
+                           f"{self.checkpoints.directory}; run the same command again to resume")
+        self.close()
+        return EXIT_SIGNAL[signame]
+
+    def _finish(self, step: int, t_start: float, trained: int) -> int:
+        wall = time.perf_counter() - t_start
+        self.checkpoints.wait()
+        mckpt.save_model(self.out, self.state.model(), self.model_cfg)
+        self.close()
+        if not self.primary:
+            return 0
+        records = read_records(self.out / "metrics.jsonl")
+        plot = (plot_run(records, self.out / PLOT_NAME, f"{self.model_cfg.name} on "
+                         f"{Path(self.corpus.description.split(' (')[0]).name}")
+                if self.cfg.plot else None)
+        # the first step (compile) is outside ``wall``, so it is not counted in tokens/s
+        summary = summarize(records, step, wall, trained, self.cfg.tokens_per_step)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary, self.out, plot, self.checkpoints.steps(), self.log.tb is not None)
+        return 0
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.log.close()
+
+
+def run(cfg: TrainConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    except NonFiniteError as err:
+        trainer.checkpoints.wait()
+        steps = trainer.checkpoints.steps()
+        keep = (f"the last good checkpoint is step {max(steps)} in {trainer.checkpoints.directory}"
+                if steps else "no checkpoint was written")
+        trainer.close()
+        raise NonFiniteError(f"{err}; stopped, {keep}") from None

@@ -1,0 +1,89 @@
+"""The optimizer: global-norm clipping, AdamW with warmup + cosine, parameter groups.
+
+Parameter groups are ``REGEX=LR_MULT`` rules matched (``re.search``, first
+rule wins) against a parameter's path such as ``layers/0/ffn/experts/w_up``;
+the group's updates (weight decay included) are scaled by LR_MULT, exactly as
+if it had its own AdamW with ``lr * LR_MULT``. Memory-layer values are the
+intended use: ``--param-group 'memory.*values=10'``.
+Weight decay applies to matrices only (ndim >= 2), never to norm scales.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+from train.config import TrainConfig, TrainError
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def parse_param_groups(rules: tuple[str, ...]) -> list[tuple[re.Pattern, float]]:
+    groups = []
+    for rule in rules:
+        pattern, eq, mult = rule.rpartition("=")
+        try:
+            groups.append((re.compile(pattern), float(mult)))
+            ok = bool(eq and pattern) and float(mult) >= 0
+        except (re.error, ValueError):
+            ok = False
+        if not ok:
+            raise TrainError(f"--param-group {rule!r}: expected REGEX=LR_MULT with LR_MULT >= 0, "
+                             f"e.g. 'memory.*values=10'")
+    return groups
+
+
+def param_path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def lr_multipliers(params, rules: tuple[str, ...]):
+    """Tree of per-parameter LR multipliers; every rule must match something."""
+    groups = parse_param_groups(rules)
+    used = [False] * len(groups)
+
+    def multiplier(path, _):
+        name = param_path(path)
+        for i, (pattern, mult) in enumerate(groups):
+            if pattern.search(name):
+                used[i] = True
+                return mult
+        return 1.0
+
+    mults = jax.tree_util.tree_map_with_path(multiplier, params)
+    unused = [rule for rule, u in zip(rules, used) if not u]
+    if unused:
+        raise TrainError(f"--param-group {unused[0]!r} matches no parameter; paths look like "
+                         f"{param_path(jax.tree_util.tree_flatten_with_path(params)[0][-1][0])!r}")
+    return mults
+
+
+def scale_by_tree(multipliers) -> optax.GradientTransformation:
+    """Multiply each update by its (static) per-parameter factor."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
+    """clip -> Adam moments -> decoupled weight decay -> schedule -> group multipliers."""
+    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+    parts = []
+    if cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts += [optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=1e-8),
+              optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+              optax.scale_by_learning_rate(lr_schedule(cfg))]
+    if cfg.param_groups:
+        parts.append(scale_by_tree(lr_multipliers(params, cfg.param_groups)))
+    return optax.chain(*parts)
