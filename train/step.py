@@ -104,14 +104,8 @@ def batch_parallelism(mesh: Mesh) -> int:
 
 
 def variable_shardings(state: nnx.State, mesh: Mesh) -> dict:
-    """Pure dict of NamedShardings from each variable's ``logical_axes`` (values may be
-    abstract ``ShapeDtypeStruct``s, so no array is needed)."""
-    def one(variable):
-        shape = variable.get_value().shape
-        axes = variable.get_metadata().get("logical_axes") or (None,) * len(shape)
-        return NamedSharding(mesh, sharding.logical_to_spec(axes, shape, mesh))
-
-    return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    """Pure dict of NamedShardings from the logical-axis rules (abstract values work too)."""
+    return nnx.to_pure_dict(sharding.state_shardings(state, mesh))
 
 
 def make_shardings(mesh: Mesh, model: Transformer, tx, params, batch_shape) -> Shardings:
