@@ -212,7 +212,7 @@ def _fixed_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity:
        a zero row, and expert id L, sorted last); all_to_all both over ``expert``;
     4. receiver sorts its P*C rows by local expert, grouped matmul, un-sorts;
     5. all_to_all back, gather each pair's row, combine with the kept gates."""
-    top_k, ep, per_dev = experts_tK.shape[1], layout.num_devices_ep, layout.experts_per_device
+    (tokens, top_k), ep, per_dev = experts_tK.shape, layout.num_devices_ep, layout.experts_per_device
     experts_m = experts_tK.T.reshape(-1).astype(jnp.int32)          # slot-major: f = k*t + i
     token_m = jnp.tile(jnp.arange(tokens, dtype=jnp.int32), top_k)
     slot_m, keep_m = _buffer_slots(experts_m // per_dev, ep, capacity)
