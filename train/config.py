@@ -41,12 +41,12 @@ class TrainConfig:
     model_overrides: tuple[str, ...] = ()
     data: str | None = None
     tokenizer: str | None = None
-    steps: int = 300
+    steps: int = 800
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -54,10 +54,10 @@ class TrainConfig:
     param_groups: tuple[str, ...] = ()
     dtype: str | None = None       # compute dtype; None = the model config's
     mesh: str | None = None
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 4
     log_every: int = 10
-    checkpoint_every: int = 100
+    checkpoint_every: int = 200
     keep: int = 3
     async_checkpoint: bool = True
     seed: int = 0
