@@ -11,28 +11,14 @@ performance path), so 'auto' picks the XLA path there.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import kernels_embedding_bag
+from benchmarks.timing import interleaved_medians
 from kernels_pallas.gmm import gmm
-
-
-def _median_seconds(fns, args_by_name, rounds):
-    """Run every fn once per round, interleaved; median seconds per fn."""
-    for name, fn in fns.items():
-        jax.block_until_ready(fn(*args_by_name[name]))   # compile + warm up
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args_by_name[name]))
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def _print_table(title, flops, seconds, baseline):
@@ -66,7 +52,9 @@ def bench_gmm(args):
         def loss(fn):
             return lambda *xs: jnp.sum(fn(*xs).astype(jnp.float32))
         fns = {name: jax.jit(jax.grad(loss(fn), argnums=(0, 1))) for name, fn in fns.items()}
-    seconds = _median_seconds(fns, args_by_name, args.rounds)
+    seconds = interleaved_medians(
+        {name: (lambda fn=fn, a=args_by_name[name]: fn(*a)) for name, fn in fns.items()},
+        rounds=args.rounds)
     flops = 2 * m * k * n * (3 if args.grad else 1)
     what = "forward+backward" if args.grad else "forward"
     _print_table(f"gmm {what}: M={m} K={k} N={n} G={g} {dtype.name} on "
