@@ -161,6 +161,10 @@ def capacity_dispatch(x_TD, gates_TK, experts_TK, weights, *, capacity_factor: f
     return out_TD.astype(x_TD.dtype), dropped
 
 
+# Dropless dispatch backend -> kernels_pallas.gmm backend for the grouped matmul.
+GMM_BACKENDS = {"ragged": "xla", "gmm": "pallas"}
+
+
 def resolve_backend(dispatch: str, capacity_factor: float | None) -> str:
     """'auto' -> capacity when a capacity factor is set, else the fastest dropless path."""
     if dispatch != "auto":
@@ -178,8 +182,7 @@ def dispatch_experts(backend: str, x_TD, gates_TK, experts_TK, weights, *,
     if backend == "capacity":
         return capacity_dispatch(x_TD, gates_TK, experts_TK, weights,
                                  capacity_factor=capacity_factor)
-    if backend == "ragged":
-        return sorted_dispatch(x_TD, gates_TK, experts_TK, weights, gmm_backend="xla")
-    if backend == "gmm":
-        return sorted_dispatch(x_TD, gates_TK, experts_TK, weights, gmm_backend="pallas")
+    if backend in GMM_BACKENDS:
+        return sorted_dispatch(x_TD, gates_TK, experts_TK, weights,
+                               gmm_backend=GMM_BACKENDS[backend])
     raise ValueError(f"unknown dispatch backend {backend!r}")

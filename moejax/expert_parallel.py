@@ -38,8 +38,8 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from moejax import sharding
-from moejax.dispatch import (dispatch_experts, grouped_ffn, permute, plan_sort, take_rows,
-                             unpermute)
+from moejax.dispatch import (GMM_BACKENDS, dispatch_experts, grouped_ffn, permute, plan_sort,
+                             take_rows, unpermute)
 
 EXCHANGES = ("auto", "all_to_all", "ragged")
 TOKEN_AXES = ("data", "fsdp", "expert")
@@ -135,7 +135,7 @@ def _dispatch(x_TD, gates_TK, experts_TK, weights, *, layout: EPLayout,
     sizer = buffer_rows if exchange == "all_to_all" else receive_rows
     rows = sizer(tokens_local, gates_TK.shape[1], layout, capacity_factor)
     tok = P(layout.token_axes, None)
-    gmm_backend = "pallas" if backend == "gmm" else "xla"
+    gmm_backend = GMM_BACKENDS.get(backend, "xla")  # capacity backend: local experts dropless
 
     def local(x_tD, gates_tK, experts_tK, w_gate, w_up, w_down):
         w = _gather_fsdp(w_gate, w_up, w_down, layout)
