@@ -29,7 +29,7 @@ class Block(nnx.Module):
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=jnp.dtype(cfg.dtype))
 
     def __call__(self, x_BSD, positions_BS):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS).astype(x_BSD.dtype)
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS)[0].astype(x_BSD.dtype)
         x_BSD = sharding.constrain(x_BSD, ("batch", "seq", "embed"))
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
