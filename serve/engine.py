@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.model import Transformer
+from moejax.moe import MoE
 from serve import runner as runner_lib
 from serve.export import ExportError, key_of, read_checkpoint
 from serve.metrics import EngineMetrics
@@ -61,11 +62,11 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer, *, num_slots: int = 8, max_len: int | None = None,
-                 max_chunk: int = 64, max_waiting: int = 256, runner: str = "auto"):
+                 max_chunk: int = 64, max_waiting: int = 256):
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.max_len = min(self.cfg.max_seq_len, max_len or self.cfg.max_seq_len)
         self.scheduler = Scheduler(num_slots, min(max_chunk, self.max_len), max_waiting)
-        self.runner = runner_lib.make_runner(model, num_slots, self.max_len, self.scheduler.max_chunk, runner)
+        self.runner = runner_lib.make_runner(model, num_slots, self.max_len, self.scheduler.max_chunk)
         self.metrics = EngineMetrics(num_slots)
         self.step_hooks: list[Callable[["Engine", Plan], None]] = []
         self.extra_stats: dict[str, Callable[[], dict]] = {}
@@ -124,7 +125,8 @@ class Engine:
             jax.block_until_ready(next_B)
 
     def moe_layers(self) -> list[tuple[int, nnx.Module]]:
-        return [(i, b.ffn) for i, b in enumerate(self.model.layers) if getattr(b, "is_moe", False)]
+        """(layer index, MoE module) of every MoE layer (unrolled layers: serving configs are)."""
+        return [(i, b.ffn) for i, b in enumerate(self.model.layers) if isinstance(b.ffn, MoE)]
 
     def replace_experts(self, layer: int, experts: nnx.Module) -> None:
         """Swap the experts object of MoE layer ``layer`` (idle engine only; recompiles)."""

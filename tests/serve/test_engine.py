@@ -53,9 +53,12 @@ def micro_engine(micro_model):
 def test_greedy_equals_full_forward_every_preset(preset):
     base = moejax.ModelConfig.preset(preset)
     # one layer of each kind the preset has (deepseek: a dense layer, then an MoE one)
-    cfg = base.replace(n_layers=1 + base.first_k_dense, max_seq_len=PAD_LEN)
+    n = len(dict.fromkeys(base.ffn_kinds))
+    cfg = base.replace(n_layers=n, ffn_kinds=base.ffn_kinds[:n], max_seq_len=PAD_LEN)
     model = moejax.Transformer(cfg, rngs=nnx.Rngs(1))
-    engine = Engine(model, ByteTokenizer(), num_slots=2, max_len=PAD_LEN, max_chunk=8)
+    # prefill in chunks of 8 for latent attention (its own cache path); the GQA variants feed
+    # prompts one token per step here (one compile) -- their chunked prefill is tested below
+    engine = Engine(model, ByteTokenizer(), num_slots=2, max_len=PAD_LEN, max_chunk=8 if cfg.mla else 1)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [2, 7]]        # 11 tokens: two prefill chunks
     outs = engine.generate(prompts, max_new_tokens=4)
     for prompt, out in zip(prompts, outs):
