@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.experts import quantize_experts
 from moejax.model import Transformer
 from moejax.moe import MoE
 from serve import runner as runner_lib
@@ -84,8 +85,7 @@ class Engine:
         cfg, manifest, rest, experts = read_checkpoint(directory)
         build = lambda: Transformer(cfg, rngs=nnx.Rngs(0))  # noqa: E731
         if manifest.get("quantize") == "int8":
-            import moejax
-            build = lambda: moejax.quantize_experts(Transformer(cfg, rngs=nnx.Rngs(0)))  # noqa: E731
+            build = lambda: quantize_experts(Transformer(cfg, rngs=nnx.Rngs(0)))  # noqa: E731
         graphdef, state = nnx.split(nnx.eval_shape(build))
         pure = nnx.to_pure_dict(state)
         flat, treedef = jax.tree_util.tree_flatten_with_path(pure)

@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from moejax import checkpoint as mckpt
+from moejax.experts import quantize_experts
 from moejax.config import ModelConfig, config_from_dict, config_to_dict
 from moejax.layer_stack import unstack_layers
 from moejax.model import Transformer
@@ -151,11 +152,8 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "float32", quantize
         raise ExportError("--out must differ from --ckpt")
     model, cfg = load_source(run)
     tokenizer_entry, tokenizer_file = find_tokenizer(run, cfg.vocab_size)
-    if quantize == "int8":
-        import moejax
-        if not hasattr(moejax, "quantize_experts"):
-            raise ExportError("--quantize int8 needs moejax.quantize_experts, which this moejax lacks")
-        model = moejax.quantize_experts(model)
+    if quantize == "int8":   # weight-only int8 routed experts, per output channel (gmm_int8)
+        model = quantize_experts(model)
     pure = unstack_layers(nnx.to_pure_dict(nnx.state(model)), cfg)
     # serving runs unrolled layers (one experts object per layer, swappable), no remat
     cfg = cfg.replace(dtype=dtype, moe=cfg.moe.replace(dtype=dtype) if cfg.moe else None,

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import json
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -279,8 +280,15 @@ def serve_forever(engine: Engine, *, host: str, port: int, max_body: int, model_
                             lifespan="on", timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
     engine.warmup()
+    # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, drain, lifespan shutdown)
+    # and afterwards re-raises them to the handler it found: make that one a no-op, so a
+    # drained server returns here and exits 0 instead of dying by the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     print(f"serving {name} on http://{host}:{port} (slots {engine.scheduler.num_slots}, "
           f"context {engine.max_len})", file=sys.stderr, flush=True)
     server.run()
-    print("server stopped", file=sys.stderr, flush=True)
+    stats = engine.stats()
+    print(f"server stopped after draining ({stats['requests_submitted']} requests, "
+          f"{stats['generated_tokens']} tokens)", file=sys.stderr, flush=True)
     return 0

@@ -114,7 +114,26 @@ def test_export_refuses_what_it_cannot_do(micro_run, tmp_path):
         export(micro_run, tmp_path / "exists")
     with pytest.raises(ExportError, match="--dtype"):
         export(micro_run, tmp_path / "o2", dtype="float16")
-    if not hasattr(moejax, "quantize_experts"):
-        with pytest.raises(ExportError, match="quantize_experts"):
-            export(micro_run, tmp_path / "o3", quantize="int8")
+    with pytest.raises(ExportError, match="--quantize"):
+        export(micro_run, tmp_path / "o3", quantize="int4")
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_int8_export_holds_quantize_experts_weights(micro_model, micro_run, tmp_path):
+    model, cfg = micro_model
+    out = tmp_path / "int8"
+    manifest = export(micro_run, out, quantize="int8")
+    assert manifest["quantize"] == "int8"
+    loaded = Engine.load(out, num_slots=1, max_chunk=4).model
+    assert type(loaded.layers[0].ffn.experts).__name__ == "Int8Experts"
+    # the reference: moejax.quantize_experts on the float model, independently of the export
+    want = _flat(moejax.quantize_experts(moejax.checkpoint.load_model(micro_run)[0]))
+    got = _flat(loaded)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    # one expert (int8 weights and float32 scales) is still one contiguous byte range
+    raw = (out / "experts.safetensors").read_bytes()
+    entry = manifest["experts"]["layers.1.ffn.experts"]
+    start, end = entry["byte_ranges"][2]
+    assert raw[start:end] == b"".join(want[f"layers.1.ffn.experts.{n}"][2].tobytes() for n in entry["tensors"])

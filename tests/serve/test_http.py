@@ -206,6 +206,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(server):
     for t in threads:
         t.join(300)
     assert server.proc.wait(120) == 0
+    assert "server stopped after draining" in server.proc.stderr.read()
     assert [s for s, _ in results] == [200, 200], results
     assert all(r["usage"]["completion_tokens"] == 40 for _, r in results)
     with pytest.raises(OSError):
