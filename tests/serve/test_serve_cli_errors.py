@@ -94,3 +94,14 @@ def test_export_force_replaces(files, capsys):
     assert cli.main(["export", "--ckpt", files["run"], "--out", files["existing"], "--force"]) == 0
     assert (Path(files["existing"]) / "manifest.json").is_file()
     assert not (Path(files["existing"]) / "keep.txt").exists()
+
+
+def test_generate_prints_text_and_stats(micro_serving, capsys):
+    code = cli.main(["generate", "--model", str(micro_serving), "--prompt", "ab", "--max-new-tokens", "3",
+                     "--slots", "1", "--chunk", "4", "--stats"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    from serve import Engine
+    want = Engine.load(micro_serving, num_slots=1, max_chunk=4).generate(["ab"], max_new_tokens=3)[0].text
+    assert captured.out == want + "\n"
+    assert "tokens/s" in captured.err and "time to first token" in captured.err
