@@ -11,6 +11,7 @@ layer's experts object (``replace_experts``) and observe every step
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass
@@ -173,10 +174,16 @@ class Engine:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
         requests = [self.make_request(p, params) for p in prompts]
-        if len(requests) > self.scheduler.max_waiting + self.scheduler.num_slots and not self.running:
-            raise QueueFull(f"{len(requests)} prompts exceed the queue ({self.scheduler.max_waiting})")
-        for request in requests:
-            self.submit(request)
+        pending = collections.deque(requests)
+        while pending:                     # as many as the queue takes; the rest as it drains
+            try:
+                self.submit(pending[0])
+                pending.popleft()
+            except QueueFull:
+                if self.running:
+                    time.sleep(0.005)
+                else:
+                    self.step()
         if self.running:
             for request in requests:
                 request.finished.wait()
