@@ -45,9 +45,9 @@ def _error_body(status: int, message: str, param: str | None = None, kind: str =
 
 
 def _field(body: dict, name: str, kinds: tuple, default, what: str):
-    value = body.get(name, default)
-    if value is None and default is None:
-        return None
+    value = body.get(name)
+    if value is None:                 # absent or null: the default (clients send null for "unset")
+        return default
     if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
         raise HTTPError(400, f"{name}: must be {what}, got {json.dumps(value)[:80]}", name)
     return value
@@ -80,7 +80,7 @@ def parse_completion(body, model_name: str) -> tuple[list, SamplingParams, bool]
         raise HTTPError(404, f"model: {body['model']!r} is not served here (this server has {model_name!r})",
                         "model", "not_found_error")
     for name, default in UNSUPPORTED.items():
-        if body.get(name, default) != default:
+        if body.get(name) not in (None, default):
             raise HTTPError(400, f"{name}: only {json.dumps(default)} is supported", name)
     prompts = _prompts(body)
     num = (int, float)
