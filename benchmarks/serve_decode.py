@@ -102,6 +102,7 @@ def decode_table(hf_model, engines: dict, new_tokens: int, rounds: int) -> dict:
 
 
 def continuous_batching(engine, concurrencies=(1, 4, 16), requests_per_client: int = 2, n: int = 32):
+    engine.warmup()                        # compile every step width before timing
     engine.start()
     rng = np.random.default_rng(1)
     out = {}
@@ -154,32 +155,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parts", default="decode,batching", help="which parts to run (comma-separated)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     import torch
     torch.set_num_threads(os.cpu_count())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         hf_model = build_hf(work)
         n_params = sum(p.numel() for p in hf_model.parameters())
-        engines = {b: to_engine(work / "hf", work, b) for b in (1, 8)}
         print(f"Mixtral, {n_params / 1e6:.0f}M parameters (8 experts, top-2), float32, prompt {PROMPT_LEN} "
               f"tokens, {args.new_tokens} new, {os.cpu_count()} CPU threads (torch {torch.get_num_threads()}), "
               f"jax {jax.__version__}, {args.rounds} interleaved rounds")
-        table = decode_table(hf_model, engines, args.new_tokens, args.rounds)
-        print(f"{'batch':>5}  {'transformers tok/s':>18}  {'serve.Engine tok/s':>18}  {'ratio':>6}  same tokens")
-        for b, r in table.items():
-            hf, ours = statistics.median(r["hf"]), statistics.median(r["engine"])
-            print(f"{b:>5}  {hf:>18.1f}  {ours:>18.1f}  {ours / hf:>5.2f}x  {r['same_tokens']} "
-                  f"({r['agree']:.0%} of tokens agree)")
-        per_token = weight_bytes_per_token(engines[1])
-        rate = statistics.median(table[1]["engine"])
-        bandwidth = memory_bandwidth_gbs()
-        print(f"batch-1 decode reads {per_token / 1e6:.1f} MB of weights per token: {per_token * rate / 1e9:.2f} GB/s "
-              f"achieved vs {bandwidth:.1f} GB/s measured read bandwidth ({per_token * rate / 1e9 / bandwidth:.0%})")
-        del engines
-        cb = continuous_batching(to_engine(work / "hf", work, 16))
-        print("continuous batching, 16 slots, 32 new tokens per request: "
-              + ", ".join(f"concurrency {c}: {v:.1f} tok/s" for c, v in cb.items()))
+        if "decode" in parts:
+            decode_part(hf_model, work, args)
+        if "batching" in parts:
+            cb = continuous_batching(to_engine(work / "hf", work, 16), n=args.new_tokens)
+            print(f"continuous batching, 16 slots, {args.new_tokens} new tokens per request: "
+                  + ", ".join(f"concurrency {c}: {v:.1f} tok/s" for c, v in cb.items()))
+
+
+def decode_part(hf_model, work: Path, args) -> None:
+    engines = {b: to_engine(work / "hf", work, b) for b in (1, 8)}
+    table = decode_table(hf_model, engines, args.new_tokens, args.rounds)
+    print(f"{'batch':>5}  {'transformers tok/s':>18}  {'serve.Engine tok/s':>18}  {'ratio':>6}  same tokens")
+    for b, r in table.items():
+        hf, ours = statistics.median(r["hf"]), statistics.median(r["engine"])
+        print(f"{b:>5}  {hf:>18.1f}  {ours:>18.1f}  {ours / hf:>5.2f}x  {r['same_tokens']} "
+              f"({r['agree']:.0%} of tokens agree)")
+    per_token = weight_bytes_per_token(engines[1])
+    rate = statistics.median(table[1]["engine"])
+    bandwidth = memory_bandwidth_gbs()
+    print(f"batch-1 decode reads {per_token / 1e6:.1f} MB of weights per token: {per_token * rate / 1e9:.2f} GB/s "
+          f"achieved vs {bandwidth:.1f} GB/s measured read bandwidth ({per_token * rate / 1e9 / bandwidth:.0%})")
 
 
 if __name__ == "__main__":
