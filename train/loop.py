@@ -183,7 +183,8 @@ class Trainer:
                "checkpoint": f"resuming from checkpoint step {s.step}"}[self.start.kind]
         self.progress.line(
             f"model {self.model_cfg.name}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
-            f"compute {self.model_cfg.dtype}; {how}\n"
+            f"compute {self.model_cfg.dtype}, layers {'scanned' if self.model_cfg.scan_layers else 'unrolled'}"
+            f", remat {self.model_cfg.remat}; {how}\n"
             f"data {self.corpus.description}: {len(self.corpus.train):,} train / "
             f"{len(self.corpus.val):,} val tokens, vocab {self.corpus.vocab_size}\n"
             f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.default_backend()} "
