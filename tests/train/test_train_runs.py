@@ -82,6 +82,9 @@ def test_metrics_log_and_falling_validation_loss(reference_run, shared_dir):
     assert (reference_run / "training.png").stat().st_size > 10_000
     stdout = (shared_dir / "reference.stdout").read_text()
     assert "val loss" in stdout and "bits/byte" in stdout and "ETA" in stdout
+    # the banner names the MoE dispatch backend, its grouped-matmul kernel and the exchange
+    assert "moe dispatch auto: sorted dropless, gmm kernel xla (auto on cpu)" in stdout
+    assert "expert parallelism: none" in stdout
 
 
 def restored_state(out: Path, step: int):
