@@ -4,7 +4,8 @@ Candidates, timed interleaved in one process (each round runs every one once,
 medians over rounds), all on the same weights and inputs:
 
   moejax          moejax.MoE, dispatch='ragged' (the CPU default)
-  dense_ffn       JAX SwiGLU FFN of width top_k * d_ff: the same active FLOPs
+  dense_ffn       JAX SwiGLU FFN of width top_k * d_ff: the same active FLOPs (dots
+                  accumulate in float32, which for bfloat16 is XLA:CPU's fast bf16 path)
   torch_grouped   transformers Qwen3-MoE sparse block, experts_implementation='grouped_mm'
   torch_eager     the same block, experts_implementation='eager' (loop over experts)
   jax_matmul      one [n, n] @ [n, n] in JAX (the practical peak; --peak-n)
@@ -48,6 +49,18 @@ def layer_flops(tokens, d_model, d_ff, num_experts, top_k) -> float:
     return 18.0 * tokens * top_k * d_model * d_ff + 6.0 * tokens * d_model * num_experts
 
 
+def _dot(a, b):
+    """a @ b accumulated in float32: for bfloat16 operands XLA:CPU then runs YNNPACK's
+    bf16 kernel (avx512_bf16); a plain bf16 @ bf16 -> bf16 dot is upcast to float32."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _dense_ffn(m: SwiGLU, x):
+    """The SwiGLU FFN with the faster dot (same math as SwiGLU.__call__)."""
+    w_gate, w_up, w_down = (w[...].astype(x.dtype) for w in (m.w_gate, m.w_up, m.w_down))
+    return _dot(jax.nn.silu(_dot(x, w_gate)) * _dot(x, w_up), w_down)
+
+
 def jax_candidates(shape, dtype, x, ct, peak_n):
     tokens, d_model, d_ff, num_experts, top_k = shape
     cfg = moejax.MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
@@ -55,9 +68,9 @@ def jax_candidates(shape, dtype, x, ct, peak_n):
     layer = moejax.MoE(cfg, rngs=nnx.Rngs(0))
     dense = SwiGLU(d_model, top_k * d_ff, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
     moe_step = _grad_step(layer, lambda m, x: m(x)[0])
-    dense_step = _grad_step(dense, lambda m, x: m(x))
+    dense_step = _grad_step(dense, lambda m, x: _dense_ffn(m, x.astype(dtype)))
     a = jnp.ones((peak_n, peak_n), dtype)
-    matmul = jax.jit(lambda a, b: a @ b)
+    matmul = jax.jit(_dot)
     return layer, {"moejax": lambda: moe_step(x, ct), "dense_ffn": lambda: dense_step(x, ct),
                    "jax_matmul": lambda: matmul(a, a)}
 
