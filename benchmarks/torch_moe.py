@@ -44,7 +44,9 @@ def moe_block(layer, implementation: str, dtype: str):
         num_experts_per_tok=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob, hidden_act="silu",
         experts_implementation=implementation)
     block = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(hf_cfg)
-    w_gate_EDF, w_up_EDF, w_down_EFD = (np.asarray(w, np.float32) for w in layer.experts.weights(np.float32))
+    experts = layer.experts  # float32 master weights
+    w_gate_EDF, w_up_EDF, w_down_EFD = (np.asarray(w[...], np.float32)
+                                        for w in (experts.w_gate, experts.w_up, experts.w_down))
     gate_up_E2FD = np.concatenate([w_gate_EDF, w_up_EDF], axis=2).transpose(0, 2, 1)
     with torch.no_grad():
         block.gate.weight.copy_(torch.from_numpy(np.asarray(layer.router.kernel[...]).T.copy()))
