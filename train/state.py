@@ -51,9 +51,9 @@ def build_state(cfg: TrainConfig, start: StartPoint, mesh: Mesh, checkpoints: Ch
         target = {"params": abstract_like(abstract_params, sh.params),
                   "opt_state": abstract_like(jax.eval_shape(tx.init, abstract_params), sh.opt_state),
                   "nonparam": abstract_like(abstract_nonparam, sh.nonparam)}
-        tree, meta = checkpoints.restore(start.step, target)
+        step, tree, meta = checkpoints.restore_latest(target)
         return TrainState(graphdef, tx, sh, tree["params"], tree["opt_state"], tree["nonparam"],
-                          start.step, meta)
+                          step, meta)
 
     if start.kind == "model":
         params, nonparam = _from_model_dir(Path(cfg.out), abstract_model, mesh)
