@@ -36,7 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from moejax.config import ModelConfig, config_from_dict, config_to_dict
+from moejax.config import ModelConfig, config_to_dict, read_config_file
 from moejax.model import Transformer
 
 MANIFEST = "moejax_manifest.json"
@@ -137,10 +137,8 @@ def save_config(directory: str | Path, cfg: ModelConfig) -> None:
 
 
 def load_config(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}")
-    return config_from_dict(json.loads(path.read_text()))
+    """``DIR/config.json`` (see ``moejax.config.read_config_file`` for its errors)."""
+    return read_config_file(Path(directory) / "config.json")
 
 
 def save_model(directory: str | Path, model: Transformer, cfg: ModelConfig) -> None:

@@ -8,7 +8,9 @@ jitted function.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ROUTERS = ("softmax", "sigmoid")
@@ -396,6 +398,24 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     mla = _nested(MLAConfig, mla)
     rope_yarn = _nested(YarnConfig, data.pop("rope_yarn", None))
     return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, **data)
+
+
+def read_config_file(path: str | Path) -> ModelConfig:
+    """A moejax ``config.json`` -> ModelConfig. FileNotFoundError when it is absent;
+    ConfigError naming the file when it is not a moejax model config (garbage, another
+    program's config.json, unknown or invalid fields); other OSErrors pass through."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {path.parent}")
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return config_from_dict(data)
+    except (ValueError, TypeError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
+        lines = str(err).strip().splitlines()
+        raise ConfigError(f"{path} is not a moejax model config "
+                          f"({lines[0][:200] if lines else type(err).__name__})") from None
 
 
 def _nested(cls, data: dict[str, Any] | None):

@@ -13,7 +13,8 @@ from jax.sharding import Mesh
 
 from moejax.config import ModelConfig
 from moejax.model import Transformer
-from train.checkpointing import Checkpoints, StartPoint, restore_model_dir
+from train.checkpointing import Checkpoints, restore_model_dir
+from train.start import StartPoint
 from train.config import TrainConfig
 from train.optim import make_optimizer
 from train.step import Shardings, abstract_like, make_shardings, split_model, variable_shardings
