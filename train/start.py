@@ -23,11 +23,11 @@ that names the flag to change.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from moejax.config import ConfigError, ModelConfig, config_to_dict, read_config_file
+from moejax.validate import check_writable_dir
 from train.config import DEFAULT_PRESET, TrainConfig, TrainError, requested_model, with_compute_dtype
 
 CHECKPOINT_DIR = "checkpoints"
@@ -74,16 +74,10 @@ def latest_checkpoint(out: Path) -> int | None:
 
 def check_out_dir(out: Path) -> None:
     """``--out`` must be (or be creatable as) a directory this process can write in."""
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {str(out)!r} exists and is not a directory")
-    probe = out if out.is_dir() else next((p for p in out.absolute().parents if p.exists()), None)
-    if probe is None or not probe.is_dir():
-        raise TrainError(f"--out {str(out)!r}: {str(probe)!r} is not a directory")
-    try:  # os.access is no guide for root or read-only mounts: try it
-        tempfile.TemporaryDirectory(dir=probe, prefix=".moejax-probe-").cleanup()
-    except OSError as err:
-        raise TrainError(f"--out {str(out)!r}: cannot write in {str(probe)!r} "
-                         f"({err.strerror or err})") from None
+    try:
+        check_writable_dir(out, "--out")
+    except ValueError as err:
+        raise TrainError(str(err)) from None
 
 
 def _foreign_entries(out: Path) -> list[str]:
