@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from moejax import sharding
+from moejax import sharding, validate
 from moejax.attention import Attention, MLAttention, RMSNorm
 from moejax.config import ModelConfig
 from moejax.moe import MoE, SwiGLU
@@ -46,6 +46,11 @@ class Transformer(nnx.Module):
     1. Embed tokens [B, S] -> [B, S, D] (float32 residual stream).
     2. n_layers pre-norm blocks (attention with RoPE; MoE or dense FFN).
     3. Final RMSNorm and the LM head (or the tied embedding) -> float32 logits.
+    Tokens: integer ids [B, S] (float tokens are a TypeError). Outside ``jit``
+    an id outside [0, vocab_size) is a ValueError naming it; under ``jit`` ids
+    cannot be checked and follow ``jnp.take``: an id >= vocab_size embeds as
+    NaN (NaN logits for it and, through attention and routing, for others), a
+    negative one counts from the end of the vocabulary.
     Returns (logits [B, S, V], aux) where aux sums the router losses of the MoE
     layers ('aux_loss', 'z_loss', 'router_loss'), averages 'dropped_fraction',
     and stacks 'expert_load' as [num_moe_layers, E].
@@ -65,8 +70,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BS: Int[Array, "B S"], positions_BS: Int[Array, "B S"] | None = None
                  ) -> tuple[Float[Array, "B S V"], dict]:
         cfg = self.cfg
-        if tokens_BS.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {tokens_BS.shape}")
+        validate.token_ids(tokens_BS, cfg.vocab_size)
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1], dtype=jnp.int32),
                                             tokens_BS.shape)

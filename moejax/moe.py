@@ -8,7 +8,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from moejax import dispatch as dispatch_lib
-from moejax import expert_parallel, sharding
+from moejax import expert_parallel, sharding, validate
 from moejax.config import MoEConfig
 from moejax.routing import Router, update_router_bias
 
@@ -59,6 +59,8 @@ class MoE(nnx.Module):
        the 'dense' reference runs expert-parallel (``moejax.expert_parallel``);
        on other meshes it runs per device on the local tokens.
     4. Add the shared experts (optionally scaled by a sigmoid gate per token).
+    Input: floating-point x [B, S, D] with B * S > 0; integer x (TypeError) and
+    an empty batch (ValueError) are refused, never cast (``moejax.validate``).
     Returns (y [B, S, D], aux) with aux keys 'aux_loss', 'z_loss',
     'router_loss' (the two weighted by their coefficients), 'expert_load' [E],
     'dropped_fraction', and the exchange figures 'ep_overflow' (pairs dropped
@@ -83,8 +85,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BSD: Float[Array, "B S D"]) -> tuple[Float[Array, "B S D"], dict]:
         cfg = self.cfg
-        if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoE expects x of shape [B, S, {cfg.d_model}], got {x_BSD.shape}")
+        validate.moe_input(x_BSD, cfg.d_model)
         batch, seq, d_model = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, d_model)
         gates_TK, experts_TK, aux = self.router(x_TD, num_sequences=batch)

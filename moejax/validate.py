@@ -14,7 +14,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 
 def _is_traced(x) -> bool:
@@ -28,8 +27,9 @@ def moe_input(x_BSD, d_model: int) -> None:
     Integer input is refused (an MoE of token ids is a bug, and the output would
     come back truncated to integers); an empty batch is refused (nothing to
     route: the balance statistics are fractions of the batch)."""
-    dtype = np.dtype(x_BSD.dtype)
-    if not np.issubdtype(dtype, np.floating):
+    import jax.numpy as jnp  # its issubdtype knows bfloat16 and float8 (numpy's does not)
+    dtype = jnp.dtype(x_BSD.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"MoE expects floating-point x, got {dtype}; cast it first "
                         f"(e.g. x.astype(jnp.float32)); token ids go through Transformer")
     if x_BSD.ndim != 3 or x_BSD.shape[-1] != d_model:
@@ -41,8 +41,9 @@ def moe_input(x_BSD, d_model: int) -> None:
 def token_ids(tokens_BS, vocab_size: int) -> None:
     """``Transformer`` input: integer token ids [B, S] with at least one token, in
     ``[0, vocab_size)`` when the values are concrete (not traced)."""
-    dtype = np.dtype(tokens_BS.dtype)
-    if not np.issubdtype(dtype, np.integer):
+    import jax.numpy as jnp
+    dtype = jnp.dtype(tokens_BS.dtype)
+    if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"tokens must be integer ids, got {dtype}")
     if tokens_BS.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens_BS.shape)}")
@@ -50,7 +51,6 @@ def token_ids(tokens_BS, vocab_size: int) -> None:
         raise ValueError(f"tokens of shape {tuple(tokens_BS.shape)} hold no token")
     if _is_traced(tokens_BS) or not getattr(tokens_BS, "is_fully_addressable", True):
         return
-    import jax.numpy as jnp
     low, high = int(jnp.min(tokens_BS)), int(jnp.max(tokens_BS))
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
