@@ -148,7 +148,8 @@ def save_model(directory: str | Path, model: Transformer, cfg: ModelConfig) -> N
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "model", state, force=True)
-    seal(directory / "model")  # the context exit waited for orbax to finalize
+    if jax.process_index() == 0:
+        seal(directory / "model")  # the context exit waited for orbax to finalize
 
 
 def load_model(directory: str | Path, *, dtype: str | None = None) -> tuple[Transformer, ModelConfig]:

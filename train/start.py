@@ -99,6 +99,9 @@ def start_kind(cfg: TrainConfig) -> tuple[str, int | None]:
     """('checkpoint' | 'model' | 'fresh', newest checkpoint step); checks --out and --resume."""
     out = Path(cfg.out)
     check_out_dir(out)
+    for name in ("config.json", "metrics.jsonl", "train_config.json"):
+        if (out / name).exists() and not (out / name).is_file():
+            raise TrainError(f"{out / name} is not a file; move it away or use another --out")
     step = latest_checkpoint(out)
     has_model = (out / "config.json").is_file() and (out / "model").is_dir()
     kind = "checkpoint" if step is not None else "model" if has_model else "fresh"

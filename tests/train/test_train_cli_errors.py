@@ -131,6 +131,9 @@ CASES = {
     "out holds a garbage config.json": (
         lambda d: (d / "r").mkdir() or file_at(d / "r", "config.json", "{garbage") and
         ["--data", text(d), "--out", str(d / "r")], ["not a moejax model config", "--force"]),
+    "out holds a directory named config.json": (
+        lambda d: (d / "r" / "config.json").mkdir(parents=True) or
+        ["--data", text(d), "--out", str(d / "r")], ["config.json is not a file"]),
     "out holds a model of another preset": (
         lambda d: ["--data", text(d), "--out", fake_run(d, model=True), "--preset", "dense-tiny"],
         ["different model shape", "drop --preset/--set"]),
