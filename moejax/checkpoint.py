@@ -56,7 +56,7 @@ def _digest(path: Path) -> str:
 
 
 def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(MANIFEST))
 
 
 def seal(directory: str | Path) -> None:
