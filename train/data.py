@@ -179,6 +179,8 @@ def load_array(path: Path) -> Corpus:
         raise TrainError(f"--data {str(path)!r} is empty (0 tokens)")
     if tokens.min() < 0:
         raise TrainError(f"--data {str(path)!r}: token ids must be >= 0")
+    if tokens.max() >= 2 ** 31:  # batches are int32
+        raise TrainError(f"--data {str(path)!r}: token id {int(tokens.max())} does not fit int32")
     train, val = _tail_split(np.asarray(tokens))
     return Corpus(train, val, int(tokens.max()) + 1, None, str(path))
 

@@ -37,6 +37,7 @@ IGNORED_FIELDS = ("dtype", "moe.dtype")   # compute dtype may change between run
 RUN_FILES = frozenset({"config.json", "model", CHECKPOINT_DIR, "train_config.json", "metrics.jsonl",
                        "metrics.tmp", "tb", "training.png", "summary.json", "tokenizer",
                        "config.json.tmp"})
+RUN_DIRS = frozenset({"model", CHECKPOINT_DIR, "tb", "tokenizer"})
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,11 @@ def start_kind(cfg: TrainConfig) -> tuple[str, int | None]:
     """('checkpoint' | 'model' | 'fresh', newest checkpoint step); checks --out and --resume."""
     out = Path(cfg.out)
     check_out_dir(out)
-    for name in ("config.json", "metrics.jsonl", "train_config.json"):
-        if (out / name).exists() and not (out / name).is_file():
-            raise TrainError(f"{out / name} is not a file; move it away or use another --out")
+    for name in RUN_FILES:
+        path, want_dir = out / name, name in RUN_DIRS
+        if path.exists() and path.is_dir() != want_dir:
+            raise TrainError(f"{path} is not a {'directory' if want_dir else 'file'}; move it away "
+                             f"or use another --out")
     step = latest_checkpoint(out)
     has_model = (out / "config.json").is_file() and (out / "model").is_dir()
     kind = "checkpoint" if step is not None else "model" if has_model else "fresh"

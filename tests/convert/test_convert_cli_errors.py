@@ -136,6 +136,9 @@ CASES = {
     "safetensors is a fifo": (lambda d, s: [FROM, str((hf(d, s) / "model.safetensors").unlink() or
                                                       os.mkfifo(d / "hf model" / "model.safetensors")
                                                       or d / "hf model")], ["no model.safetensors"]),
+    "safetensors is a directory": (lambda d, s: [FROM, str((hf(d, s) / "model.safetensors").unlink() or
+                                                           (d / "hf model" / "model.safetensors").mkdir()
+                                                           or d / "hf model")], ["no model.safetensors"]),
     "safetensors truncated": (lambda d, s: [FROM, str(truncated(hf(d, s), "model.safetensors"))],
                               ["model.safetensors is truncated"]),
     "safetensors cut in its header": (

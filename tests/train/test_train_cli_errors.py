@@ -99,6 +99,8 @@ CASES = {
     "data npy 2-D": (lambda d: ["--data", array(d, np.zeros((4, 4), np.int32))], ["1-D integer"]),
     "data npy floats": (lambda d: ["--data", array(d, np.ones(500))], ["1-D integer"]),
     "data npy negative ids": (lambda d: ["--data", array(d, np.arange(-1, 600))], [">= 0"]),
+    "data ids beyond int32": (lambda d: ["--data", array(d, np.arange(600, dtype=np.int64) << 31)],
+                              ["does not fit int32"]),
     "data bin odd byte count": (lambda d: ["--data", file_at(d, "t.bin", b"\x01\x02\x03")],
                                 ["cannot read token array"]),
     "data ids beyond an explicit preset": (
@@ -134,6 +136,9 @@ CASES = {
     "out holds a directory named config.json": (
         lambda d: (d / "r" / "config.json").mkdir(parents=True) or
         ["--data", text(d), "--out", str(d / "r")], ["config.json is not a file"]),
+    "out holds a file named checkpoints": (
+        lambda d: (d / "r").mkdir() or file_at(d / "r", "checkpoints") and
+        ["--data", text(d), "--out", str(d / "r")], ["checkpoints is not a directory"]),
     "out holds a model of another preset": (
         lambda d: ["--data", text(d), "--out", fake_run(d, model=True), "--preset", "dense-tiny"],
         ["different model shape", "drop --preset/--set"]),
