@@ -98,7 +98,8 @@ def verify(directory: str | Path) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
+    text = str(err).split(" See full TensorStore details", 1)[0]  # the rest is a spec dump
+    lines = text.strip().splitlines()
     return (lines[0][:200] if lines else "") or type(err).__name__
 
 
@@ -111,21 +112,29 @@ def _read_checked(directory: Path, read):
     except (ShapeMismatchError, DamagedCheckpointError):
         raise
     except Exception as err:  # noqa: BLE001 - orbax/TensorStore raise plain Exception, JSON, Key...
-        _collect_abandoned_reads()
+        _silence_abandoned_reads()
         raise DamagedCheckpointError(f"{directory} cannot be read ({type(err).__name__}: "
                                      f"{_first_line(err)})") from None
 
 
-def _collect_abandoned_reads() -> None:
-    """A failed orbax restore leaves its other array reads as coroutines whose errors
-    Python would print (with tracebacks) whenever they are collected; the error that
-    matters is the one raised, so collect them now, quietly."""
+_ABANDONED_READ = "_read_array_index_and_device_put"
+
+
+def _silence_abandoned_reads() -> None:
+    """A failed orbax restore leaves its other array reads behind as coroutines whose
+    errors Python prints, each with a traceback and a TensorStore spec, whenever they
+    are finalized (often at exit). The error that matters has been raised; from now on
+    this process drops those reports, and only those."""
     previous = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = previous
+    if getattr(previous, "_moejax_filter", False):
+        return
+
+    def hook(unraisable):
+        if _ABANDONED_READ not in repr(unraisable.object):
+            previous(unraisable)
+    hook._moejax_filter = True
+    sys.unraisablehook = hook
+    gc.collect()
 
 
 def save_config(directory: str | Path, cfg: ModelConfig) -> None:

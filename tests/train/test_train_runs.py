@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moejax.checkpoint import load_model
+from moejax.checkpoint import MANIFEST, load_model
 from train import data as data_lib
 from train.step import lm_loss
 from train_cli_helper import (MICRO, checkpoint_steps, run_train, save_micro_model, start_train,
@@ -128,14 +128,18 @@ def test_sigkill_then_sigterm_resume_is_bit_identical(reference_run, corpus_file
         assert ours_by_step[step]["val_loss"] == ref[step]["val_loss"]
 
 
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "unsealed"])
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_bit_identical(
-        reference_run, corpus_file, compile_cache, tmp_path):
+        reference_run, corpus_file, compile_cache, tmp_path, sealed):
     """The reference run's newest checkpoint (step 32) loses half of its largest array
     file: resuming reports it in one line, renames it, resumes from step 28 and ends
-    exactly where the uninterrupted run ended."""
+    exactly where the uninterrupted run ended. Unsealed (a run killed before it sealed
+    the step), the damage is found by restoring, which must be just as quiet."""
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
     newest = out / "checkpoints" / str(STEPS)
+    if not sealed:
+        (newest / MANIFEST).unlink()
     array_file = max((p for p in (newest / "state").rglob("*") if p.is_file()),
                      key=lambda p: p.stat().st_size)
     os.truncate(array_file, array_file.stat().st_size // 2)
