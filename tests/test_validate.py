@@ -97,3 +97,29 @@ def test_check_writable_dir(tmp_path):
     with pytest.raises(ValueError, match="cannot write in '/proc'"):
         validate.check_writable_dir("/proc/moejax-test")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # the probe left nothing
+
+
+def test_builtin_ffn_kinds_known_to_the_config_match_the_registry():
+    """moejax.config knows the built-in kinds' needs so that configs validate without jax."""
+    from moejax.config import BUILTIN_FFN_KIND_NEEDS
+    from moejax.layers import FFN_KINDS
+    assert {k: FFN_KINDS[k].needs for k in BUILTIN_FFN_KIND_NEEDS} == BUILTIN_FFN_KIND_NEEDS
+
+
+def test_configs_and_cli_checks_import_no_jax():
+    import subprocess
+    import sys
+    code = ("import sys, moejax.config, moejax.convert, train.start, train.cli; "
+            "moejax.ModelConfig.preset('tiny').replace(n_layers=3); "
+            "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**__import__("os").environ, "PYTHONPATH": "."})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_extend_refuses_bad_real_ids_and_ignores_padding(model):
+    cache = model.init_cache(batch_size=1, max_len=8)
+    with pytest.raises(ValueError, match="token id 99"):
+        model.extend(jnp.asarray([[1, 99]]), cache)
+    with pytest.raises(TypeError, match="integer ids"):
+        model.extend(jnp.ones((1, 2), jnp.float32), cache)

@@ -28,10 +28,12 @@ from pathlib import Path
 
 from moejax.config import ConfigError, ModelConfig, config_to_dict, read_config_file
 from moejax.validate import check_writable_dir
-from train.config import DEFAULT_PRESET, TrainConfig, TrainError, requested_model, with_compute_dtype
+from train.config import (DEFAULT_PRESET, TrainConfig, TrainError, requested_model, training_preset,
+                          with_compute_dtype)
 
 CHECKPOINT_DIR = "checkpoints"
-IGNORED_FIELDS = ("dtype", "moe.dtype")   # compute dtype may change between runs
+# compute choices may change between runs; scan_layers is the saved model's layout
+IGNORED_FIELDS = ("dtype", "moe.dtype", "remat", "scan_layers")
 # What a run writes into OUT (and convert's tokenizer/): a directory holding only
 # these is a run, not someone else's files.
 RUN_FILES = frozenset({"config.json", "model", CHECKPOINT_DIR, "train_config.json", "metrics.jsonl",
@@ -136,7 +138,7 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
             raise TrainError(f"{out} holds a {what} of a different model shape ({diffs[0]}"
                              f"{f'; {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
                              f"use another --out, or drop --preset/--set to continue it")
-    model_cfg = saved or asked or ModelConfig.preset(DEFAULT_PRESET)
+    model_cfg = saved or asked or training_preset(DEFAULT_PRESET)
     _check_vocab(cfg, model_cfg, data_vocab, saved is not None)
     if not saved and not asked and data_vocab > model_cfg.vocab_size:
         print(f"note: vocab_size {model_cfg.vocab_size} of preset {DEFAULT_PRESET!r} raised to "
@@ -147,6 +149,8 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
                          f"{model_cfg.max_seq_len}; pass --set max_seq_len={cfg.seq_len} or a shorter --seq-len")
     if cfg.dtype is not None:
         model_cfg = with_compute_dtype(model_cfg, cfg.dtype)
+    if cfg.remat is not None:
+        model_cfg = model_cfg.replace(remat=cfg.remat)
     return StartPoint(kind, model_cfg, step or 0)
 
 
