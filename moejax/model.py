@@ -77,7 +77,7 @@ class Transformer(nnx.Module):
     Tokens: integer ids [B, S] (float tokens are a TypeError). Outside ``jit``
     an id outside [0, vocab_size) is a ValueError naming it; under ``jit`` ids
     cannot be checked and follow ``jnp.take``: an id >= vocab_size embeds as
-    NaN (NaN logits for it and, through attention and routing, for others), a
+    NaN (NaN logits at its position and at later ones, which attend to it), a
     negative one counts from the end of the vocabulary.
     Returns (logits [B, S, V], aux) where aux is the layers' LayerAux reduced
     over layers (``LayerAux.reduce``): router losses summed, 'dropped_fraction'
