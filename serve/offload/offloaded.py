@@ -1,0 +1,158 @@
+"""A Transformer whose routed experts live in an ExpertStore, run layer by layer from Python.
+
+Routing is data-dependent and the slot table is host state, so this path
+cannot be one jitted function: per step it runs jitted per-layer pieces
+(:mod:`serve.offload.pieces`, fixed shapes) and decides copies in between.
+Per MoE layer l and step:
+1. attention (jitted) -> x_mid, h = ffn_norm(x_mid); the router on h.
+2. prefetch (``prefetch=True``): layer l+1's ffn_norm + router applied to
+   x_mid predicts its experts; their copies start now (``jax.device_put`` is
+   asynchronous), so they overlap layer l's experts and layer l+1's attention.
+   The first MoE layer is predicted from the embeddings.
+3. the slot table turns the needed experts (of valid tokens) into waves:
+   copies of the misses, then the slot-indexed grouped matmul of the wave.
+4. combine with the gates, shared experts, residual (jitted).
+Results equal the all-resident forward: every (token, k) pair is computed
+once, from the same weights, by the same grouped-matmul math.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from moejax import dispatch as dispatch_lib
+from moejax.moe import MoE
+from serve.offload import pieces
+from serve.offload.policies import make_policy
+from serve.offload.pool import SlotPool, wave_compute
+from serve.offload.slots import LayerStats, SlotTable
+from serve.offload.store import ExpertStore
+from serve.offload.trace import RoutingTrace
+
+
+def counts_LE(experts_TK: np.ndarray, valid_T: np.ndarray, num_experts: int) -> np.ndarray:
+    return np.bincount(experts_TK[valid_T].reshape(-1), minlength=num_experts)
+
+
+class OffloadedModel:
+    """Layer-by-layer forward with per-layer slot pools over ``store``.
+
+    ``slots_L``: slots of each MoE layer; ``policy``: a name of
+    ``serve.offload.policies.POLICIES``; ``frequency_LE``: expert
+    frequencies of a recorded trace (policy 'static'); ``record``: keep the
+    routing of every step (``trace()``).
+    """
+
+    def __init__(self, model, store: ExpertStore, slots_L: list[int], *, policy: str = "lru",
+                 prefetch: bool = True, frequency_LE=None, record: bool = False):
+        self.cfg, self.store, self.prefetch = model.cfg, store, prefetch
+        blocks = list(model.layers)
+        self.moe_index = [i for i, b in enumerate(blocks) if isinstance(b.ffn, MoE)]
+        if len(slots_L) != len(self.moe_index):
+            raise ValueError(f"slots: {len(slots_L)} budgets for {len(self.moe_index)} MoE layers")
+        if store.num_layers != len(self.moe_index):
+            raise ValueError(f"store holds {store.num_layers} MoE layers, the model has "
+                             f"{len(self.moe_index)}")
+        moe0 = blocks[self.moe_index[0]].ffn
+        self.num_experts, self.top_k = moe0.cfg.num_experts, moe0.cfg.top_k
+        self.dtype = moe0.dtype
+        backend = moe0.backend
+        self.gmm_backend = dispatch_lib.GMM_BACKENDS.get(backend, "xla")
+        self.embed_VD = model.embed[...]
+        self.head_parts = pieces.split(model.final_norm, getattr(model, "lm_head", None), model.embed)
+        self.attn_parts = [pieces.split(b.attn_norm, b.attn, b.ffn_norm) for b in blocks]
+        self.ffn_parts = []
+        for b in blocks:
+            if isinstance(b.ffn, MoE):
+                self.ffn_parts.append((pieces.split(b.ffn.router),
+                                       pieces.split(b.ffn.shared, b.ffn.shared_gate),
+                                       pieces.split(b.ffn_norm, b.ffn.router)))
+            else:
+                self.ffn_parts.append(pieces.split(b.ffn))
+        self.tables, self.pools = [], []
+        shapes = store.shapes()
+        for layer, slots in enumerate(slots_L):
+            freq = None if frequency_LE is None else frequency_LE[layer]
+            pol = make_policy(policy, self.num_experts, slots, frequency_E=freq)
+            self.tables.append(SlotTable(self.num_experts, slots, pol))
+            self.pools.append(SlotPool(shapes, slots))
+        self.step = 0
+        self.record = record
+        self._need, self._pred, self._tokens = [], [], []
+
+    # ------------------------------------------------------------------ copies
+    def _copy(self, layer: int, loads) -> None:
+        for expert, slot in loads:
+            self.pools[layer].load(slot, self.store.fetch(layer, expert))
+
+    def _prefetch(self, layer: int, x_BSD, valid_T) -> np.ndarray:
+        (gdef, state) = self.ffn_parts[self.moe_index[layer]][2]
+        pred_TK = np.asarray(pieces.predict(gdef, state, x_BSD))
+        pred_E = counts_LE(pred_TK, valid_T, self.num_experts)
+        if self.prefetch:
+            self._copy(layer, self.tables[layer].prefetch(pred_E, self.step))
+        return pred_E
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens_BS, positions_BS=None, valid_BS=None):
+        """Logits [B, S, V] of a full forward (no cache); one engine step for the counters."""
+        tokens_BS = jnp.asarray(tokens_BS, jnp.int32)
+        batch, seq = tokens_BS.shape
+        if positions_BS is None:
+            positions_BS = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        valid_T = (np.ones(batch * seq, bool) if valid_BS is None
+                   else np.asarray(valid_BS, bool).reshape(-1))
+        num_layers = len(self.tables)
+        need_LE = np.zeros((num_layers, self.num_experts), np.int32)
+        pred_LE = np.zeros_like(need_LE)
+        x_BSD = pieces.embed(self.embed_VD, tokens_BS)
+        pred_LE[0] = self._prefetch(0, x_BSD, valid_T)
+        layer = 0
+        for i, (gdef, state) in enumerate(self.attn_parts):
+            x_BSD, h_BSD = pieces.attention(gdef, state, x_BSD, positions_BS)
+            if i not in self.moe_index:
+                gdef_f, state_f = self.ffn_parts[i]
+                x_BSD = pieces.dense_ffn(gdef_f, state_f, x_BSD, h_BSD)
+                continue
+            (router, shared, _) = self.ffn_parts[i]
+            gates_TK, experts_TK = pieces.route(*router, h_BSD)
+            if layer + 1 < num_layers:
+                pred_LE[layer + 1] = self._prefetch(layer + 1, x_BSD, valid_T)
+            need_LE[layer] = counts_LE(np.asarray(experts_TK), valid_T, self.num_experts)
+            y_TKD = self._experts(layer, h_BSD, experts_TK, valid_T, need_LE[layer])
+            x_BSD = pieces.moe_output(*shared, x_BSD, h_BSD, y_TKD, gates_TK)
+            layer += 1
+        logits_BSV = pieces.head(*self.head_parts, x_BSD)
+        n_valid = int(valid_T.sum())
+        for table in self.tables:
+            table.stats.tokens += n_valid
+        if self.record:
+            self._need.append(need_LE)
+            self._pred.append(pred_LE)
+            self._tokens.append(max(n_valid, 1))
+        self.step += 1
+        return logits_BSV
+
+    def _experts(self, layer, h_BSD, experts_TK, valid_T, need_E):
+        batch, seq, d_model = h_BSD.shape
+        x_TD = h_BSD.reshape(batch * seq, d_model).astype(self.dtype)
+        y_TKD = jnp.zeros((batch * seq, self.top_k, d_model), self.dtype)
+        valid = jnp.asarray(valid_T)
+        for wave in self.tables[layer].access(need_E, self.step):
+            self._copy(layer, wave.loads)
+            y_TKD = wave_compute(self.pools[layer].arrays, x_TD, experts_TK, valid, y_TKD,
+                                 jnp.asarray(wave.slot_map(self.num_experts)),
+                                 gmm_backend=self.gmm_backend)
+        return y_TKD
+
+    # ------------------------------------------------------------------ figures
+    def layer_stats(self) -> list[LayerStats]:
+        return [t.stats for t in self.tables]
+
+    def trace(self) -> RoutingTrace:
+        if not self._need:
+            raise ValueError("no steps recorded (record=True and run some steps)")
+        return RoutingTrace(np.stack(self._need), np.array(self._tokens), self.top_k,
+                            np.stack(self._pred))

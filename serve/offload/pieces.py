@@ -1,0 +1,89 @@
+"""Jitted per-layer pieces of the Transformer forward, for the layer-by-layer offloaded path.
+
+Each piece takes the graph definition of the submodules it needs (static: one
+compile per distinct structure, shared by layers alike) and their state, so
+the routed experts never enter a jitted function except through the slot
+pool. They mirror ``moejax.model.Block`` and ``moejax.moe.MoE`` step by step;
+tests compare the assembled forward with the model's own.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def split(*modules):
+    """(graphdef, state) of a tuple of submodules (None entries allowed)."""
+    return nnx.split(tuple(modules))
+
+
+@partial(jax.jit, static_argnums=0)
+def attention(gdef, state, x_BSD, positions_BS):
+    """x + attn(attn_norm(x)) and ffn_norm of that: (x_mid, h)."""
+    attn_norm, attn, ffn_norm = nnx.merge(gdef, state)
+    x_BSD = x_BSD + attn(attn_norm(x_BSD), positions_BS).astype(x_BSD.dtype)
+    return x_BSD, ffn_norm(x_BSD)
+
+
+@partial(jax.jit, static_argnums=0)
+def dense_ffn(gdef, state, x_BSD, h_BSD):
+    (ffn,) = nnx.merge(gdef, state)
+    out = ffn(h_BSD)
+    y_BSD = out[0] if isinstance(out, tuple) else out
+    return x_BSD + y_BSD.astype(x_BSD.dtype)
+
+
+@partial(jax.jit, static_argnums=0)
+def route(gdef, state, h_BSD):
+    """The MoE block's router on its normed input -> (gates_TK, experts_TK)."""
+    (router,) = nnx.merge(gdef, state)
+    batch, seq, d_model = h_BSD.shape
+    gates_TK, experts_TK, _ = router(h_BSD.reshape(batch * seq, d_model), num_sequences=batch)
+    return gates_TK, experts_TK
+
+
+@partial(jax.jit, static_argnums=0)
+def predict(gdef, state, x_BSD):
+    """Prefetch guess: a later MoE block's ffn_norm + router on an earlier hidden state."""
+    ffn_norm, router = nnx.merge(gdef, state)
+    h_BSD = ffn_norm(x_BSD)
+    batch, seq, d_model = h_BSD.shape
+    _, experts_TK, _ = router(h_BSD.reshape(batch * seq, d_model), num_sequences=batch)
+    return experts_TK
+
+
+@partial(jax.jit, static_argnums=0)
+def moe_output(gdef, state, x_BSD, h_BSD, y_TKD, gates_TK):
+    """Combine the routed outputs with the gates, add the shared experts, add the residual."""
+    shared, shared_gate = nnx.merge(gdef, state)
+    batch, seq, d_model = h_BSD.shape
+    x_TD = h_BSD.reshape(batch * seq, d_model)
+    # the combine of moejax.dispatch.unpermute, in float32
+    out_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32),
+                        gates_TK.astype(jnp.float32)).astype(y_TKD.dtype)
+    if shared is not None:
+        shared_TD = shared(x_TD)
+        if shared_gate is not None:
+            gate_T1 = jax.nn.sigmoid(x_TD.astype(jnp.float32) @ shared_gate[...])
+            shared_TD = (shared_TD.astype(jnp.float32) * gate_T1).astype(y_TKD.dtype)
+        out_TD = out_TD + shared_TD
+    y_BSD = out_TD.reshape(batch, seq, d_model).astype(h_BSD.dtype)
+    return x_BSD + y_BSD.astype(x_BSD.dtype)
+
+
+@partial(jax.jit, static_argnums=0)
+def head(gdef, state, x_BSD):
+    """Final norm and LM head (or tied embedding) -> float32 logits."""
+    final_norm, head_DV, embed_VD = nnx.merge(gdef, state)
+    x_BSD = final_norm(x_BSD)
+    w_DV = embed_VD[...].T if head_DV is None else head_DV[...]
+    return jnp.einsum("bsd,dv->bsv", x_BSD.astype(jnp.float32), w_DV)
+
+
+@jax.jit
+def embed(embed_VD, tokens_BS):
+    return jnp.take(embed_VD, tokens_BS, axis=0)
