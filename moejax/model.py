@@ -27,7 +27,7 @@ class Block(nnx.Module):
         self.ffn = build_ffn(cfg, layer, rngs=rngs)
 
     def __call__(self, x_BSD, ctx: LayerContext) -> tuple[Array, LayerAux]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), ctx.positions_BS).astype(x_BSD.dtype)
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), ctx.positions_BS)[0].astype(x_BSD.dtype)
         x_BSD = sharding.constrain(x_BSD, ("batch", "seq", "embed"))
         h_BSD = self.ffn_norm(x_BSD)
         y_BSD, aux = self.ffn(h_BSD, ctx)
