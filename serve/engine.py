@@ -77,8 +77,15 @@ class Engine:
 
     # ------------------------------------------------------------------ model
     @classmethod
-    def load(cls, directory: str | Path, **kwargs) -> "Engine":
-        """An engine over a serving checkpoint (``python -m serve export``), weights memory-mapped."""
+    def load(cls, directory: str | Path, offload=None, **kwargs) -> "Engine":
+        """An engine over a serving checkpoint (``python -m serve export``), weights memory-mapped.
+
+        ``offload=serve.OffloadConfig(...)``: routed experts stay in host memory or on disk,
+        with a few device slots per MoE layer (``serve.offload``).
+        """
+        if offload is not None:
+            from serve.offload.engine import load_offloaded
+            return load_offloaded(cls, directory, offload, **kwargs)
         directory = Path(directory)
         cfg, manifest, rest, experts = read_checkpoint(directory)
         build = lambda: Transformer(cfg, rngs=nnx.Rngs(0))  # noqa: E731
@@ -109,7 +116,9 @@ class Engine:
     def _build(self) -> None:
         """Split the model and (re)make the jitted step and the per-slot state."""
         graphdef, self._model_state = nnx.split(self.model)
-        self._step_fn = runner_lib.compile_step(graphdef, self.runner)
+        make_step = getattr(self.runner, "make_step", None)   # a runner that steps from Python
+        self._step_fn = (make_step(graphdef) if make_step is not None
+                         else runner_lib.compile_step(graphdef, self.runner))
         self._runner_state = self.runner.init_state(self.model)
 
     def warmup(self) -> None:

@@ -85,8 +85,11 @@ def reset_rows(cache, reset_B):
     return cache.replace(**changes)
 
 
-def make_runner(model, num_slots: int, max_len: int, max_chunk: int, kind: str = "auto"):
-    """'cache' when the model has ``init_cache``/``extend`` (and for 'auto'), else 'recompute'."""
+def make_runner(model, num_slots: int, max_len: int, max_chunk: int, kind="auto"):
+    """'cache' when the model has ``init_cache``/``extend`` (and for 'auto'), else 'recompute';
+    a callable ``kind(num_slots, max_len, max_chunk)`` builds a runner of its own (the expert store's)."""
+    if callable(kind):
+        return kind(num_slots, max_len, max_chunk)
     has_cache = hasattr(model, "init_cache") and hasattr(model, "extend")
     if kind == "auto":
         kind = "cache" if has_cache else "recompute"

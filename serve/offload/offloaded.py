@@ -46,9 +46,10 @@ class OffloadedModel:
     """
 
     def __init__(self, model, store: ExpertStore, slots_L: list[int], *, policy: str = "lru",
-                 prefetch: bool = True, frequency_LE=None, record: bool = False):
+                 prefetch: bool = True, frequency_LE=None, lfru_decay: float = 0.75,
+                 record: bool = False):
         self.cfg, self.store, self.prefetch = model.cfg, store, prefetch
-        blocks = list(model.layers)
+        blocks = self._blocks = list(model.layers)
         self.moe_index = [i for i, b in enumerate(blocks) if isinstance(b.ffn, MoE)]
         if len(slots_L) != len(self.moe_index):
             raise ValueError(f"slots: {len(slots_L)} budgets for {len(self.moe_index)} MoE layers")
@@ -75,10 +76,11 @@ class OffloadedModel:
         shapes = store.shapes()
         for layer, slots in enumerate(slots_L):
             freq = None if frequency_LE is None else frequency_LE[layer]
-            pol = make_policy(policy, self.num_experts, slots, frequency_E=freq)
+            pol = make_policy(policy, self.num_experts, slots, frequency_E=freq, lfru_decay=lfru_decay)
             self.tables.append(SlotTable(self.num_experts, slots, pol))
             self.pools.append(SlotPool(shapes, slots))
         self.step = 0
+        self.reuse = True       # False: forget the slots every step (the fetch-every-time baseline)
         self.record = record
         self._need, self._pred, self._tokens = [], [], []
 
@@ -96,14 +98,22 @@ class OffloadedModel:
         return pred_E
 
     # ------------------------------------------------------------------ forward
-    def forward(self, tokens_BS, positions_BS=None, valid_BS=None):
-        """Logits [B, S, V] of a full forward (no cache); one engine step for the counters."""
+    def init_caches(self, batch_size: int, max_len: int) -> list:
+        """Per-layer attention caches (the layers' own ``init_cache``)."""
+        return [b.attn.init_cache(batch_size, max_len) for b in self._blocks]
+
+    def forward(self, tokens_BS, positions_BS=None, valid_BS=None, caches=None):
+        """(logits [B, S, V], caches) of one step: a full forward when ``caches`` is None,
+        else the S new tokens of each row appended to the per-layer attention caches
+        (``valid_BS`` False on padding, which is neither cached nor fetched for)."""
         tokens_BS = jnp.asarray(tokens_BS, jnp.int32)
         batch, seq = tokens_BS.shape
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         valid_T = (np.ones(batch * seq, bool) if valid_BS is None
                    else np.asarray(valid_BS, bool).reshape(-1))
+        valid_BS = None if valid_BS is None else jnp.asarray(valid_BS)
+        caches = [None] * len(self.attn_parts) if caches is None else list(caches)
         num_layers = len(self.tables)
         need_LE = np.zeros((num_layers, self.num_experts), np.int32)
         pred_LE = np.zeros_like(need_LE)
@@ -111,10 +121,11 @@ class OffloadedModel:
         pred_LE[0] = self._prefetch(0, x_BSD, valid_T)
         layer = 0
         for i, (gdef, state) in enumerate(self.attn_parts):
-            x_BSD, h_BSD = pieces.attention(gdef, state, x_BSD, positions_BS)
+            x_BSD, h_BSD, caches[i] = pieces.attention(gdef, state, x_BSD, positions_BS,
+                                                       cache=caches[i], valid_BS=valid_BS)
             if i not in self.moe_index:
-                gdef_f, state_f = self.ffn_parts[i]
-                x_BSD = pieces.dense_ffn(gdef_f, state_f, x_BSD, h_BSD)
+                x_BSD = pieces.dense_ffn(*self.ffn_parts[i], x_BSD, h_BSD, tokens_BS, positions_BS,
+                                         valid_BS)
                 continue
             (router, shared, _) = self.ffn_parts[i]
             gates_TK, experts_TK = pieces.route(*router, h_BSD)
@@ -128,18 +139,20 @@ class OffloadedModel:
         n_valid = int(valid_T.sum())
         for table in self.tables:
             table.stats.tokens += n_valid
-        if self.record:
+        if self.record and n_valid:
             self._need.append(need_LE)
             self._pred.append(pred_LE)
-            self._tokens.append(max(n_valid, 1))
+            self._tokens.append(n_valid)
         self.step += 1
-        return logits_BSV
+        return logits_BSV, caches
 
     def _experts(self, layer, h_BSD, experts_TK, valid_T, need_E):
         batch, seq, d_model = h_BSD.shape
         x_TD = h_BSD.reshape(batch * seq, d_model).astype(self.dtype)
         y_TKD = jnp.zeros((batch * seq, self.top_k, d_model), self.dtype)
         valid = jnp.asarray(valid_T)
+        if not self.reuse:
+            self.tables[layer].clear()
         for wave in self.tables[layer].access(need_E, self.step):
             self._copy(layer, wave.loads)
             y_TKD = wave_compute(self.pools[layer].arrays, x_TD, experts_TK, valid, y_TKD,

@@ -15,25 +15,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.layers import LayerContext
+
 
 def split(*modules):
     """(graphdef, state) of a tuple of submodules (None entries allowed)."""
     return nnx.split(tuple(modules))
 
 
-@partial(jax.jit, static_argnums=0)
-def attention(gdef, state, x_BSD, positions_BS):
-    """x + attn(attn_norm(x)) and ffn_norm of that: (x_mid, h)."""
+@partial(jax.jit, static_argnums=0, donate_argnames="cache")
+def attention(gdef, state, x_BSD, positions_BS, cache=None, valid_BS=None):
+    """x + attn(attn_norm(x)) and ffn_norm of that: (x_mid, h, the layer's attention cache)."""
     attn_norm, attn, ffn_norm = nnx.merge(gdef, state)
-    x_BSD = x_BSD + attn(attn_norm(x_BSD), positions_BS).astype(x_BSD.dtype)
-    return x_BSD, ffn_norm(x_BSD)
+    out_BSD, cache = attn(attn_norm(x_BSD), positions_BS, cache=cache, valid_BS=valid_BS)
+    x_BSD = x_BSD + out_BSD.astype(x_BSD.dtype)
+    return x_BSD, ffn_norm(x_BSD), cache
 
 
 @partial(jax.jit, static_argnums=0)
-def dense_ffn(gdef, state, x_BSD, h_BSD):
+def dense_ffn(gdef, state, x_BSD, h_BSD, tokens_BS, positions_BS, valid_BS=None):
+    """A non-MoE FFN kind under the FFN protocol (stateless kinds), plus the residual."""
     (ffn,) = nnx.merge(gdef, state)
-    out = ffn(h_BSD)
-    y_BSD = out[0] if isinstance(out, tuple) else out
+    ctx = LayerContext(tokens_BS=tokens_BS, positions_BS=positions_BS, valid_BS=valid_BS)
+    y_BSD, _ = ffn(h_BSD, ctx)
     return x_BSD + y_BSD.astype(x_BSD.dtype)
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.layers import LayerContext
 from moejax.moe import MoE
 from serve.offload.trace import RoutingTrace
 
@@ -35,15 +36,14 @@ def _routing(model, tokens_BT):
 
     chosen, predicted = [], [top(moe[0], x)]
     for block in blocks:
-        x = x + block.attn(block.attn_norm(x), positions_BT).astype(x.dtype)
+        x = x + block.attn(block.attn_norm(x), positions_BT)[0].astype(x.dtype)
         h = block.ffn_norm(x)
         if isinstance(block.ffn, MoE):
             chosen.append(top(block, x))
             later = moe.index(block) + 1
             if later < len(moe):
                 predicted.append(top(moe[later], x))
-        out = block.ffn(h)
-        y = out[0] if isinstance(out, tuple) else out
+        y, _ = block.ffn(h, LayerContext(tokens_BS=tokens_BT, positions_BS=positions_BT))
         x = x + y.astype(x.dtype)
     x = model.final_norm(x)
     head = model.embed[...].T if model.cfg.tie_embeddings else model.lm_head[...]

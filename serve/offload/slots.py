@@ -104,6 +104,12 @@ class SlotTable:
         self.stats = LayerStats()
         self._prefetched: set[int] = set()
 
+    def clear(self) -> None:
+        """Forget every resident expert (the fetch-every-time baseline calls this each step)."""
+        self.slot_E[:] = -1
+        self.expert_S[:] = -1
+        self._prefetched = set()
+
     def resident(self) -> np.ndarray:
         return self.expert_S[self.expert_S >= 0]
 

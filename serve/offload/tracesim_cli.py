@@ -28,7 +28,8 @@ def read_prompts(path: str | None) -> list[str]:
     text = Path(path).read_text()
     prompts = json.loads(text) if path.endswith(".json") else [ln for ln in text.splitlines() if ln]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise ValueError(f"--prompts {path}: need a non-empty list of non-empty prompts")
+        from serve.export import ExportError
+        raise ExportError(f"--prompts {path}: need a non-empty list of non-empty prompts")
     return prompts
 
 
@@ -62,11 +63,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_model(directory: str | Path):
-    """(model, tokenizer encode fn) of a model directory (config.json + model/)."""
-    from moejax import checkpoint as mckpt
+    """(model, tokenizer encode fn) of a serving checkpoint, or of a model directory (bytes)."""
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise ValueError(f"--model {directory}: no config.json")
+    if (directory / "manifest.json").is_file():
+        from serve.engine import Engine
+        engine = Engine.load(directory)
+        return engine.model, engine.tokenizer.encode
+    from moejax import checkpoint as mckpt
+    if not (directory / "model").is_dir():
+        from serve.export import ExportError
+        raise ExportError(f"--model {directory}: neither a serving checkpoint (manifest.json) nor a "
+                          f"model directory (config.json + model/)")
     model, _ = mckpt.load_model(directory)
     return model, lambda text: list(text.encode("utf-8"))
 
@@ -74,7 +81,8 @@ def load_model(directory: str | Path):
 def main(args: argparse.Namespace) -> int:
     model, encode = load_model(args.model)
     if not any(getattr(b.ffn, "router", None) is not None for b in model.layers):
-        raise ValueError(f"--model {args.model}: no MoE layers to simulate")
+        from serve.export import ExportError
+        raise ExportError(f"--model {args.model}: no MoE layers to simulate")
     prompts = [encode(p) for p in read_prompts(args.prompts)]
     moe = next(b.ffn for b in model.layers if getattr(b.ffn, "router", None) is not None)
     c = moe.cfg

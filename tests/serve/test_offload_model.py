@@ -21,7 +21,7 @@ def setup():
     model = small_model(num_experts=E, top_k=2, shared=1)
     tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, 64)
     ref = nnx.jit(lambda m, t: m(t)[0])(model, tokens)
-    resident = OffloadedModel(model, host_store(model), [E, E], prefetch=False).forward(tokens)
+    resident = OffloadedModel(model, host_store(model), [E, E], prefetch=False).forward(tokens)[0]
     return model, tokens, ref, resident
 
 
@@ -66,7 +66,7 @@ def test_offloaded_equals_resident_every_slot_count(setup, policy):
             om = OffloadedModel(model, store, [slots, slots], policy=policy, prefetch=prefetch,
                                 frequency_LE=freq)
             for step in range(2):      # the second step starts from a warm table
-                np.testing.assert_array_equal(om.forward(tokens), resident)
+                np.testing.assert_array_equal(om.forward(tokens)[0], resident)
             for st in om.layer_stats():
                 assert st.hits + st.demand_loads == st.accesses
                 assert st.prefetch_used + st.prefetch_wasted == st.prefetch_loads
@@ -76,7 +76,7 @@ def test_counters_and_bytes(setup):
     model, tokens, _, _ = setup
     store = host_store(model)
     om = OffloadedModel(model, store, [1, 3], prefetch=True)
-    om.forward(tokens)
+    om.forward(tokens)[0]
     stats = om.layer_stats()
     loads = sum(s.loads for s in stats)
     assert store.bytes_to_device == loads * store.expert_bytes
@@ -91,7 +91,7 @@ def test_padding_tokens_do_not_fetch(setup):
     valid = np.zeros(tokens.shape, bool)
     valid[0, :1] = True                       # one real token: only its top-2 experts per layer
     om = OffloadedModel(model, host_store(model), [E, E], prefetch=False)
-    out = om.forward(tokens, valid_BS=valid)
+    out = om.forward(tokens, valid_BS=valid)[0]
     assert all(s.accesses == 2 for s in om.layer_stats())
     np.testing.assert_array_equal(out[0, 0], resident[0, 0])
 
@@ -110,6 +110,15 @@ def test_disk_store_reads_experts_and_counts_bytes(setup, tmp_path):
     model, tokens, _, resident = setup
     store = disk_store(model, tmp_path / "experts.safetensors")
     om = OffloadedModel(model, store, [3, 3], policy="lfu", prefetch=True)
-    np.testing.assert_array_equal(om.forward(tokens), resident)
+    np.testing.assert_array_equal(om.forward(tokens)[0], resident)
     loads = sum(s.loads for s in om.layer_stats())
     assert store.bytes_from_disk == store.bytes_to_device == loads * store.expert_bytes > 0
+
+
+def test_fetch_every_time_baseline_never_hits(setup):
+    model, tokens, _, resident = setup
+    om = OffloadedModel(model, host_store(model), [3, 3], prefetch=False)
+    om.reuse = False
+    for _ in range(2):
+        np.testing.assert_array_equal(om.forward(tokens)[0], resident)
+    assert all(s.hits == 0 and s.demand_loads == s.accesses for s in om.layer_stats())
