@@ -50,14 +50,37 @@ def route(gdef, state, h_BSD):
     return gates_TK, experts_TK
 
 
-@partial(jax.jit, static_argnums=0)
-def predict(gdef, state, x_BSD):
-    """Prefetch guess: a later MoE block's ffn_norm + router on an earlier hidden state."""
-    ffn_norm, router = nnx.merge(gdef, state)
+def prefetch_weights(ffn_norm, router, x_BSD):
+    """Prefetch guess per token [B, S, E]: the router's scores of its 2*top_k best experts.
+
+    The block's ffn_norm + router applied to an earlier hidden state (the
+    block's input). Scores are the router's own probabilities (softmax) or
+    normalised sigmoid scores, with the selection bias for choosing; summed
+    over tokens they rank experts for prefetch. Ranking by this mass instead of
+    top-k counts, which tie often in small batches, raised the hit rate from
+    0.63 to 0.65 (Belady: 0.71) on the trained tiny model at 4 slots.
+    """
+    cfg = router.cfg
     h_BSD = ffn_norm(x_BSD)
-    batch, seq, d_model = h_BSD.shape
-    _, experts_TK, _ = router(h_BSD.reshape(batch * seq, d_model), num_sequences=batch)
-    return experts_TK
+    logits_BSE = jnp.einsum("bsd,de->bse", h_BSD.astype(jnp.float32), router.kernel[...],
+                            precision=jax.lax.Precision.HIGHEST)
+    if cfg.router == "softmax":
+        score_BSE = choice_BSE = jax.nn.softmax(logits_BSE, axis=-1)
+    else:
+        score_BSE = jax.nn.sigmoid(logits_BSE)
+        score_BSE = score_BSE / score_BSE.sum(axis=-1, keepdims=True)
+        choice_BSE = score_BSE + router.bias[...][None, None, :]
+    keep = min(2 * cfg.top_k, cfg.num_experts)
+    threshold_BS1 = jax.lax.top_k(choice_BSE, keep)[0][..., -1:]
+    return jnp.where(choice_BSE >= threshold_BS1, score_BSE, 0.0)
+
+
+@partial(jax.jit, static_argnums=0)
+def predict(gdef, state, x_BSD, valid_BS):
+    """Prefetch weight per expert [E], summed over the valid tokens (see prefetch_weights)."""
+    ffn_norm, router = nnx.merge(gdef, state)
+    weight_BSE = prefetch_weights(ffn_norm, router, x_BSD)
+    return jnp.einsum("bse,bs->e", weight_BSE, valid_BS.astype(jnp.float32))
 
 
 @partial(jax.jit, static_argnums=0)

@@ -4,8 +4,8 @@ Causal routing at a position does not depend on later tokens, so one full
 forward over the finished sequences gives the routing every cached engine
 step saw. This module generates greedily, runs that forward while keeping
 each MoE layer's chosen experts (and the prefetch prediction for it: its
-ffn_norm + router on the hidden state after the previous MoE block's
-attention, the embeddings for the first), then groups positions into the
+ffn_norm + router on the hidden state entering its block, as weights per
+expert, see ``pieces.prefetch_weights``), then groups positions into the
 steps of a static batch: prefill chunks, then one decode position per row.
 """
 
@@ -18,31 +18,30 @@ from flax import nnx
 
 from moejax.layers import LayerContext
 from moejax.moe import MoE
+from serve.offload import pieces
 from serve.offload.trace import RoutingTrace
 
 
 @nnx.jit
 def _routing(model, tokens_BT):
-    """(logits, experts [L, B, T, K], predicted [L, B, T, K]) of the full forward."""
+    """(logits, experts [L, B, T, K], prefetch weights [L, B, T, E]) of the full forward."""
     batch, seq = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     x = jnp.take(model.embed[...], tokens_BT, axis=0)
     blocks = list(model.layers)
-    moe = [b for b in blocks if isinstance(b.ffn, MoE)]
 
     def top(block, x_BTD):
         h = block.ffn_norm(x_BTD).reshape(batch * seq, -1)
         return block.ffn.router(h, num_sequences=batch)[1].reshape(batch, seq, -1)
 
-    chosen, predicted = [], [top(moe[0], x)]
+    chosen, predicted = [], []
     for block in blocks:
+        if isinstance(block.ffn, MoE):      # the prefetch guess: from the block's input
+            predicted.append(pieces.prefetch_weights(block.ffn_norm, block.ffn.router, x))
         x = x + block.attn(block.attn_norm(x), positions_BT)[0].astype(x.dtype)
         h = block.ffn_norm(x)
         if isinstance(block.ffn, MoE):
             chosen.append(top(block, x))
-            later = moe.index(block) + 1
-            if later < len(moe):
-                predicted.append(top(moe[later], x))
         y, _ = block.ffn(h, LayerContext(tokens_BS=tokens_BT, positions_BS=positions_BT))
         x = x + y.astype(x.dtype)
     x = model.final_norm(x)
@@ -89,13 +88,13 @@ def record(model, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_s
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]
         tokens = greedy(model, batch, max_new_tokens)
-        _, chosen_LBTK, pred_LBTK = (np.asarray(a) for a in _routing(model, jnp.asarray(tokens)))
+        _, chosen_LBTK, pred_LBTE = (np.asarray(a) for a in _routing(model, jnp.asarray(tokens)))
         for pairs in steps_of_batch([len(p) for p in batch], max_new_tokens, chunk):
             rows, pos = np.array(pairs).T
-            count = lambda a: np.stack([np.bincount(a[layer, rows, pos].reshape(-1),  # noqa: E731
-                                                    minlength=num_experts)
-                                        for layer in range(a.shape[0])])
-            need.append(count(chosen_LBTK))
-            pred.append(count(pred_LBTK))
+            need.append(np.stack([np.bincount(chosen_LBTK[layer, rows, pos].reshape(-1),
+                                              minlength=num_experts)
+                                  for layer in range(chosen_LBTK.shape[0])]))
+            weight_LE = pred_LBTE[:, rows, pos].sum(axis=1)
+            pred.append(np.round(weight_LE * 1000).astype(np.int32))
             tokens_N.append(len(pairs))
     return RoutingTrace(np.stack(need), np.array(tokens_N), top_k, np.stack(pred))

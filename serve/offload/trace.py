@@ -9,8 +9,9 @@ L MoE layers, E experts.
   in MoE layer l (0 = not needed). The store must have every needed expert on
   the device at some point while layer l of step n runs.
 - ``pred_NLE``: int32 or None, the prefetch prediction for layer l at step n:
-  layer l's router applied to the hidden state that precedes it (before
-  layer l runs), counted the same way.
+  layer l's router applied to the hidden state entering its block (before
+  the layer runs), as a weight per expert (summed router scores x 1000, see
+  ``serve.offload.pieces.prefetch_weights``); prefetch loads the heaviest.
 - ``tokens_N``: tokens processed by step n (for bytes per token).
 """
 

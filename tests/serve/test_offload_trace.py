@@ -34,7 +34,9 @@ def test_recorded_routing_is_the_offloaded_forward_routing(model):
     om.forward(tokens, valid_BS=valid)[0]
     seen = om.trace()
     np.testing.assert_array_equal(seen.need_NLE[0], trace.need_NLE[0])
-    np.testing.assert_array_equal(seen.pred_NLE[0], trace.pred_NLE[0])
+    # prefetch weights (x1000, rounded): summed in a different order, so within one unit
+    np.testing.assert_allclose(seen.pred_NLE[0], trace.pred_NLE[0], atol=1)
+    assert seen.pred_NLE[0].sum() > 0
 
 
 def test_steps_of_batch():
