@@ -119,7 +119,10 @@ def run_generate(args) -> int:
     start = time.perf_counter()
     engine = load_engine(args)
     loaded = time.perf_counter()
-    requests = [engine.make_request(p, params) for p in args.prompt]
+    requests = [engine.make_request(p, params) for p in args.prompt]   # bad prompts fail before compiling
+    if args.stats:
+        engine.warmup()                   # compile every step width now, so the figures are decode only
+    compiled = time.perf_counter()
     outs = engine.generate([r.prompt for r in requests], max_new_tokens=params.max_new_tokens,
                            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                            seed=params.seed, stop=params.stop)
@@ -127,16 +130,22 @@ def run_generate(args) -> int:
     for out in outs:
         print(out.text, flush=True)
     if args.stats:
-        stats = engine.stats()
-        tokens = sum(len(o.tokens) for o in outs)
-        print(f"[stats] load {loaded - start:.2f} s; {tokens} tokens in {end - loaded:.2f} s "
-              f"({tokens / (end - loaded):.1f} tokens/s incl. compile; steps {stats['steps']}, "
-              f"{stats['generated_tokens'] / max(stats['step_seconds'], 1e-9):.1f} tokens/s in steps); "
-              f"time to first token {max(o.time_to_first_token or 0 for o in outs):.2f} s", file=sys.stderr)
-        for name, figures in stats.items():       # plug-in figures, e.g. the expert store
-            if isinstance(figures, dict) and name != "requests_finished":
-                print(f"[stats] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()), file=sys.stderr)
+        print_stats(engine, outs, load_s=loaded - start, compile_s=compiled - loaded, run_s=end - compiled)
     return 0
+
+
+def print_stats(engine, outs, *, load_s: float, compile_s: float, run_s: float) -> None:
+    """Throughput and latency on stderr; then any plug-in figures (e.g. the expert store)."""
+    tokens = sum(len(o.tokens) for o in outs)
+    ttft = max(o.time_to_first_token or 0.0 for o in outs)
+    after_first = sum(max(len(o.tokens) - 1, 0) for o in outs)
+    decode_s = max(max(o.latency for o in outs) - ttft, 1e-9)
+    print(f"[stats] load {load_s:.2f} s, compile {compile_s:.2f} s; {tokens} tokens in {run_s:.2f} s "
+          f"({tokens / max(run_s, 1e-9):.1f} tokens/s); time to first token {ttft * 1e3:.0f} ms; "
+          f"decode {after_first / decode_s:.1f} tokens/s over {len(outs)} request(s)", file=sys.stderr)
+    for name, figures in engine.stats().items():
+        if isinstance(figures, dict) and name != "requests_finished":
+            print(f"[stats] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()), file=sys.stderr)
 
 
 def run_http(args) -> int:

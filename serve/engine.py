@@ -11,6 +11,7 @@ layer's experts object (``replace_experts``) and observe every step
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.experts import quantize_experts
 from moejax.model import Transformer
+from moejax.moe import MoE
 from serve import runner as runner_lib
 from serve.export import ExportError, key_of, read_checkpoint
 from serve.metrics import EngineMetrics
@@ -61,11 +64,12 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer, *, num_slots: int = 8, max_len: int | None = None,
-                 max_chunk: int = 64, max_waiting: int = 256, runner: str = "auto"):
+                 max_chunk: int = 64, max_waiting: int = 256, runner=None):
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.max_len = min(self.cfg.max_seq_len, max_len or self.cfg.max_seq_len)
         self.scheduler = Scheduler(num_slots, min(max_chunk, self.max_len), max_waiting)
-        self.runner = runner_lib.make_runner(model, num_slots, self.max_len, self.scheduler.max_chunk, runner)
+        self.runner = runner_lib.make_runner(model, num_slots, self.max_len, self.scheduler.max_chunk,
+                                             runner)
         self.metrics = EngineMetrics(num_slots)
         self.step_hooks: list[Callable[["Engine", Plan], None]] = []
         self.extra_stats: dict[str, Callable[[], dict]] = {}
@@ -90,8 +94,7 @@ class Engine:
         cfg, manifest, rest, experts = read_checkpoint(directory)
         build = lambda: Transformer(cfg, rngs=nnx.Rngs(0))  # noqa: E731
         if manifest.get("quantize") == "int8":
-            import moejax
-            build = lambda: moejax.quantize_experts(Transformer(cfg, rngs=nnx.Rngs(0)))  # noqa: E731
+            build = lambda: quantize_experts(Transformer(cfg, rngs=nnx.Rngs(0)))  # noqa: E731
         graphdef, state = nnx.split(nnx.eval_shape(build))
         pure = nnx.to_pure_dict(state)
         flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
@@ -133,7 +136,8 @@ class Engine:
             jax.block_until_ready(next_B)
 
     def moe_layers(self) -> list[tuple[int, nnx.Module]]:
-        return [(i, b.ffn) for i, b in enumerate(self.model.layers) if getattr(b, "is_moe", False)]
+        """(layer index, MoE module) of every MoE layer (unrolled layers: serving configs are)."""
+        return [(i, b.ffn) for i, b in enumerate(self.model.layers) if isinstance(b.ffn, MoE)]
 
     def replace_experts(self, layer: int, experts: nnx.Module) -> None:
         """Swap the experts object of MoE layer ``layer`` (idle engine only; recompiles)."""
@@ -180,10 +184,16 @@ class Engine:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
         requests = [self.make_request(p, params) for p in prompts]
-        if len(requests) > self.scheduler.max_waiting + self.scheduler.num_slots and not self.running:
-            raise QueueFull(f"{len(requests)} prompts exceed the queue ({self.scheduler.max_waiting})")
-        for request in requests:
-            self.submit(request)
+        pending = collections.deque(requests)
+        while pending:                     # as many as the queue takes; the rest as it drains
+            try:
+                self.submit(pending[0])
+                pending.popleft()
+            except QueueFull:
+                if self.running:
+                    time.sleep(0.005)
+                else:
+                    self.step()
         if self.running:
             for request in requests:
                 request.finished.wait()

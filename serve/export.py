@@ -33,7 +33,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from moejax import checkpoint as mckpt
+from moejax.experts import quantize_experts
 from moejax.config import ModelConfig, config_from_dict, config_to_dict
+from moejax.layer_stack import unstack_layers
 from moejax.model import Transformer
 from serve import tensorfile
 from serve.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, eos_from_files
@@ -150,13 +152,13 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "float32", quantize
         raise ExportError("--out must differ from --ckpt")
     model, cfg = load_source(run)
     tokenizer_entry, tokenizer_file = find_tokenizer(run, cfg.vocab_size)
-    if quantize == "int8":
-        import moejax
-        if not hasattr(moejax, "quantize_experts"):
-            raise ExportError("--quantize int8 needs moejax.quantize_experts, which this moejax lacks")
-        model = moejax.quantize_experts(model)
-    cfg = cfg.replace(dtype=dtype, moe=cfg.moe.replace(dtype=dtype) if cfg.moe else None)
-    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]
+    if quantize == "int8":   # weight-only int8 routed experts, per output channel (gmm_int8)
+        model = quantize_experts(model)
+    pure = unstack_layers(nnx.to_pure_dict(nnx.state(model)), cfg)
+    # serving runs unrolled layers (one experts object per layer, swappable), no remat
+    cfg = cfg.replace(dtype=dtype, moe=cfg.moe.replace(dtype=dtype) if cfg.moe else None,
+                      scan_layers=False, remat="none")
+    leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
     arrays = {key_of(p): _serving_array(key_of(p), leaf, dtype, quantize is not None) for p, leaf in leaves}
 
     tmp = out.parent / f".{out.name}.tmp-{time.time_ns()}"

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import json
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,9 +45,9 @@ def _error_body(status: int, message: str, param: str | None = None, kind: str =
 
 
 def _field(body: dict, name: str, kinds: tuple, default, what: str):
-    value = body.get(name, default)
-    if value is None and default is None:
-        return None
+    value = body.get(name)
+    if value is None:                 # absent or null: the default (clients send null for "unset")
+        return default
     if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
         raise HTTPError(400, f"{name}: must be {what}, got {json.dumps(value)[:80]}", name)
     return value
@@ -79,7 +80,7 @@ def parse_completion(body, model_name: str) -> tuple[list, SamplingParams, bool]
         raise HTTPError(404, f"model: {body['model']!r} is not served here (this server has {model_name!r})",
                         "model", "not_found_error")
     for name, default in UNSUPPORTED.items():
-        if body.get(name, default) != default:
+        if body.get(name) not in (None, default):
             raise HTTPError(400, f"{name}: only {json.dumps(default)} is supported", name)
     prompts = _prompts(body)
     num = (int, float)
@@ -279,8 +280,15 @@ def serve_forever(engine: Engine, *, host: str, port: int, max_body: int, model_
                             lifespan="on", timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
     engine.warmup()
+    # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, drain, lifespan shutdown)
+    # and afterwards re-raises them to the handler it found: make that one a no-op, so a
+    # drained server returns here and exits 0 instead of dying by the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     print(f"serving {name} on http://{host}:{port} (slots {engine.scheduler.num_slots}, "
           f"context {engine.max_len})", file=sys.stderr, flush=True)
     server.run()
-    print("server stopped", file=sys.stderr, flush=True)
+    stats = engine.stats()
+    print(f"server stopped after draining ({stats['requests_submitted']} requests, "
+          f"{stats['generated_tokens']} tokens)", file=sys.stderr, flush=True)
     return 0

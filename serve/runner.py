@@ -7,16 +7,13 @@ forget what it held). It returns the next token of every row, sampled from
 the logits after the row's last new token, and the updated per-row state.
 Shapes are fixed by (slots, S), so the step compiles once per S bucket.
 
-Two ways to keep the per-row state:
-- ``CacheRunner``: the model's KV / latent cache (``model.init_cache`` /
-  ``model.extend``), the serving path.
-- ``RecomputeRunner``: the token ids only, and a full forward over the whole
-  buffer every step (quadratic; for models without ``extend``, and as an
-  independent check of the cached path).
+The per-row state is the model's own decode cache (``model.init_cache`` /
+``model.extend``): KV or latent entries, lengths and token history per row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -30,29 +27,6 @@ def _last_logits(logits_BSV, index_B):
     """logits at position index_B[b] of each row (clamped to 0 for idle rows)."""
     index_B = jnp.maximum(index_B, 0)
     return jnp.take_along_axis(logits_BSV, index_B[:, None, None], axis=1)[:, 0]
-
-
-class RecomputeRunner:
-    """Per-row token buffers; each step runs the full forward over [slots, T + S_max]."""
-
-    name = "recompute"
-
-    def __init__(self, num_slots: int, max_len: int, max_chunk: int):
-        self.num_slots, self.max_len, self.max_chunk = num_slots, max_len, max_chunk
-
-    def init_state(self, model) -> dict:
-        width = self.max_len + self.max_chunk  # a chunk written at the end never clamps
-        return {"tokens_BT": jnp.zeros((self.num_slots, width), jnp.int32),
-                "lengths_B": jnp.zeros((self.num_slots,), jnp.int32)}
-
-    def forward(self, model, state, tokens_BS, lengths_B, reset_B):
-        start_B = jnp.where(reset_B, 0, state["lengths_B"])
-        write = jax.vmap(lambda row_T, chunk_S, start: jax.lax.dynamic_update_slice(row_T, chunk_S, (start,)))
-        tokens_BT = write(state["tokens_BT"], tokens_BS, start_B)
-        new_lengths_B = start_B + lengths_B
-        logits_BTV, _ = model(tokens_BT)
-        return _last_logits(logits_BTV, new_lengths_B - 1), {"tokens_BT": tokens_BT,
-                                                             "lengths_B": new_lengths_B}
 
 
 class CacheRunner:
@@ -82,23 +56,17 @@ def reset_rows(cache, reset_B):
     changes: dict[str, Any] = {"lengths_B": lengths_B}
     if getattr(cache, "tokens_BT", None) is not None:
         changes["tokens_BT"] = jnp.where(reset_B[:, None], -1, cache.tokens_BT)
-    return cache.replace(**changes)
+    return dataclasses.replace(cache, **changes)
 
 
-def make_runner(model, num_slots: int, max_len: int, max_chunk: int, kind="auto"):
-    """'cache' when the model has ``init_cache``/``extend`` (and for 'auto'), else 'recompute';
-    a callable ``kind(num_slots, max_len, max_chunk)`` builds a runner of its own (the expert store's)."""
-    if callable(kind):
-        return kind(num_slots, max_len, max_chunk)
-    has_cache = hasattr(model, "init_cache") and hasattr(model, "extend")
-    if kind == "auto":
-        kind = "cache" if has_cache else "recompute"
-    if kind == "cache" and not has_cache:
-        raise ValueError("runner='cache' needs a model with init_cache/extend")
-    if kind not in ("cache", "recompute"):
-        raise ValueError(f"runner must be 'auto', 'cache' or 'recompute', got {kind!r}")
-    cls = CacheRunner if kind == "cache" else RecomputeRunner
-    return cls(num_slots, max_len, max_chunk)
+def make_runner(model, num_slots: int, max_len: int, max_chunk: int, factory=None):
+    """The model's cache runner; ``factory(num_slots, max_len, max_chunk)`` builds another
+    (the expert store's layer-by-layer runner, ``serve.offload``)."""
+    if factory is not None:
+        return factory(num_slots, max_len, max_chunk)
+    if not (hasattr(model, "init_cache") and hasattr(model, "extend")):
+        raise TypeError(f"{type(model).__name__} has no init_cache/extend: it cannot decode")
+    return CacheRunner(num_slots, max_len, max_chunk)
 
 
 def compile_step(graphdef, runner):

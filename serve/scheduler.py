@@ -81,14 +81,8 @@ class Plan:
 
 
 def buckets_for(max_chunk: int) -> tuple[int, ...]:
-    """Step widths: 1 (decode) and powers of 4 up to max_chunk (prefill chunks)."""
-    sizes, s = [1], 4
-    while s < max_chunk:
-        sizes.append(s)
-        s *= 4
-    if max_chunk > 1:
-        sizes.append(max_chunk)
-    return tuple(sizes)
+    """Step widths: 1 (decode), then 16, 64, 256, ... below max_chunk, then max_chunk."""
+    return tuple(dict.fromkeys([1, *(s for s in (16, 64, 256, 1024) if s < max_chunk), max_chunk]))
 
 
 class Scheduler:
