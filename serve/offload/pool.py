@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import dispatch as dispatch_lib
+from moejax.experts import FloatExpertWeights
 
 
 class SlotPool:
@@ -41,10 +42,9 @@ def _write_slot(pool, slot, expert_arrays):
     return {n: pool[n].at[slot].set(expert_arrays[n].astype(pool[n].dtype)) for n in pool}
 
 
-def swiglu_apply(pool: dict[str, jax.Array], x_MD, group_sizes_S, *, gmm_backend: str):
-    """Float SwiGLU experts on slot-sorted rows (the routed experts' own math)."""
-    return dispatch_lib.grouped_ffn(x_MD, pool["w_gate"], pool["w_up"], pool["w_down"],
-                                    group_sizes_S, backend=gmm_backend)
+def slot_experts(pool: dict[str, jax.Array], dtype) -> FloatExpertWeights:
+    """The slot-cached experts object: the experts' own weights view over the S slots."""
+    return FloatExpertWeights(*(pool[n].astype(dtype) for n in ("w_gate", "w_up", "w_down")))
 
 
 @partial(jax.jit, static_argnames=("gmm_backend",), donate_argnums=(4,))
@@ -59,6 +59,6 @@ def wave_compute(pool, x_TD, experts_TK, valid_T, y_TKD, slot_E, *, gmm_backend:
     active_TK = (slot_TK >= 0) & valid_T[:, None]
     plan = dispatch_lib.plan_sort(jnp.where(active_TK, slot_TK, num_slots), num_slots + 1)
     x_MD = dispatch_lib.permute(x_TD, plan, top_k)
-    y_MD = swiglu_apply(pool, x_MD, plan.group_sizes_E[:num_slots], gmm_backend=gmm_backend)
+    y_MD = slot_experts(pool, y_TKD.dtype)(x_MD, plan.group_sizes_E[:num_slots], backend=gmm_backend)
     y_new = dispatch_lib.take_rows(y_MD, plan.inverse_M, plan.order_M).reshape(num_tokens, top_k, -1)
     return jnp.where(active_TK[:, :, None], y_new.astype(y_TKD.dtype), y_TKD)

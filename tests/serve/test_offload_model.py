@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from moejax import dispatch as dispatch_lib
+from moejax.experts import FloatExpertWeights
 from serve.offload.offloaded import OffloadedModel
 from serve.offload.pool import SlotPool, wave_compute
 from serve.offload.policies import ONLINE_POLICIES
@@ -34,8 +35,8 @@ def test_wave_compute_matches_dense_reference():
     experts_TK = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]))
     gates_TK = jnp.full((T, K), 0.5)
     valid_T = jnp.asarray(np.arange(T) != 4)            # a padding token: its outputs stay 0
-    ref_TD, _ = dispatch_lib.dense_dispatch(x_TD, gates_TK, experts_TK,
-                                            (w["w_gate"], w["w_up"], w["w_down"]))
+    ref_TD, _ = dispatch_lib.dense_dispatch(
+        x_TD, gates_TK, experts_TK, FloatExpertWeights(w["w_gate"], w["w_up"], w["w_down"]))
     pool = SlotPool({n: (a.shape[1:], a.dtype) for n, a in w.items()}, S)
     y_TKD = jnp.zeros((T, K, D))
     for first in range(0, E, S):                          # two waves over three slots
