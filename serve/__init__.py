@@ -7,8 +7,9 @@
 
 from serve.engine import Engine, EngineStopped, Output
 from serve.export import ExportError, export
+from serve.offload.config import OffloadConfig, OffloadConfigError
 from serve.sampling import RequestError, SamplingParams
 from serve.scheduler import QueueFull
 
-__all__ = ["Engine", "EngineStopped", "ExportError", "Output", "QueueFull", "RequestError",
-           "SamplingParams", "export"]
+__all__ = ["Engine", "EngineStopped", "ExportError", "OffloadConfig", "OffloadConfigError", "Output",
+           "QueueFull", "RequestError", "SamplingParams", "export"]

@@ -16,6 +16,8 @@ examples:
   python -m serve export --ckpt runs/tiny --out serving/tiny [--dtype bfloat16] [--quantize int8]
   python -m serve generate --model serving/tiny --prompt "def " --max-new-tokens 64 --stats
   python -m serve http --model serving/tiny --port 8000
+  python -m serve generate --model serving/tiny --prompt "def " --offload --slots-per-layer 2 --stats
+  python -m serve trace-sim --model serving/tiny --out trace_sim/tiny
 """
 
 
@@ -45,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--slots", type=int, default=8, help="batch slots (concurrent requests)")
         q.add_argument("--max-len", type=int, default=None, help="context per slot (default: the model's)")
         q.add_argument("--chunk", type=int, default=64, help="prefill chunk (tokens per slot per step)")
+        off = q.add_argument_group("expert offload (routed experts in host memory or on disk)")
+        off.add_argument("--offload", action="store_true", help="keep routed experts off the device")
+        off.add_argument("--slots-per-layer", type=int, default=4, help="device slots per MoE layer")
+        off.add_argument("--policy", default="lru", help="lru | lfu | lfru | static (needs --trace)")
+        off.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                         help="no router-predicted prefetch of the next layer's experts")
+        off.add_argument("--store", default="host", help="host (pinned host memory) | disk (read per copy)")
+        off.add_argument("--budgets", default="uniform", help="uniform | trace (slots per layer from --trace)")
+        off.add_argument("--trace", help="routing trace (.npz from trace-sim) for static / trace budgets")
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
     engine_args(gen)
@@ -64,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     http.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     http.add_argument("--name", default=None, help="model id shown by /v1/models (default: dir name)")
+
+    from serve.offload import tracesim_cli
+    tracesim_cli.add_parser(sub)
     return p
 
 
@@ -85,7 +99,17 @@ def run_export(args) -> int:
 
 def load_engine(args, **kwargs):
     from serve.engine import Engine
+    if args.offload:
+        from serve.offload.config import OffloadConfig
+        kwargs["offload"] = OffloadConfig(slots_per_layer=args.slots_per_layer, policy=args.policy,
+                                          prefetch=args.prefetch, store=args.store, budgets=args.budgets,
+                                          trace=args.trace)
     return Engine.load(args.model, num_slots=args.slots, max_len=args.max_len, max_chunk=args.chunk, **kwargs)
+
+
+def run_trace_sim(args) -> int:
+    from serve.offload import tracesim_cli
+    return tracesim_cli.main(args)
 
 
 def run_generate(args) -> int:
@@ -140,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     from serve.sampling import RequestError
     from serve.tokenizer import TokenizerError
     from moejax.config import ConfigError
+    from serve.offload.config import OffloadConfigError
     try:
-        _positive(args, "slots", "max_len", "chunk", "max_new_tokens", "max_queue", "max_body")
+        _positive(args, "slots", "max_len", "chunk", "max_new_tokens", "max_queue", "max_body",
+                  "batch_size")
         if args.command == "http" and not 0 <= args.port < 65536:
             raise CLIError(f"--port must be in [0, 65535], got {args.port}")
         _quiet_libraries()
-        return {"export": run_export, "generate": run_generate, "http": run_http}[args.command](args)
-    except (CLIError, ExportError, RequestError, TokenizerError, ConfigError, OSError) as err:
+        commands = {"export": run_export, "generate": run_generate, "http": run_http,
+                    "trace-sim": run_trace_sim}
+        return commands[args.command](args)
+    except (CLIError, ExportError, RequestError, TokenizerError, ConfigError, OffloadConfigError,
+            OSError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
 

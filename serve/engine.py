@@ -64,11 +64,12 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer, *, num_slots: int = 8, max_len: int | None = None,
-                 max_chunk: int = 64, max_waiting: int = 256):
+                 max_chunk: int = 64, max_waiting: int = 256, runner=None):
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.max_len = min(self.cfg.max_seq_len, max_len or self.cfg.max_seq_len)
         self.scheduler = Scheduler(num_slots, min(max_chunk, self.max_len), max_waiting)
-        self.runner = runner_lib.make_runner(model, num_slots, self.max_len, self.scheduler.max_chunk)
+        self.runner = runner_lib.make_runner(model, num_slots, self.max_len, self.scheduler.max_chunk,
+                                             runner)
         self.metrics = EngineMetrics(num_slots)
         self.step_hooks: list[Callable[["Engine", Plan], None]] = []
         self.extra_stats: dict[str, Callable[[], dict]] = {}
@@ -80,8 +81,15 @@ class Engine:
 
     # ------------------------------------------------------------------ model
     @classmethod
-    def load(cls, directory: str | Path, **kwargs) -> "Engine":
-        """An engine over a serving checkpoint (``python -m serve export``), weights memory-mapped."""
+    def load(cls, directory: str | Path, offload=None, **kwargs) -> "Engine":
+        """An engine over a serving checkpoint (``python -m serve export``), weights memory-mapped.
+
+        ``offload=serve.OffloadConfig(...)``: routed experts stay in host memory or on disk,
+        with a few device slots per MoE layer (``serve.offload``).
+        """
+        if offload is not None:
+            from serve.offload.engine import load_offloaded
+            return load_offloaded(cls, directory, offload, **kwargs)
         directory = Path(directory)
         cfg, manifest, rest, experts = read_checkpoint(directory)
         build = lambda: Transformer(cfg, rngs=nnx.Rngs(0))  # noqa: E731
@@ -111,7 +119,9 @@ class Engine:
     def _build(self) -> None:
         """Split the model and (re)make the jitted step and the per-slot state."""
         graphdef, self._model_state = nnx.split(self.model)
-        self._step_fn = runner_lib.compile_step(graphdef, self.runner)
+        make_step = getattr(self.runner, "make_step", None)   # a runner that steps from Python
+        self._step_fn = (make_step(graphdef) if make_step is not None
+                         else runner_lib.compile_step(graphdef, self.runner))
         self._runner_state = self.runner.init_state(self.model)
 
     def warmup(self) -> None:

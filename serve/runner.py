@@ -59,7 +59,11 @@ def reset_rows(cache, reset_B):
     return dataclasses.replace(cache, **changes)
 
 
-def make_runner(model, num_slots: int, max_len: int, max_chunk: int) -> CacheRunner:
+def make_runner(model, num_slots: int, max_len: int, max_chunk: int, factory=None):
+    """The model's cache runner; ``factory(num_slots, max_len, max_chunk)`` builds another
+    (the expert store's layer-by-layer runner, ``serve.offload``)."""
+    if factory is not None:
+        return factory(num_slots, max_len, max_chunk)
     if not (hasattr(model, "init_cache") and hasattr(model, "extend")):
         raise TypeError(f"{type(model).__name__} has no init_cache/extend: it cannot decode")
     return CacheRunner(num_slots, max_len, max_chunk)
