@@ -1,4 +1,4 @@
-"""The MoE block: router + dispatch + routed SwiGLU experts (+ shared experts)."""
+"""The MoE block: router + dispatch + routed experts (+ shared experts); dense SwiGLU FFN."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from jaxtyping import Array, Float
 from moejax import dispatch as dispatch_lib
 from moejax import expert_parallel, sharding
 from moejax.config import MoEConfig
+from moejax.experts import RoutedExperts, swiglu
+from moejax.layers import LayerAux, LayerContext
 from moejax.routing import Router, update_router_bias
 
 
@@ -29,21 +31,17 @@ class SwiGLU(nnx.Module):
     def __call__(self, x_TD: Array) -> Array:
         dt = self.dtype
         x_TD = x_TD.astype(dt)
-        h_TF = dispatch_lib.swiglu(x_TD @ self.w_gate[...].astype(dt), x_TD @ self.w_up[...].astype(dt))
+        h_TF = swiglu(x_TD @ self.w_gate[...].astype(dt), x_TD @ self.w_up[...].astype(dt))
         return h_TF @ self.w_down[...].astype(dt)
 
 
-class RoutedExperts(nnx.Module):
-    """E SwiGLU experts stored stacked: w_gate/w_up [E, D, F], w_down [E, F, D]."""
+class DenseFFN(SwiGLU):
+    """The 'dense' FFN kind: a SwiGLU of width ``d_ff`` under the FFN protocol
+    (same parameters as :class:`SwiGLU`); reports no aux."""
 
-    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
-        e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
-        self.w_gate = nnx.Param(_normal(rngs, (e, d, f), d), logical_axes=("expert", "embed", "mlp"))
-        self.w_up = nnx.Param(_normal(rngs, (e, d, f), d), logical_axes=("expert", "embed", "mlp"))
-        self.w_down = nnx.Param(_normal(rngs, (e, f, d), f), logical_axes=("expert", "mlp", "embed"))
-
-    def weights(self, dtype):
-        return tuple(w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+    def __call__(self, x_BSD: Array, ctx: LayerContext | None = None) -> tuple[Array, LayerAux]:
+        del ctx  # a dense FFN needs nothing beyond its input
+        return super().__call__(x_BSD), LayerAux()
 
 
 class MoE(nnx.Module):
@@ -59,11 +57,12 @@ class MoE(nnx.Module):
        the 'dense' reference runs expert-parallel (``moejax.expert_parallel``);
        on other meshes it runs per device on the local tokens.
     4. Add the shared experts (optionally scaled by a sigmoid gate per token).
-    Returns (y [B, S, D], aux) with aux keys 'aux_loss', 'z_loss',
-    'router_loss' (the two weighted by their coefficients), 'expert_load' [E],
-    'dropped_fraction', and the exchange figures 'ep_overflow' (pairs dropped
-    by full expert-parallel buffers), 'dispatch_bytes' and 'dispatch_min_bytes'
-    (cross-device bytes of the forward exchange; 0 without expert parallelism).
+    Returns (y [B, S, D], aux), aux a :class:`~moejax.layers.LayerAux` with
+    'aux_loss', 'z_loss', 'router_loss' (the two weighted by their
+    coefficients), 'expert_load' [E], 'dropped_fraction', and the exchange
+    figures 'ep_overflow' (pairs dropped by full expert-parallel buffers),
+    'dispatch_bytes' and 'dispatch_min_bytes' (cross-device bytes of the
+    forward exchange; 0 without expert parallelism).
     """
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
@@ -81,13 +80,15 @@ class MoE(nnx.Module):
     def backend(self) -> str:
         return dispatch_lib.resolve_backend(self.cfg.dispatch, self.cfg.capacity_factor)
 
-    def __call__(self, x_BSD: Float[Array, "B S D"]) -> tuple[Float[Array, "B S D"], dict]:
+    def __call__(self, x_BSD: Float[Array, "B S D"], ctx: LayerContext | None = None
+                 ) -> tuple[Float[Array, "B S D"], LayerAux]:
+        del ctx  # routing looks at the hidden state only
         cfg = self.cfg
         if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE expects x of shape [B, S, {cfg.d_model}], got {x_BSD.shape}")
         batch, seq, d_model = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, d_model)
-        gates_TK, experts_TK, aux = self.router(x_TD, num_sequences=batch)
+        gates_TK, experts_TK, router_stats = self.router(x_TD, num_sequences=batch)
         out_TD, stats = self._routed(x_TD.astype(self.dtype), gates_TK, experts_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
@@ -95,28 +96,38 @@ class MoE(nnx.Module):
                 gate_T1 = jax.nn.sigmoid(x_TD.astype(jnp.float32) @ self.shared_gate[...])
                 shared_TD = (shared_TD.astype(jnp.float32) * gate_T1).astype(self.dtype)
             out_TD = out_TD + shared_TD
-        aux.update(stats)
-        aux["router_loss"] = cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
+        router_loss = (cfg.aux_loss_coef * router_stats["aux_loss"]
+                       + cfg.z_loss_coef * router_stats["z_loss"])
+        aux = LayerAux(router_loss=router_loss, **router_stats).merged(stats)
         return out_TD.reshape(batch, seq, d_model).astype(x_BSD.dtype), aux
 
     def _routed(self, x_TD, gates_TK, experts_TK):
         """Routed experts, expert-parallel when the mesh allows -> (out_TD, stats)."""
         cfg, backend = self.cfg, self.backend
-        weights = self.experts.weights(self.dtype)
-        layout = expert_parallel.layout_for(sharding.current_mesh(), cfg.num_experts,
-                                            x_TD.shape[0], cfg.d_model, cfg.d_ff)
+        experts = self.experts.weights()
+        layout = expert_parallel.layout_for(sharding.current_mesh(), experts, x_TD.shape[0])
         if backend != "dense" and layout is not None:
             return expert_parallel.expert_parallel_dispatch(
-                x_TD, gates_TK, experts_TK, weights, layout,
+                x_TD, gates_TK, experts_TK, experts, layout,
                 capacity_factor=cfg.capacity_factor, exchange=cfg.ep_exchange, backend=backend)
         out_TD, dropped = dispatch_lib.dispatch_experts(
-            backend, x_TD, gates_TK, experts_TK, weights, capacity_factor=cfg.capacity_factor)
+            backend, x_TD, gates_TK, experts_TK, experts, capacity_factor=cfg.capacity_factor)
         zero = jnp.zeros((), jnp.float32)
-        return out_TD, {"dropped_fraction": dropped, "ep_overflow": zero,
-                        "dispatch_bytes": zero, "dispatch_min_bytes": zero}
+        return out_TD, LayerAux(dropped_fraction=dropped, ep_overflow=zero,
+                                dispatch_bytes=zero, dispatch_min_bytes=zero)
 
     def update_bias(self, expert_load_E: Float[Array, "E"]) -> None:
         """Aux-loss-free balancing step (outside the optimizer); no-op without a bias."""
         if self.cfg.uses_router_bias and self.cfg.bias_update_rate > 0:
             self.router.bias[...] = update_router_bias(self.router.bias[...], expert_load_E,
                                                        self.cfg.bias_update_rate)
+
+
+def moe_backends(cfg: MoEConfig, mesh=None, rules: sharding.ShardingRules | None = None) -> str:
+    """One line for a log: the dispatch backend, grouped-matmul kernel and expert-parallel
+    exchange an MoE layer of ``cfg`` runs with on ``mesh`` (None: one device)."""
+    backend = dispatch_lib.resolve_backend(cfg.dispatch, cfg.capacity_factor)
+    how = f" ({cfg.dispatch})" if cfg.dispatch != backend else ""
+    ep = expert_parallel.describe(mesh, cfg.num_experts, cfg.ep_exchange, cfg.capacity_factor, rules)
+    return f"moe dispatch {backend}{how}: {dispatch_lib.describe_backend(backend)}; {ep}"
+

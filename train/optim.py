@@ -5,7 +5,8 @@ rule wins) against a parameter's path such as ``layers/0/ffn/experts/w_up``;
 the group's updates (weight decay included) are scaled by LR_MULT, exactly as
 if it had its own AdamW with ``lr * LR_MULT``. Memory-layer values are the
 intended use: ``--param-group 'memory.*values=10'``.
-Weight decay applies to matrices only (ndim >= 2), never to norm scales.
+Weight decay applies to matrices only (ndim >= 2), never to norm scales; the
+leading layer axis of scanned layers (``stacks/...``) does not count.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
 
 def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     """clip -> Adam moments -> decoupled weight decay -> schedule -> group multipliers."""
-    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+    decay_mask = jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim - (param_path(path).startswith("stacks/")) >= 2, params)
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
