@@ -8,6 +8,7 @@ jitted function.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,24 +128,110 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """A memory layer (product-key or hashed n-gram) that replaces an FFN.
+    """Memory layers: product-key memory (FFN kind 'pkm') and hashed n-gram memory ('engram').
 
-    Reserved for the memory-layer wave; validated now so configs that name
-    one fail early with a clear message rather than being ignored.
+    Product-key memory (Lample et al. 2019; "Memory Layers at Scale", Berges
+    et al. 2024): ``num_slots`` = n * n value rows of width ``d_value``
+    (default: d_model), addressed by ``num_heads`` heads that each score n
+    sub-keys per half of a ``d_key``-wide query and read ``top_k`` rows.
+    ``share_values``: every 'pkm' layer of a model reads one value table.
+
+    Hashed n-gram memory (DeepSeek's Engram): for each order n in
+    ``ngram_orders`` and each of ``ngram_heads`` hash heads, the suffix n-gram
+    of token ids at a position picks one ``ngram_d_row``-wide row; the table
+    holds ``ngram_table_rows`` rows, split evenly over the (order, head)
+    pairs, and each pair uses the largest distinct prime that fits its share
+    (its own modulus). ``ngram_conv_kernel`` is the width of the causal
+    depthwise convolution (dilation: the largest order). ``ngram_id_map``
+    canonicalises ids before hashing ('casefold_bytes': ASCII upper case ->
+    lower case, for byte-level vocabularies). ``hash_seed`` seeds the per-layer
+    odd multipliers.
     """
 
-    kind: str = "product_key"
-    num_keys: int = 256            # sub-keys per half: n*n slots in all
+    num_slots: int = 4096
     top_k: int = 32
-    d_key: int = 128
-    num_heads: int = 1
-    value_lr_multiplier: float = 1.0
+    num_heads: int = 4
+    d_key: int = 64
+    d_value: int | None = None
+    share_values: bool = False
+    ngram_orders: tuple[int, ...] = (2, 3)
+    ngram_heads: int = 4
+    ngram_table_rows: int = 32768
+    ngram_d_row: int = 32
+    ngram_conv_kernel: int = 4
+    ngram_id_map: str = "none"
+    hash_seed: int = 0
 
     def __post_init__(self):
-        _choice(self, "kind", ("product_key", "hashed_ngram"))
-        _positive_ints(self, "num_keys", "top_k", "d_key", "num_heads")
-        _require(self.top_k <= self.num_keys * self.num_keys, "MemoryConfig", "top_k",
-                 f"top_k={self.top_k} exceeds the {self.num_keys ** 2} slots")
+        name = "MemoryConfig"
+        _positive_ints(self, "num_slots", "top_k", "num_heads", "d_key", "ngram_heads",
+                       "ngram_table_rows", "ngram_d_row", "ngram_conv_kernel")
+        n = math.isqrt(self.num_slots)
+        _require(n * n == self.num_slots, name, "num_slots",
+                 f"must be a perfect square (n * n slots from n sub-keys per half), got {self.num_slots}")
+        _require(self.top_k <= n, name, "top_k",
+                 f"top_k={self.top_k} exceeds the n={n} sub-keys per half (num_slots={self.num_slots})")
+        _require(self.d_key % 2 == 0, name, "d_key",
+                 f"must be even (two halves of the query), got {self.d_key}")
+        _require(self.d_value is None or (isinstance(self.d_value, int) and self.d_value > 0),
+                 name, "d_value", f"must be None (d_model) or a positive int, got {self.d_value!r}")
+        orders = self.ngram_orders
+        _require(isinstance(orders, tuple) and len(orders) > 0
+                 and all(isinstance(o, int) and not isinstance(o, bool) and o >= 1 for o in orders)
+                 and list(orders) == sorted(set(orders)), name, "ngram_orders",
+                 f"must be a non-empty sorted tuple of distinct ints >= 1, got {orders!r}")
+        _choice(self, "ngram_id_map", NGRAM_ID_MAPS)
+        _require(isinstance(self.hash_seed, int) and self.hash_seed >= 0, name, "hash_seed",
+                 f"must be an int >= 0, got {self.hash_seed!r}")
+        heads = len(orders) * self.ngram_heads
+        share = self.ngram_table_rows // heads
+        need = _nth_prime(heads)  # the heads need `heads` distinct primes <= their share
+        _require(share >= need, name, "ngram_table_rows",
+                 f"{self.ngram_table_rows} rows give each of the {len(orders)} orders x "
+                 f"{self.ngram_heads} hash heads {share} rows, smaller than a hash head needs "
+                 f"(>= {need} rows for {heads} distinct prime table sizes)")
+
+    @property
+    def num_keys(self) -> int:
+        """n: sub-keys per half (num_slots = n * n)."""
+        return math.isqrt(self.num_slots)
+
+    def ngram_table_sizes(self) -> tuple[tuple[int, ...], ...]:
+        """Prime table size of every hash head, [order][head]: the largest distinct
+        primes that fit each head's share of ``ngram_table_rows``."""
+        heads = len(self.ngram_orders) * self.ngram_heads
+        primes = _primes_below(self.ngram_table_rows // heads, heads)
+        h = self.ngram_heads
+        return tuple(tuple(primes[o * h:(o + 1) * h]) for o in range(len(self.ngram_orders)))
+
+    def replace(self, **changes: Any) -> "MemoryConfig":
+        return dataclasses.replace(self, **changes)
+
+
+NGRAM_ID_MAPS = ("none", "casefold_bytes")
+
+
+def _is_prime(x: int) -> bool:
+    return x >= 2 and all(x % d for d in range(2, math.isqrt(x) + 1))
+
+
+def _nth_prime(count: int) -> int:
+    """The count-th prime (1 -> 2): the smallest share that holds `count` distinct primes."""
+    x, found = 1, 0
+    while found < count:
+        x += 1
+        found += _is_prime(x)
+    return x
+
+
+def _primes_below(limit: int, count: int) -> list[int]:
+    """The `count` largest primes <= limit, largest first."""
+    out, x = [], limit
+    while len(out) < count:
+        if _is_prime(x):
+            out.append(x)
+        x -= 1
+    return out
 
 
 @dataclass(frozen=True)
