@@ -153,9 +153,17 @@ class NGramMemory(nnx.Module):
         return ngram_indices(tokens_BS, prev_tokens_BN, self.multipliers[...], self.cfg, id_map)
 
     def __call__(self, x_BSD: Float[Array, "B S D"], ctx):
-        from moejax.layers import LayerAux
+        """FFN-kind call -> (y, LayerAux()); in decoding sets ``ctx.new_state``."""
+        from moejax.layers import LayerAux  # layers.py builds the kinds: import at call time
+        y_BSD, new_state = self.apply(x_BSD, ctx.tokens_BS, ctx.prev_tokens_BN, ctx.state, ctx.valid_BS)
+        if ctx.state is not None:  # decoding: hand the window on to the next call
+            ctx.new_state = new_state
+        return y_BSD, LayerAux()
+
+    def apply(self, x_BSD, tokens_BS, prev_tokens_BN=None, state_BWD=None, valid_BS=None):
+        """Steps 1-3 -> (y [B, S, D], the conv window after this chunk [B, W, D])."""
         dt = self.dtype
-        e_BSE = ngram_lookup(getattr(self, VALUES)[...], self.rows(ctx.tokens_BS, ctx.prev_tokens_BN))
+        e_BSE = ngram_lookup(getattr(self, VALUES)[...], self.rows(tokens_BS, prev_tokens_BN))
         k_BSD = jnp.einsum("bse,ed->bsd", e_BSE.astype(dt), self.w_k[...].astype(dt),
                            preferred_element_type=jnp.float32)
         v_BSD = jnp.einsum("bse,ed->bsd", e_BSE.astype(dt), self.w_v[...].astype(dt),
@@ -166,11 +174,9 @@ class NGramMemory(nnx.Module):
         gate_BS1 = jax.nn.sigmoid(jnp.sum(h_BSD * k_BSD, axis=-1, keepdims=True) / np.sqrt(d_model))
         v_BSD = gate_BS1 * v_BSD
         u_BSD = _rms(v_BSD) * self.v_scale[...][None, None]
-        conv_BSD, new_state = self._causal_conv(u_BSD, ctx.state, ctx.valid_BS)
-        if ctx.state is not None:  # decoding: hand the window on to the next call
-            ctx.new_state = new_state
+        conv_BSD, new_state_BWD = self._causal_conv(u_BSD, state_BWD, valid_BS)
         y_BSD = v_BSD + jax.nn.silu(conv_BSD)
-        return y_BSD.astype(x_BSD.dtype), LayerAux()
+        return y_BSD.astype(x_BSD.dtype), new_state_BWD
 
     def _causal_conv(self, u_BSD, state_BWD, valid_BS):
         """out[t] = sum_j conv[j] * u[t - j * dilation]; inputs before the chunk come from
