@@ -52,6 +52,7 @@ class TrainConfig:
     beta2: float = 0.95
     clip_norm: float = 1.0
     param_groups: tuple[str, ...] = ()
+    memory_lr_mult: float = 10.0   # memory-layer value tables: lr * this, no weight decay
     dtype: str | None = None       # compute dtype; None = the model config's
     mesh: str | None = None
     eval_every: int = 100
@@ -79,6 +80,8 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise TrainError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)!r}")
+        if not self.memory_lr_mult >= 0:
+            raise TrainError(f"--memory-lr-mult must be >= 0, got {self.memory_lr_mult!r}")
         if self.weight_decay < 0 or self.clip_norm < 0:
             raise TrainError("--weight-decay and --clip-norm must be >= 0 (0 turns them off)")
         if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
