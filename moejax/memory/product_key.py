@@ -44,10 +44,22 @@ def topk_from_halves(s1_Xn: Float[Array, "... n"], s2_Xn: Float[Array, "... n"],
 
 
 def _topk_in_index_order(s_Xn, k):
+    """Top-k of the last axis, listed in increasing index order.
+
+    The reordering is a k x k comparison and a one-hot selection (rank of
+    each index among the k), not an argsort: XLA:CPU sorts 32 elements about
+    as slowly as it takes a top-k of 1024.
+    """
     values_Xk, idx_Xk = jax.lax.top_k(s_Xn, k)  # ties: lower index first (the set is exact)
-    order_Xk = jnp.argsort(idx_Xk, axis=-1)
-    return (jnp.take_along_axis(values_Xk, order_Xk, axis=-1),
-            jnp.take_along_axis(idx_Xk, order_Xk, axis=-1))
+    rank_Xk = jnp.sum(idx_Xk[..., None, :] < idx_Xk[..., :, None], axis=-1)   # distinct indices
+    slots = jnp.arange(k, dtype=rank_Xk.dtype)
+    onehot_Xkk = rank_Xk[..., :, None] == slots.reshape((1,) * rank_Xk.ndim + (k,))   # [.., from, to]
+    # from-slot of every to-slot (exact integer sums), then gathers: a gather keeps -0.0,
+    # a summed selection would turn it into +0.0 (which top_k orders above -0.0)
+    from_Xk = jnp.sum(jnp.where(onehot_Xkk, slots.reshape((1,) * (rank_Xk.ndim - 1) + (k, 1)), 0),
+                      axis=-2)
+    return (jnp.take_along_axis(values_Xk, from_Xk, axis=-1),
+            jnp.take_along_axis(idx_Xk, from_Xk, axis=-1))
 
 
 def product_key_topk(q_TK: Float[Array, "T K"], subkeys1_nK2: Float[Array, "n K2"],
