@@ -1,9 +1,10 @@
 """moejax: Mixture-of-Experts and memory-layer language models in JAX."""
 
-from moejax import sharding
+from moejax import layers, sharding
 from moejax.config import ConfigError, MemoryConfig, MLAConfig, MoEConfig, ModelConfig, YarnConfig
+from moejax.layers import LayerAux, LayerContext, register_ffn_kind
 from moejax.model import Transformer
 from moejax.moe import MoE
 
-__all__ = ["ConfigError", "MemoryConfig", "MLAConfig", "MoEConfig", "ModelConfig", "MoE", "Transformer",
-           "YarnConfig", "sharding"]
+__all__ = ["ConfigError", "LayerAux", "LayerContext", "MemoryConfig", "MLAConfig", "MoEConfig",
+           "ModelConfig", "MoE", "Transformer", "YarnConfig", "layers", "register_ffn_kind", "sharding"]

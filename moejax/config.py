@@ -299,12 +299,14 @@ class MLAConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only Transformer: embeddings, GQA + RoPE attention, MoE/dense FFNs.
+    """Decoder-only Transformer: embeddings, GQA + RoPE attention, per-layer FFN kinds.
 
-    Layer i uses an MoE FFN when ``moe`` is set, ``i >= first_k_dense`` and
-    ``(i - first_k_dense) % moe_every == 0``; otherwise a dense SwiGLU FFN of
-    width ``d_ff``. An explicit ``moe_layers`` tuple (HF Qwen-MoE's
-    ``decoder_sparse_step`` with ``mlp_only_layers``) overrides that rule.
+    ``ffn_kinds`` names each layer's FFN: 'dense' (SwiGLU of width ``d_ff``),
+    'moe' (needs ``moe``) or a kind registered with
+    ``moejax.layers.register_ffn_kind``. None (the default) means 'moe' in
+    every layer when ``moe`` is set, else 'dense'; it is filled in at
+    construction, so ``cfg.ffn_kinds`` is always a tuple of n_layers names
+    (use :func:`ffn_kinds_from_rule` for DeepSeek-style "first k dense").
     ``mla`` switches attention to multi-head latent attention (DeepSeek);
     ``rope_yarn`` turns on YaRN-scaled RoPE.
     """
@@ -317,8 +319,7 @@ class ModelConfig:
     d_ff: int
     head_dim: int | None = None
     moe: MoEConfig | None = None
-    first_k_dense: int = 0
-    moe_every: int = 1
+    ffn_kinds: tuple[str, ...] | None = None
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
@@ -327,14 +328,13 @@ class ModelConfig:
     attention_bias: bool = False
     dtype: str = "float32"
     name: str = "custom"
-    moe_layers: tuple[int, ...] | None = None
     mla: MLAConfig | None = None
     rope_yarn: YarnConfig | None = None
 
     def __post_init__(self):
         name = "ModelConfig"
         _positive_ints(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                       "d_ff", "moe_every", "max_seq_len")
+                       "d_ff", "max_seq_len")
         _choice(self, "dtype", DTYPES)
         _choice(self, "qk_norm", QK_NORMS)
         _require(self.n_heads % self.n_kv_heads == 0, name, "n_kv_heads",
@@ -346,21 +346,13 @@ class ModelConfig:
                  name, "head_dim", f"must be a positive even int (RoPE), got {self.head_dim!r}")
         _require(self.mla is not None or self.resolved_head_dim % 2 == 0, name, "head_dim",
                  f"head_dim {self.resolved_head_dim} must be even for RoPE")
-        _require(isinstance(self.first_k_dense, int) and 0 <= self.first_k_dense <= self.n_layers,
-                 name, "first_k_dense", f"must be in [0, n_layers={self.n_layers}], got {self.first_k_dense!r}")
         if self.moe is not None:
             _require(isinstance(self.moe, MoEConfig), name, "moe", "must be a MoEConfig or None")
             _require(self.moe.d_model == self.d_model, name, "moe",
                      f"moe.d_model={self.moe.d_model} differs from d_model={self.d_model}")
-        if self.moe_layers is not None:
-            layers = self.moe_layers
-            _require(isinstance(layers, tuple) and all(isinstance(i, int) and 0 <= i < self.n_layers
-                                                       for i in layers),
-                     name, "moe_layers", f"must be a tuple of layer indices in [0, {self.n_layers}), "
-                     f"got {layers!r}")
-            _require(list(layers) == sorted(set(layers)), name, "moe_layers",
-                     f"must be sorted without repeats, got {layers!r}")
-            _require(self.moe is not None, name, "moe_layers", "needs an MoE config (moe=None)")
+        if self.ffn_kinds is None:  # the default placement, filled in so the field is explicit
+            object.__setattr__(self, "ffn_kinds", ffn_kinds_from_rule(self.n_layers, self.moe))
+        self._check_ffn_kinds()
         _require(self.rope_yarn is None or isinstance(self.rope_yarn, YarnConfig), name, "rope_yarn",
                  "must be a YarnConfig or None")
         if self.mla is not None:
@@ -375,18 +367,34 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
+    def _check_ffn_kinds(self) -> None:
+        from moejax.layers import FFN_KINDS  # the registry imports the modules that use configs
+
+        kinds = self.ffn_kinds
+        _require(isinstance(kinds, tuple) and all(isinstance(k, str) for k in kinds),
+                 "ModelConfig", "ffn_kinds", f"must be a tuple of kind names, got {kinds!r}")
+        _require(len(kinds) == self.n_layers, "ModelConfig", "ffn_kinds",
+                 f"has {len(kinds)} entries but n_layers={self.n_layers}; name one kind per layer")
+        for layer, kind in enumerate(kinds):
+            _require(kind in FFN_KINDS, "ModelConfig", "ffn_kinds",
+                     f"layer {layer}: unknown kind {kind!r}; registered: {', '.join(sorted(FFN_KINDS))}")
+            for need in FFN_KINDS[kind].needs:
+                _require(getattr(self, need) is not None, "ModelConfig", "ffn_kinds",
+                         f"layer {layer} is {kind!r}, which needs {need} (got {need}=None)")
+
     def is_moe_layer(self, layer: int) -> bool:
-        if self.moe is not None and self.moe_layers is not None:
-            return layer in self.moe_layers
-        if self.moe is None or layer < self.first_k_dense:
-            return False
-        return (layer - self.first_k_dense) % self.moe_every == 0
+        return self.ffn_kinds[layer] == "moe"
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     def replace(self, **changes: Any) -> "ModelConfig":
+        """dataclasses.replace; when n_layers or moe changes and ffn_kinds is not given,
+        a placement that was the default is re-derived (any other must be given anew)."""
+        if ("n_layers" in changes or "moe" in changes) and "ffn_kinds" not in changes \
+                and self.ffn_kinds == ffn_kinds_from_rule(self.n_layers, self.moe):
+            changes["ffn_kinds"] = None
         return dataclasses.replace(self, **changes)
 
     @staticmethod
@@ -434,7 +442,8 @@ def _deepseek_mini() -> ModelConfig:
     mla = MLAConfig(kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                     q_lora_rank=96)
     return ModelConfig(name="deepseek-mini", vocab_size=1024, d_model=256, n_layers=4, n_heads=8,
-                       n_kv_heads=8, d_ff=768, moe=moe, first_k_dense=1, mla=mla)
+                       n_kv_heads=8, d_ff=768, moe=moe, mla=mla,
+                       ffn_kinds=ffn_kinds_from_rule(4, moe, first_k_dense=1))
 
 
 def _olmoe_mini() -> ModelConfig:
@@ -459,6 +468,30 @@ PRESETS = {
 }
 
 
+def ffn_kinds_from_rule(n_layers: int, moe: MoEConfig | None, *, first_k_dense: int = 0,
+                        moe_every: int = 1, moe_layers=None) -> tuple[str, ...]:
+    """Per-layer kinds from the older placement rule: with ``moe`` set, layer i is 'moe'
+    when ``i >= first_k_dense`` and ``(i - first_k_dense) % moe_every == 0``, or when
+    i is in ``moe_layers`` if that is given; every other layer is 'dense'."""
+    _require(isinstance(first_k_dense, int) and 0 <= first_k_dense <= n_layers, "ModelConfig",
+             "first_k_dense", f"must be in [0, n_layers={n_layers}], got {first_k_dense!r}")
+    _require(isinstance(moe_every, int) and moe_every >= 1, "ModelConfig", "moe_every",
+             f"must be a positive int, got {moe_every!r}")
+
+    def is_moe(i: int) -> bool:
+        if moe is None:
+            return False
+        if moe_layers is not None:
+            return i in moe_layers
+        return i >= first_k_dense and (i - first_k_dense) % moe_every == 0
+
+    return tuple("moe" if is_moe(i) else "dense" for i in range(n_layers))
+
+
+# Placement fields of config.json files written before ffn_kinds existed.
+_LEGACY_PLACEMENT = ("first_k_dense", "moe_every", "moe_layers")
+
+
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     """JSON-ready dict of a ModelConfig (nested MoEConfig included)."""
     return dataclasses.asdict(cfg)
@@ -469,8 +502,9 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     data = dict(data)
     moe = data.pop("moe", None)
     mla = data.pop("mla", None)
-    if data.get("moe_layers") is not None:
-        data["moe_layers"] = tuple(data["moe_layers"])  # JSON stores tuples as lists
+    legacy = {k: data.pop(k) for k in _LEGACY_PLACEMENT if k in data}
+    if data.get("ffn_kinds") is not None:
+        data["ffn_kinds"] = tuple(data["ffn_kinds"])  # JSON stores tuples as lists
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(data) - known
     if unknown:
@@ -480,6 +514,15 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         if set(moe) - moe_known:
             raise ConfigError(f"MoEConfig: unknown fields {sorted(set(moe) - moe_known)}")
         moe = MoEConfig(**moe)
+    if legacy:
+        if data.get("ffn_kinds") is not None:
+            raise ConfigError(f"ModelConfig: ffn_kinds together with the older placement fields "
+                              f"{sorted(legacy)}; give one")
+        if legacy.get("moe_layers") is not None:
+            legacy["moe_layers"] = tuple(legacy["moe_layers"])
+        if "n_layers" not in data:
+            raise ConfigError("ModelConfig.n_layers: missing")
+        data["ffn_kinds"] = ffn_kinds_from_rule(data["n_layers"], moe, **legacy)
     mla = _nested(MLAConfig, mla)
     rope_yarn = _nested(YarnConfig, data.pop("rope_yarn", None))
     return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, **data)

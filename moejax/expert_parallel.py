@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from moejax import sharding
+from moejax.layers import LayerAux
 from moejax.dispatch import (GMM_BACKENDS, dispatch_experts, grouped_ffn, permute, plan_sort,
                              take_rows, unpermute)
 
@@ -110,7 +111,7 @@ def receive_rows(tokens_local: int, top_k: int, layout: EPLayout,
 def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "T K"],
                              experts_TK: Int[Array, "T K"], weights, layout: EPLayout, *,
                              capacity_factor: float | None, exchange: str, backend: str):
-    """Run the routed experts expert-parallel -> (out_TD, stats).
+    """Run the routed experts expert-parallel -> (out_TD, stats: LayerAux).
 
     ``backend`` is the MoE dispatch backend ('capacity' | 'ragged' | 'gmm'): on a
     mesh without an expert axis it runs as is on each device's tokens; with one,
@@ -155,8 +156,8 @@ def _dispatch(x_TD, gates_TK, experts_TK, weights, *, layout: EPLayout,
             for a, s in zip((x_TD, gates_TK, experts_TK, *weights), specs)]
     out_TD, stats = jax.shard_map(local, mesh=layout.mesh, in_specs=specs,
                                   out_specs=(tok, P()))(*args)
-    stats["dropped_fraction"] = stats.pop("dropped_pairs") / experts_TK.size
-    return out_TD, stats
+    dropped_fraction = stats.pop("dropped_pairs") / experts_TK.size
+    return out_TD, LayerAux(dropped_fraction=dropped_fraction, **stats)
 
 
 def _sharded_over(entry, axis: str) -> bool:

@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 from moejax import dispatch as dispatch_lib
 from moejax import expert_parallel, sharding
 from moejax.config import MoEConfig
+from moejax.layers import LayerAux, LayerContext
 from moejax.routing import Router, update_router_bias
 
 
@@ -31,6 +32,15 @@ class SwiGLU(nnx.Module):
         x_TD = x_TD.astype(dt)
         h_TF = dispatch_lib.swiglu(x_TD @ self.w_gate[...].astype(dt), x_TD @ self.w_up[...].astype(dt))
         return h_TF @ self.w_down[...].astype(dt)
+
+
+class DenseFFN(SwiGLU):
+    """The 'dense' FFN kind: a SwiGLU of width ``d_ff`` under the FFN protocol
+    (same parameters as :class:`SwiGLU`); reports no aux."""
+
+    def __call__(self, x_BSD: Array, ctx: LayerContext | None = None) -> tuple[Array, LayerAux]:
+        del ctx  # a dense FFN needs nothing beyond its input
+        return super().__call__(x_BSD), LayerAux()
 
 
 class RoutedExperts(nnx.Module):
@@ -59,11 +69,12 @@ class MoE(nnx.Module):
        the 'dense' reference runs expert-parallel (``moejax.expert_parallel``);
        on other meshes it runs per device on the local tokens.
     4. Add the shared experts (optionally scaled by a sigmoid gate per token).
-    Returns (y [B, S, D], aux) with aux keys 'aux_loss', 'z_loss',
-    'router_loss' (the two weighted by their coefficients), 'expert_load' [E],
-    'dropped_fraction', and the exchange figures 'ep_overflow' (pairs dropped
-    by full expert-parallel buffers), 'dispatch_bytes' and 'dispatch_min_bytes'
-    (cross-device bytes of the forward exchange; 0 without expert parallelism).
+    Returns (y [B, S, D], aux), aux a :class:`~moejax.layers.LayerAux` with
+    'aux_loss', 'z_loss', 'router_loss' (the two weighted by their
+    coefficients), 'expert_load' [E], 'dropped_fraction', and the exchange
+    figures 'ep_overflow' (pairs dropped by full expert-parallel buffers),
+    'dispatch_bytes' and 'dispatch_min_bytes' (cross-device bytes of the
+    forward exchange; 0 without expert parallelism).
     """
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
@@ -81,13 +92,15 @@ class MoE(nnx.Module):
     def backend(self) -> str:
         return dispatch_lib.resolve_backend(self.cfg.dispatch, self.cfg.capacity_factor)
 
-    def __call__(self, x_BSD: Float[Array, "B S D"]) -> tuple[Float[Array, "B S D"], dict]:
+    def __call__(self, x_BSD: Float[Array, "B S D"], ctx: LayerContext | None = None
+                 ) -> tuple[Float[Array, "B S D"], LayerAux]:
+        del ctx  # routing looks at the hidden state only
         cfg = self.cfg
         if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE expects x of shape [B, S, {cfg.d_model}], got {x_BSD.shape}")
         batch, seq, d_model = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, d_model)
-        gates_TK, experts_TK, aux = self.router(x_TD, num_sequences=batch)
+        gates_TK, experts_TK, router_stats = self.router(x_TD, num_sequences=batch)
         out_TD, stats = self._routed(x_TD.astype(self.dtype), gates_TK, experts_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
@@ -95,8 +108,9 @@ class MoE(nnx.Module):
                 gate_T1 = jax.nn.sigmoid(x_TD.astype(jnp.float32) @ self.shared_gate[...])
                 shared_TD = (shared_TD.astype(jnp.float32) * gate_T1).astype(self.dtype)
             out_TD = out_TD + shared_TD
-        aux.update(stats)
-        aux["router_loss"] = cfg.aux_loss_coef * aux["aux_loss"] + cfg.z_loss_coef * aux["z_loss"]
+        router_loss = (cfg.aux_loss_coef * router_stats["aux_loss"]
+                       + cfg.z_loss_coef * router_stats["z_loss"])
+        aux = LayerAux(router_loss=router_loss, **router_stats).merged(stats)
         return out_TD.reshape(batch, seq, d_model).astype(x_BSD.dtype), aux
 
     def _routed(self, x_TD, gates_TK, experts_TK):
@@ -112,8 +126,8 @@ class MoE(nnx.Module):
         out_TD, dropped = dispatch_lib.dispatch_experts(
             backend, x_TD, gates_TK, experts_TK, weights, capacity_factor=cfg.capacity_factor)
         zero = jnp.zeros((), jnp.float32)
-        return out_TD, {"dropped_fraction": dropped, "ep_overflow": zero,
-                        "dispatch_bytes": zero, "dispatch_min_bytes": zero}
+        return out_TD, LayerAux(dropped_fraction=dropped, ep_overflow=zero,
+                                dispatch_bytes=zero, dispatch_min_bytes=zero)
 
     def update_bias(self, expert_load_E: Float[Array, "E"]) -> None:
         """Aux-loss-free balancing step (outside the optimizer); no-op without a bias."""

@@ -34,7 +34,10 @@ def test_bad_moe_config_names_the_field(changes, field):
     (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(d_model=130), "head_dim"),
     (dict(head_dim=7), "head_dim"),
-    (dict(first_k_dense=9), "first_k_dense"),
+    (dict(ffn_kinds=("moe",) * 3), "ffn_kinds"),           # wrong length
+    (dict(ffn_kinds=("moe", "moe", "mlp", "moe")), "ffn_kinds"),  # unknown kind
+    (dict(ffn_kinds=["moe"] * 4), "ffn_kinds"),             # not a tuple
+    (dict(moe=None, ffn_kinds=("dense", "moe", "dense", "dense")), "ffn_kinds"),  # moe without MoEConfig
     (dict(qk_norm="layer"), "qk_norm"),
     (dict(moe=moejax.MoEConfig(**{**BASE, "d_model": 32})), "moe"),
 ])

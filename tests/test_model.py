@@ -21,11 +21,12 @@ def test_logits_are_causal(name):
     assert not np.allclose(before[:, 7:], after[:, 7:])
 
 
-def test_moe_placement_follows_first_k_dense_and_moe_every():
-    cfg = moejax.ModelConfig.preset("tiny").replace(n_layers=6, first_k_dense=1, moe_every=2)
+def test_ffn_kinds_place_the_moe_layers():
+    kinds = ("dense", "moe", "dense", "moe", "dense", "moe")
+    cfg = moejax.ModelConfig.preset("tiny").replace(n_layers=6, ffn_kinds=kinds)
     model = moejax.Transformer(cfg, rngs=nnx.Rngs(0))
-    assert [b.is_moe for b in model.layers] == [False, True, False, True, False, True]
-    assert cfg.num_moe_layers == 3
+    assert [isinstance(b.ffn, moejax.MoE) for b in model.layers] == [k == "moe" for k in kinds]
+    assert cfg.num_moe_layers == 3 and model.moe_layers == [model.layers[i].ffn for i in (1, 3, 5)]
     _, aux = model(jnp.zeros((1, 4), jnp.int32))
     assert aux["expert_load"].shape == (3, cfg.moe.num_experts)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from moejax.config import MLAConfig, MoEConfig, ModelConfig
+from moejax.config import MLAConfig, MoEConfig, ModelConfig, ffn_kinds_from_rule
 from moejax.convert.hf_config import (HFConfig, UnsupportedConfigError, read_common, read_head_dim,
                                       read_rope, write_common)
 
@@ -40,6 +40,9 @@ def _moe_problems(cfg: ModelConfig, *, router: str, shared: bool, gate: bool,
     if moe is None:
         return ["it has no MoE layers"]
     problems = []
+    others = sorted(set(cfg.ffn_kinds) - {"dense", "moe"})
+    if others:
+        problems.append(f"ffn_kinds has {others} (only 'dense' and 'moe' exist in HF checkpoints)")
     if moe.router != router:
         problems.append(f"router={moe.router!r} (needs {router!r})")
     if bool(moe.num_shared_experts) != shared:
@@ -129,10 +132,9 @@ def _read_qwen(hf: HFConfig, *, qwen3: bool) -> ModelConfig:
                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
                     aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_coef=0.0,
                     **shared)
-    all_layers = layers == tuple(range(common["n_layers"]))
     return ModelConfig(
         name=hf.model_type, d_ff=hf.require("intermediate_size"), moe=moe,
-        moe_layers=None if all_layers else layers,
+        ffn_kinds=ffn_kinds_from_rule(common["n_layers"], moe, moe_layers=layers),
         head_dim=read_head_dim(hf, common["d_model"], common["n_heads"]),
         qk_norm="head" if qwen3 else "none",
         attention_bias=False if qwen3 else bool(hf.get("qkv_bias", True)), **common)
@@ -227,8 +229,12 @@ def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
                     aux_loss_type="sequence", aux_loss_coef=float(hf.data.get("aux_loss_alpha") or 0.0),
                     z_loss_coef=0.0)
     first_dense = hf.get("first_k_dense_replace", 0)
-    return ModelConfig(name="deepseek_v3", d_ff=hf.require("intermediate_size"), moe=moe,
-                       first_k_dense=first_dense, mla=mla, **common)
+    if not isinstance(first_dense, int) or not 0 <= first_dense <= common["n_layers"]:
+        raise UnsupportedConfigError(f"deepseek_v3 config.json: first_k_dense_replace={first_dense!r} "
+                                     f"must be an int in [0, num_hidden_layers={common['n_layers']}]")
+    return ModelConfig(name="deepseek_v3", d_ff=hf.require("intermediate_size"), moe=moe, mla=mla,
+                       ffn_kinds=ffn_kinds_from_rule(common["n_layers"], moe, first_k_dense=first_dense),
+                       **common)
 
 
 def _write_deepseek_v3(cfg: ModelConfig) -> dict[str, Any]:

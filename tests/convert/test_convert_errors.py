@@ -131,13 +131,13 @@ def test_save_hf_refuses_configs_no_family_expresses(tmp_path):
 def test_model_config_validates_new_fields():
     base = dict(vocab_size=32, d_model=16, n_layers=3, n_heads=2, n_kv_heads=2, d_ff=16)
     moe = MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2)
-    assert [ModelConfig(**base, moe=moe, moe_layers=(0, 2)).is_moe_layer(i) for i in range(3)] == \
-        [True, False, True]
-    for bad in [(3,), (2, 0), (1, 1), [0, 1]]:
-        with pytest.raises(ConfigError, match="moe_layers"):
-            ModelConfig(**base, moe=moe, moe_layers=bad)
-    with pytest.raises(ConfigError, match="moe_layers"):
-        ModelConfig(**base, moe_layers=(0,))
+    assert [ModelConfig(**base, moe=moe, ffn_kinds=("moe", "dense", "moe")).is_moe_layer(i)
+            for i in range(3)] == [True, False, True]
+    for bad in [("moe",), ("moe", "dense", "pkm?"), ["moe", "moe", "moe"]]:
+        with pytest.raises(ConfigError, match="ffn_kinds"):
+            ModelConfig(**base, moe=moe, ffn_kinds=bad)
+    with pytest.raises(ConfigError, match="ffn_kinds.*needs moe"):
+        ModelConfig(**base, ffn_kinds=("moe", "dense", "dense"))
     mla = MLAConfig(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4)
     with pytest.raises(ConfigError, match="n_kv_heads"):
         ModelConfig(**{**base, "n_kv_heads": 1}, mla=mla)

@@ -26,14 +26,16 @@ def family_configs() -> dict[str, ModelConfig]:
     all_moe = {**base, "d_ff": 24}  # no dense layer: d_ff is the expert width, as HF has it
     return {
         "mixtral": ModelConfig(**all_moe, moe=MoEConfig(**moe)),
-        "qwen2_moe": ModelConfig(**{**base, "n_layers": 3}, attention_bias=True, moe_layers=(1, 2),
+        "qwen2_moe": ModelConfig(**{**base, "n_layers": 3}, attention_bias=True,
+                                 ffn_kinds=("dense", "moe", "moe"),
                                  moe=MoEConfig(**moe, norm_topk_prob=False, num_shared_experts=1,
                                                shared_d_ff=20, shared_expert_gate=True)),
-        "qwen3_moe": ModelConfig(**{**base, "n_layers": 3}, head_dim=12, qk_norm="head", moe_layers=(0, 2),
+        "qwen3_moe": ModelConfig(**{**base, "n_layers": 3}, head_dim=12, qk_norm="head",
+                                 ffn_kinds=("moe", "dense", "moe"),
                                  moe=MoEConfig(**moe)),
         "olmoe": ModelConfig(**all_moe, qk_norm="proj", moe=MoEConfig(**moe, norm_topk_prob=False)),
         "deepseek_v3": ModelConfig(
-            **{**base, "n_kv_heads": 4}, first_k_dense=1,
+            **{**base, "n_kv_heads": 4}, ffn_kinds=("dense", "moe"),
             mla=MLAConfig(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4,
                           v_head_dim=10),
             moe=MoEConfig(**{**moe, "num_experts": 8}, router="sigmoid", n_group=2, topk_group=1,
@@ -150,7 +152,7 @@ def test_cli_from_hf_writes_a_run_dir_and_back(tmp_path):
     assert cli_main(["--from-hf", str(tmp_path / "bad"), "--out", str(tmp_path / "run2")]) == 2
 
 
-def test_config_dict_round_trip_keeps_mla_and_moe_layers():
+def test_config_dict_round_trip_keeps_mla_and_ffn_kinds():
     for cfg in family_configs().values():
         data = json.loads(json.dumps(config_to_dict(cfg)))
         assert config_from_dict(data) == cfg

@@ -94,14 +94,15 @@ def test_qwen15_moe(tmp_path):
     cfg = read(tmp_path, QWEN15_MOE)
     assert cfg.attention_bias and cfg.moe.shared_expert_gate and cfg.moe.shared_hidden == 5632
     assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.norm_topk_prob) == (60, 4, False)
-    assert cfg.moe_layers is None and cfg.num_moe_layers == 24
+    assert cfg.ffn_kinds == ("moe",) * 24 and cfg.num_moe_layers == 24
 
 
 def test_qwen3_moe_with_sparse_step_and_mlp_only_layers(tmp_path):
     cfg = read(tmp_path, QWEN3_30B_A3B)
     assert cfg.qk_norm == "head" and cfg.resolved_head_dim == 128 and cfg.moe.norm_topk_prob
     stepped = read(tmp_path, {**QWEN3_30B_A3B, "decoder_sparse_step": 2, "mlp_only_layers": [3, 47]})
-    assert stepped.moe_layers == tuple(i for i in range(48) if i % 2 == 1 and i not in (3, 47))
+    assert stepped.ffn_kinds == tuple("moe" if i % 2 == 1 and i not in (3, 47) else "dense"
+                                      for i in range(48))
 
 
 def test_olmoe_1b_7b(tmp_path):
@@ -116,7 +117,7 @@ def test_deepseek_v3_with_yarn_and_fp8(tmp_path):
     assert (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim,
             mla.v_head_dim) == (1536, 512, 128, 64, 128)
     assert (moe.router, moe.n_group, moe.topk_group, moe.routed_scaling_factor) == ("sigmoid", 8, 4, 2.5)
-    assert moe.shared_hidden == 2048 and cfg.first_k_dense == 3 and cfg.num_moe_layers == 58
+    assert moe.shared_hidden == 2048 and cfg.ffn_kinds == ("dense",) * 3 + ("moe",) * 58
     # mscale == mscale_all_dim: cos/sin keep their size, the softmax scale grows by (0.1 ln 40 + 1)^2.
     assert yarn.factor == 40 and yarn.original_max_position_embeddings == 4096
     assert yarn.attention_factor == pytest.approx(1.0)
