@@ -164,6 +164,8 @@ class MemoryConfig:
 
     def __post_init__(self):
         name = "MemoryConfig"
+        if isinstance(self.ngram_orders, list):  # JSON stores tuples as lists
+            object.__setattr__(self, "ngram_orders", tuple(self.ngram_orders))
         _positive_ints(self, "num_slots", "top_k", "num_heads", "d_key", "ngram_heads",
                        "ngram_table_rows", "ngram_d_row", "ngram_conv_kernel")
         n = math.isqrt(self.num_slots)
@@ -330,6 +332,7 @@ class ModelConfig:
     name: str = "custom"
     mla: MLAConfig | None = None
     rope_yarn: YarnConfig | None = None
+    memory: MemoryConfig | None = None   # for the memory FFN kinds ('pkm', 'engram', ...)
 
     def __post_init__(self):
         name = "ModelConfig"
@@ -355,6 +358,8 @@ class ModelConfig:
         self._check_ffn_kinds()
         _require(self.rope_yarn is None or isinstance(self.rope_yarn, YarnConfig), name, "rope_yarn",
                  "must be a YarnConfig or None")
+        _require(self.memory is None or isinstance(self.memory, MemoryConfig), name, "memory",
+                 "must be a MemoryConfig or None")
         if self.mla is not None:
             _require(isinstance(self.mla, MLAConfig), name, "mla", "must be an MLAConfig or None")
             _require(self.n_kv_heads == self.n_heads, name, "n_kv_heads",
@@ -387,7 +392,10 @@ class ModelConfig:
 
     @property
     def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        """Layers holding an MoE block (the rows of aux['expert_load']): 'moe' and every kind
+        that needs the MoE config (e.g. 'engram+moe')."""
+        from moejax.layers import FFN_KINDS
+        return sum(kind == "moe" or "moe" in FFN_KINDS[kind].needs for kind in self.ffn_kinds)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """dataclasses.replace; when n_layers or moe changes and ffn_kinds is not given,
@@ -458,8 +466,25 @@ def _dense_tiny() -> ModelConfig:
     return _tiny().replace(name="dense-tiny", moe=None)
 
 
+def _tiny_mem() -> ModelConfig:
+    # `tiny` with a product-key memory in place of the middle layer's MoE (Memory Layers at
+    # Scale): 16,384 slots of width 128 (2.1M parameters), 4 heads x top-32.
+    memory = MemoryConfig(num_slots=128 * 128, top_k=32, num_heads=4, d_key=64)
+    return _tiny().replace(name="tiny-mem", memory=memory, ffn_kinds=("moe", "moe", "pkm", "moe"))
+
+
+def _tiny_engram() -> ModelConfig:
+    # `tiny` with Engram beside the MoE of layer 1 (DeepSeek places it early): 2- and 3-grams,
+    # 4 hash heads each, 65,536 rows of width 32 (2.1M parameters).
+    memory = MemoryConfig(ngram_orders=(2, 3), ngram_heads=4, ngram_table_rows=2**16, ngram_d_row=32)
+    return _tiny().replace(name="tiny-engram", memory=memory,
+                           ffn_kinds=("moe", "engram+moe", "moe", "moe"))
+
+
 PRESETS = {
     "tiny": _tiny,
+    "tiny-mem": _tiny_mem,
+    "tiny-engram": _tiny_engram,
     "dense-tiny": _dense_tiny,
     "mixtral-mini": _mixtral_mini,
     "qwen3-moe-mini": _qwen3_moe_mini,
@@ -525,7 +550,8 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         data["ffn_kinds"] = ffn_kinds_from_rule(data["n_layers"], moe, **legacy)
     mla = _nested(MLAConfig, mla)
     rope_yarn = _nested(YarnConfig, data.pop("rope_yarn", None))
-    return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, **data)
+    memory = _nested(MemoryConfig, data.pop("memory", None))
+    return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, memory=memory, **data)
 
 
 def _nested(cls, data: dict[str, Any] | None):

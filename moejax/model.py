@@ -82,8 +82,9 @@ class Transformer(nnx.Module):
 
     @property
     def moe_layers(self) -> list[MoE]:
-        """The MoE FFNs in layer order (the rows of aux['expert_load'])."""
-        return [block.ffn for block in self.layers if isinstance(block.ffn, MoE)]
+        """The MoE blocks in layer order (the rows of aux['expert_load']), also those that
+        sit inside another FFN kind (e.g. a memory layer beside an MoE, 'engram+moe')."""
+        return [m for block in self.layers for _, m in nnx.iter_graph(block.ffn) if isinstance(m, MoE)]
 
     def update_router_biases(self, expert_load_LE: Float[Array, "L E"]) -> None:
         """Aux-loss-free balancing for every MoE layer, from aux['expert_load']."""

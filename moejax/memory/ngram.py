@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from moejax.layers import LayerAux
 from moejax.config import ConfigError, MemoryConfig
 from moejax.memory.product_key import VALUES
 
@@ -154,7 +155,6 @@ class NGramMemory(nnx.Module):
 
     def __call__(self, x_BSD: Float[Array, "B S D"], ctx):
         """FFN-kind call -> (y, LayerAux()); in decoding sets ``ctx.new_state``."""
-        from moejax.layers import LayerAux  # layers.py builds the kinds: import at call time
         y_BSD, new_state = self.apply(x_BSD, ctx.tokens_BS, ctx.prev_tokens_BN, ctx.state, ctx.valid_BS)
         if ctx.state is not None:  # decoding: hand the window on to the next call
             ctx.new_state = new_state

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from kernels_pallas import embedding_bag
+from moejax.layers import LayerAux
 from moejax.config import MemoryConfig
 
 # Name of every memory value table parameter: train/optim.py gives these their own
@@ -148,7 +149,6 @@ class ProductKeyMemory(nnx.Module):
 
     def __call__(self, x_BSD: Float[Array, "B S D"], ctx=None):
         """FFN-kind call -> (y [B, S, D], LayerAux()); needs nothing from ``ctx`` (no decode state)."""
-        from moejax.layers import LayerAux  # layers.py builds the kinds: import at call time
         return self.read(x_BSD), LayerAux()
 
     def read(self, x_BSD: Float[Array, "B S D"]) -> Float[Array, "B S D"]:
