@@ -186,7 +186,7 @@ def speed(args) -> None:
     x = jax.random.normal(jax.random.key(1), (tokens // 256, 256, d_model))
     layers = {"pkm": (ProductKeyMemory(mem, d_model, rngs=nnx.Rngs(0)), pkm_flops(mem, d_model),
                       lambda m, x: m.read(x)),
-              "engram": (NGramMemory(mem, d_model, 0, rngs=nnx.Rngs(0), vocab_size=256),
+              "engram": (NGramMemory(mem, d_model, rngs=nnx.Rngs(0), vocab_size=256),
                          engram_flops(mem, d_model), lambda m, x: m.apply(x, ids)[0])}
     candidates, lines = {}, []
     for name, (layer, flops, mem_call) in layers.items():

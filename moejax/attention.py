@@ -1,7 +1,15 @@
-"""Attention: RMSNorm, rotary embeddings, grouped-query attention.
+"""Attention: RMSNorm, rotary embeddings, grouped-query and multi-head latent attention.
 
 B batch, S query length, T key length, H query heads, G kv heads (H = G*R),
-K head dim.
+K head dim. Both attention modules run through ``attend`` (moejax.attend) and
+take and return their decode cache (gemma style)::
+
+    out_BSD, cache = attn(x_BSD, positions_BS, cache=None, valid_BS=None)
+
+Without a cache the call is a causal full forward and returns ``(out, None)``.
+With one, the S new tokens sit at ``positions_BS`` (each row's current length
+onwards); those with ``valid_BS`` True are written into the cache (padding
+never is) and the queries attend to every cached key up to their position.
 """
 
 from __future__ import annotations
@@ -12,10 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from moejax import sharding
+from moejax.attend import Mask, attend
 from moejax.config import ModelConfig, YarnConfig
+
+__all__ = ["RMSNorm", "Attention", "MLAttention", "attend", "Mask", "rope_angles", "apply_rope",
+           "write_cache", "cache_mask"]
 
 
 class RMSNorm(nnx.Module):
@@ -78,6 +90,26 @@ def apply_rope(x_BSHK: Array, cos_BSK: Array, sin_BSK: Array) -> Array:
     return out.astype(x_BSHK.dtype)
 
 
+def write_cache(cache_BTX: Array, new_BSX: Array, positions_BS: Int[Array, "B S"],
+                valid_BS: Bool[Array, "B S"] | None) -> Array:
+    """Write the new rows at their positions; padding (valid False) is dropped, never written."""
+    b, t = cache_BTX.shape[:2]
+    slot_BS = positions_BS if valid_BS is None else jnp.where(valid_BS, positions_BS, t)
+    rows_B1 = jnp.arange(b, dtype=jnp.int32)[:, None]
+    return cache_BTX.at[rows_B1, slot_BS].set(new_BSX.astype(cache_BTX.dtype), mode="drop")
+
+
+def cache_mask(positions_BS: Int[Array, "B S"], valid_BS: Bool[Array, "B S"] | None, max_len: int
+               ) -> Mask:
+    """Queries at ``positions_BS`` against cache slots 0..T-1: slots past the new length are empty."""
+    start_B = positions_BS[:, 0]
+    added_B = (positions_BS.shape[1] if valid_BS is None
+               else valid_BS.sum(axis=1, dtype=jnp.int32))
+    slot_1T = jnp.arange(max_len, dtype=jnp.int32)[None, :]
+    kv_positions_BT = jnp.where(slot_1T < (start_B + added_B)[:, None], slot_1T, -1)
+    return Mask(positions_BS, kv_positions_BT)
+
+
 class Attention(nnx.Module):
     """Causal grouped-query attention with RoPE.
 
@@ -121,31 +153,35 @@ class Attention(nnx.Module):
         b, s, h, k = x_BSHK.shape
         return norm(x_BSHK.reshape(b, s, h * k)).reshape(b, s, h, k)
 
-    def __call__(self, x_BSD: Float[Array, "B S D"], positions_BS: Int[Array, "B S"]
-                 ) -> Float[Array, "B S D"]:
+    def init_cache(self, batch_size: int, max_len: int) -> dict[str, Array]:
+        """Empty keys and values [B, T, G, K] in the compute dtype."""
+        cfg = self.cfg
+        shape = (batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def __call__(self, x_BSD: Float[Array, "B S D"], positions_BS: Int[Array, "B S"],
+                 cache: dict[str, Array] | None = None, valid_BS: Bool[Array, "B S"] | None = None
+                 ) -> tuple[Float[Array, "B S D"], dict[str, Array] | None]:
         cfg = self.cfg
         x_BSD = x_BSD.astype(self.dtype)
         q_BSHK = self._project(x_BSD, self.wq, "bq")
-        k_BTGK = self._project(x_BSD, self.wk, "bk")
-        v_BTGK = self._project(x_BSD, self.wv, "bv")
+        k_BSGK = self._project(x_BSD, self.wk, "bk")
+        v_BSGK = self._project(x_BSD, self.wv, "bv")
         if cfg.qk_norm != "none":
             q_BSHK = self._qk_norm(self.q_norm, q_BSHK)
-            k_BTGK = self._qk_norm(self.k_norm, k_BTGK)
+            k_BSGK = self._qk_norm(self.k_norm, k_BSGK)
         cos, sin = rope_angles(positions_BS, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_yarn)
-        q_BSHK, k_BTGK = apply_rope(q_BSHK, cos, sin), apply_rope(k_BTGK, cos, sin)
+        q_BSHK, k_BSGK = apply_rope(q_BSHK, cos, sin), apply_rope(k_BSGK, cos, sin)
         q_BSHK = sharding.constrain(q_BSHK, ("batch", "seq", "heads", None))
-
-        b, s, h, k = q_BSHK.shape
-        groups = cfg.n_kv_heads
-        q_BSGRK = q_BSHK.reshape(b, s, groups, h // groups, k)
-        scores_BGRST = jnp.einsum("bsgrk,btgk->bgrst", q_BSGRK, k_BTGK,
-                                  preferred_element_type=jnp.float32) * (k ** -0.5)
-        causal_ST = positions_BS[:, :, None] >= positions_BS[:, None, :]
-        scores_BGRST = jnp.where(causal_ST[:, None, None], scores_BGRST, -1e30)
-        probs_BGRST = jax.nn.softmax(scores_BGRST, axis=-1).astype(self.dtype)
-        out_BSGRK = jnp.einsum("bgrst,btgk->bsgrk", probs_BGRST, v_BTGK)
-        out_BSHK = out_BSGRK.reshape(b, s, h, k)
-        return jnp.einsum("bshk,hkd->bsd", out_BSHK, self.wo[...].astype(self.dtype))
+        if cache is None:
+            k_BTGK, v_BTGK, mask = k_BSGK, v_BSGK, Mask.causal(positions_BS)
+        else:
+            cache = {"k": write_cache(cache["k"], k_BSGK, positions_BS, valid_BS),
+                     "v": write_cache(cache["v"], v_BSGK, positions_BS, valid_BS)}
+            k_BTGK, v_BTGK = cache["k"], cache["v"]
+            mask = cache_mask(positions_BS, valid_BS, k_BTGK.shape[1])
+        out_BSHK = attend(q_BSHK, k_BTGK, v_BTGK, mask, scale=cfg.resolved_head_dim ** -0.5)
+        return jnp.einsum("bshk,hkd->bsd", out_BSHK, self.wo[...].astype(self.dtype)), cache
 
 
 class MLAttention(nnx.Module):
@@ -161,7 +197,12 @@ class MLAttention(nnx.Module):
     3. RoPE (half-split layout) on q_rope and k_rope; scores
        (q_nope.k_nope + q_rope.k_rope) / sqrt(N+P) in float32, causal mask, softmax.
     4. out = (probs @ v) @ Wo [H, V, D].
+    The cache holds only c and the rotated k_rope. Decoding against it folds
+    Wk_b into the query and Wv_b after attention (``decode_absorbed``, see
+    ``_absorbed``; measured against expanding the cache in benchmarks/RESULTS.md).
     """
+
+    decode_absorbed: bool = True
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.mla is None:
@@ -197,29 +238,61 @@ class MLAttention(nnx.Module):
         lat_BSQ = self.q_norm(jnp.einsum("bsd,dq->bsq", x_BSD, self.wq_a[...].astype(dt)))
         return jnp.einsum("bsq,qhk->bshk", lat_BSQ, self.wq_b[...].astype(dt))
 
-    def __call__(self, x_BSD: Float[Array, "B S D"], positions_BS: Int[Array, "B S"]
-                 ) -> Float[Array, "B S D"]:
+    def init_cache(self, batch_size: int, max_len: int) -> dict[str, Array]:
+        """Empty latent c [B, T, C] and rotary key [B, T, P]: what MLA decoding needs."""
+        mla = self.cfg.mla
+        return {"c": jnp.zeros((batch_size, max_len, mla.kv_lora_rank), self.dtype),
+                "k_rope": jnp.zeros((batch_size, max_len, mla.qk_rope_head_dim), self.dtype)}
+
+    def __call__(self, x_BSD: Float[Array, "B S D"], positions_BS: Int[Array, "B S"],
+                 cache: dict[str, Array] | None = None, valid_BS: Bool[Array, "B S"] | None = None
+                 ) -> tuple[Float[Array, "B S D"], dict[str, Array] | None]:
         mla, dt = self.cfg.mla, self.dtype
         x_BSD = x_BSD.astype(dt)
         q_BSHK = self._queries(x_BSD)
         q_nope_BSHN = q_BSHK[..., :mla.qk_nope_head_dim]
         q_rope_BSHP = q_BSHK[..., mla.qk_nope_head_dim:]
-        lat_BTC = self.kv_norm(jnp.einsum("btd,dc->btc", x_BSD, self.wkv_a[...].astype(dt)))
+        lat_BSC = self.kv_norm(jnp.einsum("bsd,dc->bsc", x_BSD, self.wkv_a[...].astype(dt)))
+        k_rope_BSP = jnp.einsum("bsd,dp->bsp", x_BSD, self.wk_rope[...].astype(dt))
+        cos, sin = rope_angles(positions_BS, mla.qk_rope_head_dim, self.cfg.rope_theta, self.cfg.rope_yarn)
+        q_rope_BSHP = apply_rope(q_rope_BSHP, cos, sin)
+        k_rope_BSP = apply_rope(k_rope_BSP[:, :, None, :], cos, sin)[:, :, 0]
+        q_nope_BSHN = sharding.constrain(q_nope_BSHN, ("batch", "seq", "heads", None))
+        if cache is None:
+            out_BSHV = self._expanded(q_nope_BSHN, q_rope_BSHP, lat_BSC, k_rope_BSP,
+                                      Mask.causal(positions_BS))
+        else:
+            cache = {"c": write_cache(cache["c"], lat_BSC, positions_BS, valid_BS),
+                     "k_rope": write_cache(cache["k_rope"], k_rope_BSP, positions_BS, valid_BS)}
+            mask = cache_mask(positions_BS, valid_BS, cache["c"].shape[1])
+            decode = self._absorbed if self.decode_absorbed else self._expanded
+            out_BSHV = decode(q_nope_BSHN, q_rope_BSHP, cache["c"], cache["k_rope"], mask)
+        return jnp.einsum("bshv,hvd->bsd", out_BSHV, self.wo[...].astype(dt)), cache
+
+    @property
+    def _scale(self) -> float:
+        return self.cfg.mla.qk_head_dim ** -0.5 * self.cfg.mla.softmax_mscale
+
+    def _expanded(self, q_nope_BSHN, q_rope_BSHP, lat_BTC, k_rope_BTP, mask):
+        """Expand the latent to per-head keys [N | P] and values V, then attend (G = H)."""
+        dt = self.dtype
         k_nope_BTHN = jnp.einsum("btc,chn->bthn", lat_BTC, self.wk_b[...].astype(dt))
         v_BTHV = jnp.einsum("btc,chv->bthv", lat_BTC, self.wv_b[...].astype(dt))
-        k_rope_BT1P = jnp.einsum("btd,dp->btp", x_BSD, self.wk_rope[...].astype(dt))[:, :, None, :]
+        k_rope_BTHP = jnp.broadcast_to(k_rope_BTP[:, :, None, :],
+                                       k_nope_BTHN.shape[:3] + k_rope_BTP.shape[-1:])
+        q_BSHK = jnp.concatenate([q_nope_BSHN, q_rope_BSHP], axis=-1)
+        k_BTHK = jnp.concatenate([k_nope_BTHN, k_rope_BTHP], axis=-1)
+        return attend(q_BSHK, k_BTHK, v_BTHV, mask, scale=self._scale)
 
-        cos, sin = rope_angles(positions_BS, mla.qk_rope_head_dim, self.cfg.rope_theta, self.cfg.rope_yarn)
-        q_rope_BSHP, k_rope_BT1P = apply_rope(q_rope_BSHP, cos, sin), apply_rope(k_rope_BT1P, cos, sin)
-        q_nope_BSHN = sharding.constrain(q_nope_BSHN, ("batch", "seq", "heads", None))
+    def _absorbed(self, q_nope_BSHN, q_rope_BSHP, lat_BTC, k_rope_BTP, mask):
+        """Fold W_kb into the query and W_vb after attention: one shared key [C | P] (G = 1).
 
-        scores_BHST = (jnp.einsum("bshn,bthn->bhst", q_nope_BSHN, k_nope_BTHN,
-                                  preferred_element_type=jnp.float32)
-                       + jnp.einsum("bshp,btp->bhst", q_rope_BSHP, k_rope_BT1P[:, :, 0],
-                                    preferred_element_type=jnp.float32))
-        scores_BHST = scores_BHST * (mla.qk_head_dim ** -0.5 * mla.softmax_mscale)
-        causal_ST = positions_BS[:, :, None] >= positions_BS[:, None, :]
-        scores_BHST = jnp.where(causal_ST[:, None], scores_BHST, -1e30)
-        probs_BHST = jax.nn.softmax(scores_BHST, axis=-1).astype(dt)
-        out_BSHV = jnp.einsum("bhst,bthv->bshv", probs_BHST, v_BTHV)
-        return jnp.einsum("bshv,hvd->bsd", out_BSHV, self.wo[...].astype(dt))
+        q_nope.(c Wk_b) = (q_nope Wk_b^T).c, so the queries move into latent space
+        and attend to the cached latent itself; (probs @ c) @ Wv_b = probs @ (c Wv_b).
+        """
+        dt = self.dtype
+        q_lat_BSHC = jnp.einsum("bshn,chn->bshc", q_nope_BSHN, self.wk_b[...].astype(dt))
+        q_BSHK = jnp.concatenate([q_lat_BSHC, q_rope_BSHP], axis=-1)
+        k_BT1K = jnp.concatenate([lat_BTC, k_rope_BTP], axis=-1)[:, :, None, :]
+        out_BSHC = attend(q_BSHK, k_BT1K, lat_BTC[:, :, None, :], mask, scale=self._scale)
+        return jnp.einsum("bshc,chv->bshv", out_BSHC, self.wv_b[...].astype(dt))

@@ -18,6 +18,7 @@ EP_EXCHANGES = ("auto", "all_to_all", "ragged")
 AUX_LOSS_TYPES = ("batch", "sequence")
 DTYPES = ("float32", "bfloat16", "float16")
 QK_NORMS = ("none", "head", "proj")
+REMATS = ("none", "full", "dots")
 
 
 class ConfigError(ValueError):
@@ -332,10 +333,19 @@ class ModelConfig:
     name: str = "custom"
     mla: MLAConfig | None = None
     rope_yarn: YarnConfig | None = None
+    # Consecutive layers of one FFN kind run under nnx.scan over stacked parameters
+    # (compile time flat in depth); `python -m train` turns it on by default.
+    scan_layers: bool = False
+    # Recompute in the backward pass: 'none', 'full' (keep only block inputs), 'dots'
+    # (keep matmul outputs, recompute the elementwise work).
+    remat: str = "none"
     memory: MemoryConfig | None = None   # for the memory FFN kinds ('pkm', 'engram', ...)
 
     def __post_init__(self):
         name = "ModelConfig"
+        _choice(self, "remat", REMATS)
+        _require(isinstance(self.scan_layers, bool), name, "scan_layers",
+                 f"must be a bool, got {self.scan_layers!r}")
         _positive_ints(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                        "d_ff", "max_seq_len")
         _choice(self, "dtype", DTYPES)

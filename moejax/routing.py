@@ -119,8 +119,9 @@ def z_loss(logits_TE: Float[Array, "T E"]) -> Float[Array, ""]:
 
 def update_router_bias(bias_E: Float[Array, "E"], load_E: Float[Array, "E"], rate: float
                        ) -> Float[Array, "E"]:
-    """Aux-loss-free balancing: ``bias += rate * sign(mean_load - load)``."""
-    return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
+    """Aux-loss-free balancing: ``bias += rate * sign(mean_load - load)`` (mean over experts;
+    leading axes, e.g. the layers of a scanned group, are independent rows)."""
+    return bias_E + rate * jnp.sign(jnp.mean(load_E, axis=-1, keepdims=True) - load_E)
 
 
 class Router(nnx.Module):

@@ -18,6 +18,7 @@ from moejax.convert.families import Family, family_for_config, family_for_hf
 from moejax.convert.hf_config import HFConfig, UnsupportedConfigError, read_fp8_block
 from moejax.convert.safetensors_io import TensorReader, write_sharded
 from moejax.convert.weights import model_entries
+from moejax.layer_stack import stack_layers, unstack_layers
 from moejax.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -73,21 +74,24 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
-def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[Transformer, ModelConfig]:
+def load_hf(path: str | Path, *, dtype: str = "float32", scan_layers: bool = False
+            ) -> tuple[Transformer, ModelConfig]:
     """Load a Hugging Face MoE checkpoint directory (config.json + safetensors).
 
     Parameters are float32 (the model's master weights); ``dtype`` sets the
     compute dtype in the returned config. Tensors are read one at a time and
     placed straight into an abstract model, so no second copy of the model
     is ever built. Either expert layout (per-expert or fused 3-D) loads.
+    ``scan_layers=True`` builds the model with scanned layer groups
+    (parameters stacked per group; see moejax.layer_stack).
     """
     cfg, family, raw = read_hf_config(path)
-    cfg = cfg.replace(dtype=dtype)
+    cfg = cfg.replace(dtype=dtype, scan_layers=scan_layers)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    pure = nnx.to_pure_dict(state)
+    pure = unstack_layers(nnx.to_pure_dict(state), cfg)   # HF names layers by index
     with TensorReader(path, fp8_block=read_fp8_block(HFConfig(raw))) as reader:
         _fill_variables(pure, reader, cfg, family, rope_interleaved=bool(raw.get("rope_interleave", True)))
-    nnx.replace_by_pure_dict(state, pure)
+    nnx.replace_by_pure_dict(state, stack_layers(pure, cfg))
     return nnx.merge(graphdef, state), cfg
 
 
@@ -135,7 +139,7 @@ def save_hf(model: Transformer, cfg: ModelConfig, path: str | Path, *, expert_la
     hf_config = family.write(cfg)
     fused = expert_layout == "fused"
     prefix = "mlp" if fused else family.moe_prefixes[0]
-    pure = nnx.to_pure_dict(nnx.state(model))
+    pure = unstack_layers(nnx.to_pure_dict(nnx.state(model)), cfg)
 
     def tensors():
         for entry in model_entries(cfg, family, moe_prefix=prefix, fused=fused):

@@ -13,6 +13,7 @@ import weakref
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.config import ConfigError
 from moejax.layers import FFN_KINDS, LayerAux, register_ffn_kind
 from moejax.memory.ngram import NGramMemory
 from moejax.memory.product_key import MemoryValues, ProductKeyMemory
@@ -25,6 +26,9 @@ _SHARED_VALUES: "weakref.WeakKeyDictionary[nnx.Rngs, MemoryValues]" = weakref.We
 def build_pkm(cfg, layer: int, *, rngs: nnx.Rngs) -> ProductKeyMemory:
     mem = cfg.memory
     values = None
+    if mem.share_values and cfg.scan_layers:
+        raise ConfigError("MemoryConfig.share_values: one table for several layers needs "
+                          "ModelConfig.scan_layers=False (scanned layers stack their variables)")
     if mem.share_values:
         values = _SHARED_VALUES.get(rngs)
         if values is None:
@@ -34,7 +38,7 @@ def build_pkm(cfg, layer: int, *, rngs: nnx.Rngs) -> ProductKeyMemory:
 
 
 def build_engram(cfg, layer: int, *, rngs: nnx.Rngs) -> NGramMemory:
-    return NGramMemory(cfg.memory, cfg.d_model, layer, rngs=rngs, vocab_size=cfg.vocab_size,
+    return NGramMemory(cfg.memory, cfg.d_model, rngs=rngs, vocab_size=cfg.vocab_size,
                        dtype=jnp.dtype(cfg.dtype))
 
 

@@ -21,14 +21,15 @@ _MIX = np.uint32(0x9E3779B1)  # odd; a final multiply so the low bits see every 
 
 
 class HashMultipliers(nnx.Variable):
-    """Per-layer odd hash multipliers [O, H, n_max] (uint32): constants, not trained."""
+    """Per-layer odd hash multipliers [O, H, n_max] (uint32): drawn at init, never trained,
+    saved with the model (serving needs them to compute the rows)."""
 
 
-def hash_multipliers(cfg: MemoryConfig, layer: int) -> np.ndarray:
-    """[O, H, max order] odd uint32 multipliers, fixed by (hash_seed, layer)."""
-    rng = np.random.default_rng([cfg.hash_seed, layer])
+def hash_multipliers(key: Array, cfg: MemoryConfig) -> Array:
+    """[O, H, max order] odd uint32 multipliers drawn from ``key``: every layer draws its own
+    (also the layers of a scanned group, which are built from split rng streams)."""
     shape = (len(cfg.ngram_orders), cfg.ngram_heads, max(cfg.ngram_orders))
-    return (rng.integers(1, 2**31, size=shape, dtype=np.uint64) * 2 + 1).astype(np.uint32)
+    return jax.random.bits(key, shape, jnp.uint32) | jnp.uint32(1)
 
 
 def table_layout(cfg: MemoryConfig) -> tuple[np.ndarray, np.ndarray, int]:
@@ -122,7 +123,7 @@ class NGramMemory(nnx.Module):
     come in ``ctx.prev_tokens_BN``.
     """
 
-    def __init__(self, cfg: MemoryConfig, d_model: int, layer: int, *, rngs: nnx.Rngs,
+    def __init__(self, cfg: MemoryConfig, d_model: int, *, rngs: nnx.Rngs,
                  vocab_size: int, dtype=jnp.float32):
         self.cfg, self.dtype = cfg, dtype
         self.token_lookback = max(cfg.ngram_orders) - 1
@@ -132,7 +133,7 @@ class NGramMemory(nnx.Module):
         self.id_map = None if id_map is None else tuple(int(i) for i in id_map)
         _, _, num_rows = table_layout(cfg)
         e = len(cfg.ngram_orders) * cfg.ngram_heads * cfg.ngram_d_row
-        self.multipliers = HashMultipliers(jnp.asarray(hash_multipliers(cfg, layer)))
+        self.multipliers = HashMultipliers(hash_multipliers(rngs.params(), cfg))
         setattr(self, VALUES, nnx.Param(_normal(rngs, (num_rows, cfg.ngram_d_row), 1.0),
                                         logical_axes=(None, "mem_values")))
         self.w_k = nnx.Param(_normal(rngs, (e, d_model), e ** -0.5), logical_axes=(None, "embed"))
@@ -146,7 +147,7 @@ class NGramMemory(nnx.Module):
     def init_state(self, batch_size: int, max_len: int):
         """Decode state: the last W conv inputs of each row [B, W, D] (zeros: before the start)."""
         del max_len
-        return jnp.zeros((batch_size, self.window, self.conv.shape[1]), jnp.float32)
+        return jnp.zeros((batch_size, self.window, self.conv.shape[-1]), jnp.float32)
 
     def rows(self, tokens_BS, prev_tokens_BN=None) -> Int[Array, "B S M"]:
         """The table rows this layer reads (issue early: they depend on ids only)."""

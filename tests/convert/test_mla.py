@@ -71,6 +71,6 @@ def test_mla_matches_numpy_reference(q_lora_rank, yarn):
     nnx.update(attn, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pure))
     x = rng.normal(size=(7, 12))
     positions = jnp.arange(7, dtype=jnp.int32)[None]
-    got = np.asarray(attn(jnp.asarray(x, jnp.float32)[None], positions))[0]
+    got = np.asarray(attn(jnp.asarray(x, jnp.float32)[None], positions)[0])[0]
     want = reference(pure, x, cfg)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())

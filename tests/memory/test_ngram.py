@@ -16,9 +16,13 @@ D, V = 16, 256
 MASK = 2**32 - 1
 
 
-def python_rows(tokens, prev, cfg, layer):
+def multipliers(cfg, seed):
+    return hash_multipliers(jax.random.key(seed), cfg)
+
+
+def python_rows(tokens, prev, cfg, mult):
     """The hash of ngram_indices with Python integers (no wrapping types), masked to 32 bits."""
-    mult = hash_multipliers(cfg, layer).astype(np.int64)
+    mult = np.asarray(mult).astype(np.int64)
     sizes, offsets, _ = table_layout(cfg)
     look = max(cfg.ngram_orders) - 1
     out = np.zeros(tokens.shape + (len(cfg.ngram_orders) * cfg.ngram_heads,), np.int64)
@@ -46,9 +50,10 @@ def test_hash_equals_python_reference_and_stays_in_each_heads_table(layer):
     tokens = np.concatenate([ADVERSARIAL, np.random.default_rng(layer).integers(0, 2**31 - 1, (2, 24))],
                             axis=1).astype(np.int32)
     prev = np.array([[-1, -1, -1], [2**31 - 1, 0, V - 1]], np.int32)
-    rows = np.asarray(jax.jit(ngram_indices, static_argnums=3)(
-        tokens, prev, jnp.asarray(hash_multipliers(CFG, layer)), CFG))
-    np.testing.assert_array_equal(rows, python_rows(tokens, prev, CFG, layer))
+    mult = multipliers(CFG, layer)
+    assert mult.dtype == jnp.uint32 and bool(jnp.all(mult % 2 == 1))
+    rows = np.asarray(jax.jit(ngram_indices, static_argnums=3)(tokens, prev, mult, CFG))
+    np.testing.assert_array_equal(rows, python_rows(tokens, prev, CFG, mult))
     sizes, offsets, total = table_layout(CFG)
     lo, hi = offsets.reshape(-1), (offsets + sizes).reshape(-1)
     assert rows.dtype == np.int32
@@ -60,8 +65,8 @@ def test_hash_equals_python_reference_and_stays_in_each_heads_table(layer):
 
 def test_layers_hash_differently_and_lookup_concatenates():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 9)), jnp.int32)
-    r0 = ngram_indices(tokens, None, jnp.asarray(hash_multipliers(CFG, 0)), CFG)
-    r1 = ngram_indices(tokens, None, jnp.asarray(hash_multipliers(CFG, 1)), CFG)
+    r0 = ngram_indices(tokens, None, multipliers(CFG, 0), CFG)
+    r1 = ngram_indices(tokens, None, multipliers(CFG, 1), CFG)
     assert (np.asarray(r0) != np.asarray(r1)).mean() > 0.9
     table = jnp.arange(table_layout(CFG)[2] * 4, dtype=jnp.float32).reshape(-1, 4)
     e = ngram_lookup(table, r0)
@@ -69,8 +74,8 @@ def test_layers_hash_differently_and_lookup_concatenates():
     assert e.shape == (2, 9, 6 * 4)
 
 
-def build(cfg=CFG, layer=1):
-    mem = NGramMemory(cfg, D, layer, rngs=nnx.Rngs(0), vocab_size=V)
+def build(cfg=CFG, seed=1):
+    mem = NGramMemory(cfg, D, rngs=nnx.Rngs(seed), vocab_size=V)
     # a non-zero conv (it starts at zero), so the tests see the window and its causality
     mem.conv[...] = jax.random.normal(jax.random.key(1), mem.conv.shape)
     return mem
@@ -135,10 +140,10 @@ def test_padded_chunk_keeps_only_valid_positions_in_the_window():
 
 def test_casefold_id_map_and_its_vocabulary_check():
     cfg = CFG.replace(ngram_id_map="casefold_bytes")
-    mem = NGramMemory(cfg, D, 0, rngs=nnx.Rngs(0), vocab_size=V)
+    mem = NGramMemory(cfg, D, rngs=nnx.Rngs(0), vocab_size=V)
     upper = jnp.asarray([[ord(c) for c in "Hello World"]], jnp.int32)
     lower = jnp.asarray([[ord(c) for c in "hello world"]], jnp.int32)
     np.testing.assert_array_equal(np.asarray(mem.rows(upper)), np.asarray(mem.rows(lower)))
     assert (np.asarray(build(cfg, 0).rows(upper)) != np.asarray(build(CFG, 0).rows(upper))).any()
     with pytest.raises(ConfigError, match=r"MemoryConfig\.ngram_id_map"):
-        NGramMemory(cfg, D, 0, rngs=nnx.Rngs(0), vocab_size=1024)
+        NGramMemory(cfg, D, rngs=nnx.Rngs(0), vocab_size=1024)

@@ -24,7 +24,7 @@ def pkm():
 
 
 def engram():
-    mem = NGramMemory(CFG, D, 3, rngs=nnx.Rngs(0), vocab_size=256)
+    mem = NGramMemory(CFG, D, rngs=nnx.Rngs(0), vocab_size=256)
     mem.conv[...] = 0.3 * jax.random.normal(jax.random.key(5), mem.conv.shape)  # not the zero init
     return mem
 
