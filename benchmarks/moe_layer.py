@@ -45,7 +45,7 @@ def _moe_with_gmm_backend(gmm_backend):
         x_TD = x_BSD.reshape(b * s, d)
         gates_TK, experts_TK, _ = layer.router(x_TD)
         y_TD, _ = dispatch.sorted_dispatch(x_TD, gates_TK, experts_TK,
-                                           layer.experts.weights(jnp.float32),
+                                           layer.experts.weights(),
                                            gmm_backend=gmm_backend)
         return y_TD.reshape(b, s, d)
     return forward

@@ -13,7 +13,7 @@ reason is logged once:
   a head dim that is a multiple of 8 and <= 128, and a causal-aligned mask.
 - ``"flash"`` (tpu): ``jax.experimental.pallas.ops.tpu.flash_attention``, the
   Pallas TPU flash kernel that ships with JAX. Needs a causal-aligned mask and
-  lengths that are <= 128 or a multiple of 128 (its block size).
+  a length that is a multiple of 128 (its block size, forward and backward).
 - ``"auto"``: flash on TPU, cudnn on GPU, xla elsewhere, chosen per lowering
   platform with ``jax.lax.platform_dependent`` so ``jax.export(...,
   platforms=["tpu"])`` from a CPU host carries the TPU kernel.
@@ -137,10 +137,12 @@ def _flash_or_none(q_BSHK, k_BTGK, v_BTGV, mask: Mask | None, scale: float):
     if mask is None or not mask.aligned:
         _report("flash (tpu): mask is not the plain causal mask (decoding against a cache); using xla")
         return None
-    if s != t or not (s <= _FLASH_BLOCK or s % _FLASH_BLOCK == 0):
-        _report(f"flash (tpu): length {s} is neither <= {_FLASH_BLOCK} nor a multiple of it; using xla")
+    if s != t or s % _FLASH_BLOCK:
+        # the kernel's backward keeps its softmax statistics in 128-wide blocks:
+        # shorter blocks trace (forward) but fail in the gradient
+        _report(f"flash (tpu): length {s} is not a multiple of {_FLASH_BLOCK}; using xla")
         return None
-    return functools.partial(_flash, scale=scale, block=min(s, _FLASH_BLOCK))
+    return functools.partial(_flash, scale=scale, block=_FLASH_BLOCK)
 
 
 def _flash(q_BSHK, k_BTGK, v_BTGV, *, scale: float, block: int):

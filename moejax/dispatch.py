@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-import kernels_pallas
+from moejax import sharding
 
 
 class SortPlan(NamedTuple):
@@ -74,37 +74,20 @@ def unpermute(y_MD: Float[Array, "M D"], plan: SortPlan, gates_TK: Float[Array, 
     return out_TD.astype(y_MD.dtype)
 
 
-def swiglu(gate, up):
-    return jax.nn.silu(gate) * up
-
-
-def grouped_ffn(x_MD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, *, backend: str):
-    """SwiGLU experts on expert-sorted rows via the grouped matmul."""
-    def mm(lhs, rhs):
-        return kernels_pallas.gmm(lhs, rhs, group_sizes_E, backend=backend)
-
-    h_MF = swiglu(mm(x_MD, w_gate_EDF), mm(x_MD, w_up_EDF))
-    return mm(h_MF, w_down_EFD)
-
-
-def sorted_dispatch(x_TD, gates_TK, experts_TK, weights, *, gmm_backend: str):
-    """Dropless: sort pairs by expert, grouped matmul, un-sort, combine."""
-    num_experts = weights[0].shape[0]
-    plan = plan_sort(experts_TK, num_experts)
+def sorted_dispatch(x_TD, gates_TK, experts_TK, experts, *, gmm_backend: str):
+    """Dropless: sort pairs by expert, grouped matmul (the experts' own), un-sort, combine."""
+    plan = plan_sort(experts_TK, experts.num_experts)
     x_MD = permute(x_TD, plan, gates_TK.shape[1])
-    y_MD = grouped_ffn(x_MD, *weights, plan.group_sizes_E, backend=gmm_backend)
+    y_MD = experts(x_MD, plan.group_sizes_E, backend=gmm_backend)
     return unpermute(y_MD, plan, gates_TK), jnp.zeros((), jnp.float32)
 
 
-def dense_dispatch(x_TD, gates_TK, experts_TK, weights):
+def dense_dispatch(x_TD, gates_TK, experts_TK, experts):
     """Reference: every expert on every token, weighted by the sparse gates."""
-    w_gate_EDF, w_up_EDF, w_down_EFD = weights
-    num_tokens, num_experts = x_TD.shape[0], w_gate_EDF.shape[0]
-    gates_TE = jnp.zeros((num_tokens, num_experts), jnp.float32).at[
+    num_tokens = x_TD.shape[0]
+    gates_TE = jnp.zeros((num_tokens, experts.num_experts), jnp.float32).at[
         jnp.arange(num_tokens)[:, None], experts_TK].add(gates_TK.astype(jnp.float32))
-    h_TEF = swiglu(jnp.einsum("td,edf->tef", x_TD, w_gate_EDF),
-                   jnp.einsum("td,edf->tef", x_TD, w_up_EDF))
-    y_TED = jnp.einsum("tef,efd->ted", h_TEF, w_down_EFD)
+    y_TED = experts.dense(x_TD)
     out_TD = jnp.einsum("ted,te->td", y_TED.astype(jnp.float32), gates_TE)
     return out_TD.astype(x_TD.dtype), jnp.zeros((), jnp.float32)
 
@@ -130,7 +113,7 @@ def capacity_positions(experts_TK: Int[Array, "T K"], num_experts: int
     return position_KT.T
 
 
-def capacity_dispatch(x_TD, gates_TK, experts_TK, weights, *, capacity_factor: float):
+def capacity_dispatch(x_TD, gates_TK, experts_TK, experts, *, capacity_factor: float):
     """GShard-style: fixed per-expert buffers, pairs past capacity dropped.
 
     1. position of each pair in its expert's queue (slot-major priority).
@@ -140,8 +123,7 @@ def capacity_dispatch(x_TD, gates_TK, experts_TK, weights, *, capacity_factor: f
        and combined with the gates of the kept pairs.
     Returns (out_TD, dropped_fraction).
     """
-    w_gate_EDF, w_up_EDF, w_down_EFD = weights
-    (num_tokens, top_k), num_experts = experts_TK.shape, w_gate_EDF.shape[0]
+    (num_tokens, top_k), num_experts = experts_TK.shape, experts.num_experts
     capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
     position_TK = capacity_positions(experts_TK, num_experts)
     keep_TK = position_TK < capacity
@@ -151,9 +133,7 @@ def capacity_dispatch(x_TD, gates_TK, experts_TK, weights, *, capacity_factor: f
     buffer_SD = jnp.zeros((spare + 1, x_TD.shape[1]), x_TD.dtype).at[slot_TK.reshape(-1)].set(
         x_TD[token_TK.reshape(-1)])
     x_ECD = buffer_SD[:spare].reshape(num_experts, capacity, -1)
-    h_ECF = swiglu(jnp.einsum("ecd,edf->ecf", x_ECD, w_gate_EDF),
-                   jnp.einsum("ecd,edf->ecf", x_ECD, w_up_EDF))
-    y_SD = jnp.einsum("ecf,efd->ecd", h_ECF, w_down_EFD).reshape(spare, -1)
+    y_SD = experts.batched(x_ECD).reshape(spare, -1)
     y_TKD = y_SD[jnp.minimum(slot_TK, spare - 1)]
     kept_gates_TK = jnp.where(keep_TK, gates_TK.astype(jnp.float32), 0.0)
     out_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), kept_gates_TK)
@@ -162,27 +142,50 @@ def capacity_dispatch(x_TD, gates_TK, experts_TK, weights, *, capacity_factor: f
 
 
 # Dropless dispatch backend -> kernels_pallas.gmm backend for the grouped matmul.
-GMM_BACKENDS = {"ragged": "xla", "gmm": "pallas"}
+# 'auto' (dropless) sorts and leaves the kernel to gmm's own 'auto': the Pallas
+# kernel where the code is lowered for TPU/GPU, the XLA tile loop for CPU.
+GMM_BACKENDS = {"auto": "auto", "ragged": "xla", "gmm": "pallas"}
 
 
 def resolve_backend(dispatch: str, capacity_factor: float | None) -> str:
-    """'auto' -> capacity when a capacity factor is set, else the fastest dropless path."""
-    if dispatch != "auto":
-        return dispatch
-    if capacity_factor is not None:
+    """'auto' -> 'capacity' when a capacity factor is set, else 'auto' (dropless sorted
+    dispatch, grouped-matmul kernel chosen per lowering platform); others unchanged."""
+    if dispatch == "auto" and capacity_factor is not None:
         return "capacity"
-    return "gmm" if jax.default_backend() in ("tpu", "gpu") else "ragged"
+    if dispatch == "gmm" and jax.default_backend() not in ("tpu", "gpu"):
+        sharding.notice_once(f"dispatch='gmm' on {jax.default_backend()}: the Pallas kernel runs "
+                             "in interpret mode (slow); dispatch='auto' uses the XLA grouped "
+                             "matmul here and the kernel where lowered for TPU/GPU")
+    return dispatch
 
 
-def dispatch_experts(backend: str, x_TD, gates_TK, experts_TK, weights, *,
+def describe_backend(backend: str, platform: str | None = None) -> str:
+    """Words for the log: what a resolved dispatch backend runs on ``platform``."""
+    platform = platform or jax.default_backend()
+    if backend not in GMM_BACKENDS:
+        return backend
+    kernel = GMM_BACKENDS[backend]
+    if kernel == "auto":
+        kernel = "pallas" if platform in ("tpu", "gpu") else "xla"
+        return f"sorted dropless, gmm kernel {kernel} (auto on {platform})"
+    interpret = " (interpret mode: no TPU/GPU here)" if kernel == "pallas" and platform not in (
+        "tpu", "gpu") else ""
+    return f"sorted dropless, gmm kernel {kernel}{interpret}"
+
+
+def dispatch_experts(backend: str, x_TD, gates_TK, experts_TK, experts, *,
                      capacity_factor: float | None = None):
-    """Run the routed experts with the named backend -> (out_TD, dropped_fraction)."""
+    """Run the routed experts with the named backend -> (out_TD, dropped_fraction).
+
+    ``experts`` is an experts weights view (``moejax.experts``): anything with
+    ``num_experts``, ``experts(x_MD, group_sizes_E, backend=)``, ``.dense(x_TD)``
+    and ``.batched(x_ECD)``."""
     if backend == "dense":
-        return dense_dispatch(x_TD, gates_TK, experts_TK, weights)
+        return dense_dispatch(x_TD, gates_TK, experts_TK, experts)
     if backend == "capacity":
-        return capacity_dispatch(x_TD, gates_TK, experts_TK, weights,
+        return capacity_dispatch(x_TD, gates_TK, experts_TK, experts,
                                  capacity_factor=capacity_factor)
     if backend in GMM_BACKENDS:
-        return sorted_dispatch(x_TD, gates_TK, experts_TK, weights,
+        return sorted_dispatch(x_TD, gates_TK, experts_TK, experts,
                                gmm_backend=GMM_BACKENDS[backend])
     raise ValueError(f"unknown dispatch backend {backend!r}")

@@ -13,8 +13,9 @@ Inside ``shard_map`` each device:
 2. exchanges them over ``expert`` so that each device holds the tokens of its
    own L experts -- with fixed [P, C] buffers and ``all_to_all`` (every
    backend), or with ``ragged_all_to_all`` (TPU/GPU; no padding sent);
-3. gathers its expert weights over ``fsdp`` (FSDP), runs the L experts with
-   the grouped matmul on its F/tensor slice (tensor parallelism);
+3. gathers its expert weights over ``fsdp`` (FSDP), runs the L experts (the
+   experts object's own grouped compute, float or int8) on its F/tensor slice
+   (tensor parallelism);
 4. sends the results back the same way, combines the K outputs per token with
    the gates in float32, and sums the tensor-parallel partial results.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -39,40 +41,66 @@ from jaxtyping import Array, Float, Int
 
 from moejax import sharding
 from moejax.layers import LayerAux
-from moejax.dispatch import (GMM_BACKENDS, dispatch_experts, grouped_ffn, permute, plan_sort,
+from moejax.dispatch import (GMM_BACKENDS, dispatch_experts, permute, plan_sort,
                              take_rows, unpermute)
 
 EXCHANGES = ("auto", "all_to_all", "ragged")
-TOKEN_AXES = ("data", "fsdp", "expert")
-EXPERT_AXIS = "expert"
 
 
 class EPLayout(NamedTuple):
     """Static facts about how one MoE call is laid out on the mesh."""
 
     mesh: object                   # the (abstract) mesh set with jax.set_mesh
-    token_axes: tuple[str, ...]    # mesh axes that split the tokens
+    token_axes: tuple[str, ...]    # mesh axes that split the tokens ('batch')
+    ep_axis: str | tuple[str, ...] | None  # mesh axes that split the experts (None: P = 1)
     num_devices_ep: int            # P
     experts_per_device: int        # L
-    w_in_spec: P                   # spec of w_gate / w_up [E, D, F]
-    w_out_spec: P                  # spec of w_down [E, F, D]
+    weight_specs: tuple[P, ...]    # one per leaf of the experts weights view
+    partial_axes: tuple[str, ...]  # mesh axes splitting 'mlp': the local output is a partial sum
 
 
-def layout_for(mesh, num_experts: int, num_tokens: int, d_model: int, d_ff: int
+def _mesh_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def layout_for(mesh, experts, num_tokens: int, rules: sharding.ShardingRules | None = None
                ) -> EPLayout | None:
-    """The layout of the sharded dispatch, or None (no mesh, or sizes the axes do
-    not divide). With an ``expert`` axis of size 1 nothing is exchanged, but the
-    dispatch still runs per device on local tokens (data parallelism) instead of
+    """The layout of the sharded dispatch of ``experts`` (a weights view from
+    ``moejax.experts``) under ``rules`` (default: the current rules), or None (no
+    mesh, or sizes the axes do not divide; a FallbackWarning names which when the
+    mesh asked for expert parallelism). Tokens split over the mesh axes of 'batch',
+    experts over those of 'expert'. With no expert split nothing is exchanged, but
+    the dispatch still runs per device on local tokens (data parallelism) instead of
     as one global sort that the compiler would have to partition."""
     if mesh is None or mesh.size == 1:
         return None
-    ep = mesh.shape.get(EXPERT_AXIS, 1)
-    token_axes = tuple(a for a in TOKEN_AXES if mesh.shape.get(a, 1) > 1)
-    if num_experts % ep or num_tokens % math.prod(mesh.shape[a] for a in token_axes):
+    rules = sharding.current_rules() if rules is None else rules
+    token_axes, ep_axes = rules.mesh_axes("batch", mesh), rules.mesh_axes("expert", mesh)
+    ep = math.prod(mesh.shape[a] for a in ep_axes)
+    shards = math.prod(mesh.shape[a] for a in token_axes)
+    problem = (f"{experts.num_experts} experts do not divide over the expert axes {ep_axes} "
+               f"(size {ep})" if experts.num_experts % ep else
+               f"{num_tokens} tokens do not split evenly over the batch axes {token_axes} "
+               f"(size {shards})" if num_tokens % shards else
+               f"the expert axes {ep_axes} do not split the tokens (batch axes {token_axes})"
+               if not set(ep_axes) <= set(token_axes) else None)
+    if problem:
+        if ep > 1:
+            warnings.warn(f"expert parallelism cannot apply: {problem}; the MoE layer runs "
+                          "without it (every device computes all experts, as the compiler "
+                          "partitions it)", sharding.FallbackWarning, stacklevel=3)
         return None
-    w_in = sharding.logical_to_spec(("expert", "embed", "mlp"), (num_experts, d_model, d_ff), mesh)
-    w_out = sharding.logical_to_spec(("expert", "mlp", "embed"), (num_experts, d_ff, d_model), mesh)
-    return EPLayout(mesh, token_axes, ep, num_experts // ep, w_in, w_out)
+    leaf_axes = experts.leaf_axes()
+    shapes = [leaf.shape for leaf in jax.tree.leaves(experts)]
+    specs = tuple(sharding.logical_to_spec(axes, shape, mesh, rules)
+                  for axes, shape in zip(leaf_axes, shapes))
+    partial = {_mesh_axes(spec[axes.index("mlp")]) for axes, spec in zip(leaf_axes, specs)
+               if "mlp" in axes}
+    if len(partial) > 1:  # leaves split their hidden dim differently: no consistent partial sums
+        raise ValueError(f"the rules split the experts' 'mlp' dims differently: {specs}")
+    ep_axis = None if not ep_axes else ep_axes[0] if len(ep_axes) == 1 else ep_axes
+    return EPLayout(mesh, token_axes, ep_axis, ep, experts.num_experts // ep, specs,
+                    partial.pop() if partial else ())
 
 
 def resolve_exchange(exchange: str, capacity_factor: float | None) -> str:
@@ -80,12 +108,33 @@ def resolve_exchange(exchange: str, capacity_factor: float | None) -> str:
     fixed-buffer all_to_all (XLA:CPU has no ragged_all_to_all)."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    del capacity_factor  # both exchanges honour it (drops counted in aux)
+    if exchange == "ragged" and jax.default_backend() not in ("tpu", "gpu"):
+        sharding.notice_once(f"ep_exchange='ragged': {jax.default_backend()} has no "
+                             "ragged_all_to_all; it runs as an all_gather emulation here "
+                             "(an export for TPU/GPU carries the real collective)")
     if exchange != "auto":
         return exchange
-    del capacity_factor  # both exchanges honour it (drops counted in aux)
     if jax.default_backend() in ("tpu", "gpu"):
         return "ragged"
     return "all_to_all"
+
+
+def describe(mesh, num_experts: int, exchange: str, capacity_factor: float | None,
+             rules: sharding.ShardingRules | None = None) -> str:
+    """Words for the log: whether and how a MoE layer runs expert-parallel on ``mesh``."""
+    rules = sharding.current_rules() if rules is None else rules
+    ep_axes = () if mesh is None else rules.mesh_axes("expert", mesh)
+    if not ep_axes:
+        return "expert parallelism: none (no mesh axis splits 'expert')"
+    ep = math.prod(mesh.shape[a] for a in ep_axes)
+    if num_experts % ep:
+        return (f"expert parallelism: cannot apply ({num_experts} experts do not divide over "
+                f"{ep_axes} of size {ep})")
+    chosen = resolve_exchange(exchange, capacity_factor)
+    how = f" ({exchange} on {jax.default_backend()})" if exchange == "auto" else ""
+    return (f"expert parallelism: {num_experts // ep} experts per device over {ep_axes}, "
+            f"exchange {chosen}{how}")
 
 
 def buffer_rows(tokens_local: int, top_k: int, layout: EPLayout,
@@ -109,7 +158,7 @@ def receive_rows(tokens_local: int, top_k: int, layout: EPLayout,
 
 
 def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "T K"],
-                             experts_TK: Int[Array, "T K"], weights, layout: EPLayout, *,
+                             experts_TK: Int[Array, "T K"], experts, layout: EPLayout, *,
                              capacity_factor: float | None, exchange: str, backend: str):
     """Run the routed experts expert-parallel -> (out_TD, stats: LayerAux).
 
@@ -125,59 +174,59 @@ def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "
     """
     exchange = resolve_exchange(exchange, capacity_factor)
     # jit so that the same call also works eagerly (the shardings need a trace)
-    return _dispatch(x_TD, gates_TK, experts_TK, tuple(weights), layout=layout,
+    return _dispatch(x_TD, gates_TK, experts_TK, experts, layout=layout,
                      capacity_factor=capacity_factor, exchange=exchange, backend=backend)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "capacity_factor", "exchange", "backend"))
-def _dispatch(x_TD, gates_TK, experts_TK, weights, *, layout: EPLayout,
+def _dispatch(x_TD, gates_TK, experts_TK, experts, *, layout: EPLayout,
               capacity_factor: float | None, exchange: str, backend: str):
     tokens_local = x_TD.shape[0] // math.prod(layout.mesh.shape[a] for a in layout.token_axes)
     sizer = buffer_rows if exchange == "all_to_all" else receive_rows
     rows = sizer(tokens_local, gates_TK.shape[1], layout, capacity_factor)
     tok = P(layout.token_axes, None)
-    gmm_backend = GMM_BACKENDS.get(backend, "xla")  # capacity backend: local experts dropless
+    gmm_backend = GMM_BACKENDS.get(backend, "auto")  # capacity backend: local experts dropless
+    leaves, treedef = jax.tree.flatten(experts)
+    leaf_axes = experts.leaf_axes()
 
-    def local(x_tD, gates_tK, experts_tK, w_gate, w_up, w_down):
-        w = _gather_fsdp(w_gate, w_up, w_down, layout)
+    def local(x_tD, gates_tK, experts_tK, *w_leaves):
+        w = treedef.unflatten(_gather_unsplit(w_leaves, leaf_axes, layout.weight_specs))
         if layout.num_devices_ep == 1:
             out_tD, stats = _local_body(x_tD, gates_tK, experts_tK, w, backend, capacity_factor)
         else:
             body = _fixed_body if exchange == "all_to_all" else _ragged_body
             out_tD, stats = body(x_tD, gates_tK, experts_tK, w, layout, rows, gmm_backend)
-        if _sharded_over(layout.w_in_spec[2], "tensor"):
-            out_tD = jax.lax.psum(out_tD, "tensor")
+        if layout.partial_axes:
+            out_tD = jax.lax.psum(out_tD, layout.partial_axes)
         stats = {k: jax.lax.psum(v, layout.token_axes) for k, v in stats.items()}
         return out_tD.astype(x_tD.dtype), stats
 
-    specs = (tok, tok, tok, layout.w_in_spec, layout.w_in_spec, layout.w_out_spec)
+    specs = (tok, tok, tok, *layout.weight_specs)
     # shard_map does not reshard its inputs itself; put them where the specs say
     args = [jax.lax.with_sharding_constraint(a, s)
-            for a, s in zip((x_TD, gates_TK, experts_TK, *weights), specs)]
+            for a, s in zip((x_TD, gates_TK, experts_TK, *leaves), specs)]
     out_TD, stats = jax.shard_map(local, mesh=layout.mesh, in_specs=specs,
                                   out_specs=(tok, P()))(*args)
     dropped_fraction = stats.pop("dropped_pairs") / experts_TK.size
     return out_TD, LayerAux(dropped_fraction=dropped_fraction, **stats)
 
 
-def _sharded_over(entry, axis: str) -> bool:
-    return entry == axis or (isinstance(entry, tuple) and axis in entry)
+def _gather_unsplit(leaves, leaf_axes, specs):
+    """Each device runs whole experts on its 'mlp' slice: gather every other split dim
+    of the weights but the expert dim (FSDP shards of 'embed')."""
+    out = []
+    for leaf, axes, spec in zip(leaves, leaf_axes, specs):
+        for dim, (name, entry) in enumerate(zip(axes, spec)):
+            if name not in ("expert", "mlp") and entry is not None:
+                leaf = jax.lax.all_gather(leaf, entry, axis=dim, tiled=True)
+        out.append(leaf)
+    return out
 
 
-def _gather_fsdp(w_gate_LDF, w_up_LDF, w_down_LFD, layout: EPLayout):
-    """FSDP: the embed dim of the expert weights is split over ``fsdp``; gather it."""
-    if _sharded_over(layout.w_in_spec[1], "fsdp"):
-        w_gate_LDF = jax.lax.all_gather(w_gate_LDF, "fsdp", axis=1, tiled=True)
-        w_up_LDF = jax.lax.all_gather(w_up_LDF, "fsdp", axis=1, tiled=True)
-    if _sharded_over(layout.w_out_spec[2], "fsdp"):
-        w_down_LFD = jax.lax.all_gather(w_down_LFD, "fsdp", axis=2, tiled=True)
-    return w_gate_LDF, w_up_LDF, w_down_LFD
-
-
-def _local_body(x_tD, gates_tK, experts_tK, weights, backend: str,
+def _local_body(x_tD, gates_tK, experts_tK, experts, backend: str,
                 capacity_factor: float | None):
     """No expert axis: every device holds all experts; dispatch its own tokens."""
-    out_tD, dropped = dispatch_experts(backend, x_tD, gates_tK, experts_tK, weights,
+    out_tD, dropped = dispatch_experts(backend, x_tD, gates_tK, experts_tK, experts,
                                        capacity_factor=capacity_factor)
     zero = jnp.zeros((), jnp.float32)
     return out_tD, {"dropped_pairs": dropped * experts_tK.size, "ep_overflow": zero,
@@ -186,7 +235,7 @@ def _local_body(x_tD, gates_tK, experts_tK, weights, backend: str,
 
 def _min_bytes(experts_tK, layout: EPLayout, row_bytes: int):
     """Off-device (token, slot) pairs x row bytes x 2 (there and back)."""
-    me = jax.lax.axis_index(EXPERT_AXIS)
+    me = jax.lax.axis_index(layout.ep_axis)
     off = jnp.sum((experts_tK // layout.experts_per_device) != me).astype(jnp.float32)
     return off * (2 * row_bytes)
 
@@ -205,7 +254,7 @@ def _buffer_slots(dest_m: Int[Array, "m"], ep: int, capacity: int):
     return jnp.where(keep_m, dest_m * capacity + position_m, ep * capacity), keep_m
 
 
-def _fixed_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity: int,
+def _fixed_body(x_tD, gates_tK, experts_tK, experts, layout: EPLayout, capacity: int,
                 gmm_backend: str):
     """1. pairs in slot-major order (first choices first), stable-sorted by destination;
     2. position within the destination = rank in its run; pairs at position >= C drop;
@@ -226,14 +275,13 @@ def _fixed_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity:
     send_RD = x_padded[send_token_R]
 
     def exchange(a):
-        return jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
+        return jax.lax.all_to_all(a, layout.ep_axis, 0, 0, tiled=True)
 
     recv_RD, recv_expert_R = exchange(send_RD), exchange(send_expert_R)
     order_R = jnp.argsort(recv_expert_R, stable=True).astype(jnp.int32)
     inverse_R = jnp.argsort(order_R).astype(jnp.int32)
     group_sizes_L = jnp.bincount(recv_expert_R, length=per_dev + 1)[:per_dev].astype(jnp.int32)
-    y_sorted = grouped_ffn(take_rows(recv_RD, order_R, inverse_R), *weights, group_sizes_L,
-                           backend=gmm_backend)
+    y_sorted = experts(take_rows(recv_RD, order_R, inverse_R), group_sizes_L, backend=gmm_backend)
     back_RD = exchange(take_rows(y_sorted, inverse_R, order_R))
 
     back_padded = jnp.concatenate([back_RD, jnp.zeros((1, back_RD.shape[1]), back_RD.dtype)])
@@ -255,7 +303,7 @@ def _fixed_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, capacity:
 
 # --- strategy 2: ragged_all_to_all (nothing padded on the wire) ------------------------
 
-def _ragged_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, recv_rows: int,
+def _ragged_body(x_tD, gates_tK, experts_tK, experts, layout: EPLayout, recv_rows: int,
                  gmm_backend: str):
     """1. sort local pairs by global expert; per-expert counts, all-gathered -> [P, E];
     2. one ragged slice per (destination, local expert), written on the receiver in
@@ -267,10 +315,10 @@ def _ragged_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, recv_row
        (dropped pairs come back as zero rows)."""
     top_k, ep, per_dev = experts_tK.shape[1], layout.num_devices_ep, layout.experts_per_device
     num_experts = ep * per_dev
-    me = jax.lax.axis_index(EXPERT_AXIS)
+    me = jax.lax.axis_index(layout.ep_axis)
     plan = plan_sort(experts_tK, num_experts)
     x_mD = permute(x_tD, plan, top_k)
-    counts_PE = jax.lax.all_gather(plan.group_sizes_E, EXPERT_AXIS)          # [source, expert]
+    counts_PE = jax.lax.all_gather(plan.group_sizes_E, layout.ep_axis)          # [source, expert]
     before_PE = jnp.cumsum(counts_PE, axis=0) - counts_PE                   # from lower sources
     totals_PL = counts_PE.sum(axis=0).reshape(ep, per_dev)
     base_PL = jnp.cumsum(totals_PL, axis=1) - totals_PL                     # expert-major start
@@ -282,11 +330,12 @@ def _ragged_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, recv_row
         return jax.lax.dynamic_slice_in_dim(a_PE, me * per_dev, per_dev, axis=1).reshape(-1)
 
     recv_RD = ragged_exchange(x_mD, jnp.zeros((recv_rows, x_tD.shape[1]), x_mD.dtype),
-                              starts_PE[me], kept_PE[me], offsets_PE[me], mine(kept_PE))
+                              starts_PE[me], kept_PE[me], offsets_PE[me], mine(kept_PE),
+                              axis=layout.ep_axis)
     group_sizes_L = mine(kept_PE).reshape(ep, per_dev).sum(axis=0)
-    y_RD = grouped_ffn(recv_RD, *weights, group_sizes_L.astype(jnp.int32), backend=gmm_backend)
+    y_RD = experts(recv_RD, group_sizes_L.astype(jnp.int32), backend=gmm_backend)
     y_mD = ragged_exchange(y_RD, jnp.zeros_like(x_mD), mine(offsets_PE), mine(kept_PE),
-                           mine(starts_PE), kept_PE[me])
+                           mine(starts_PE), kept_PE[me], axis=layout.ep_axis)
     out_tD = unpermute(y_mD, plan, gates_tK).astype(jnp.float32)
 
     row_bytes = x_tD.shape[1] * x_tD.dtype.itemsize
@@ -303,16 +352,18 @@ def _ragged_body(x_tD, gates_tK, experts_tK, weights, layout: EPLayout, recv_row
     return out_tD, stats
 
 
-def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):
-    """``ragged_all_to_all`` over ``expert``; XLA:CPU lacks it, so there an
+def ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                    axis):
+    """``ragged_all_to_all`` over the mesh axis ``axis``; XLA:CPU lacks it, so there an
     all_gather-based stand-in with the same semantics is lowered instead (chosen
     at lowering time, so an export for TPU/GPU carries the real collective)."""
     # the collective's result varies like its operand; say so for the output buffer
     missing = tuple(_varying(operand) - _varying(output))
     output = jax.lax.pcast(output, missing, to="varying") if missing else output
     args = (operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
-    return jax.lax.platform_dependent(*args, cpu=_ragged_all_to_all_emulated,
-                                      default=_ragged_all_to_all_native)
+    return jax.lax.platform_dependent(
+        *args, cpu=functools.partial(_ragged_all_to_all_emulated, axis=axis),
+        default=functools.partial(_ragged_all_to_all_native, axis=axis))
 
 
 def _varying(x) -> frozenset:
@@ -320,23 +371,23 @@ def _varying(x) -> frozenset:
 
 
 def _ragged_all_to_all_native(operand, output, input_offsets, send_sizes, output_offsets,
-                              recv_sizes):
+                              recv_sizes, *, axis):
     return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
-                                     output_offsets, recv_sizes, axis_name=EXPERT_AXIS)
+                                     output_offsets, recv_sizes, axis_name=axis)
 
 
 def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets,
-                                recv_sizes):
+                                recv_sizes, *, axis):
     """Same result as ``ragged_all_to_all`` from all_gathers: output row r takes the
     row of the (source, slice) whose destination range covers it."""
     del recv_sizes  # implied by the senders' send_sizes
-    ep = jax.lax.axis_size(EXPERT_AXIS)
-    me = jax.lax.axis_index(EXPERT_AXIS)
+    ep = jax.lax.axis_size(axis)
+    me = jax.lax.axis_index(axis)
     per_dev = input_offsets.shape[0] // ep
-    all_ops = jax.lax.all_gather(operand, EXPERT_AXIS)                       # [P, N, D]
+    all_ops = jax.lax.all_gather(operand, axis)                       # [P, N, D]
 
     def to_me(a):  # [N] per sender -> [P, per_dev]: the slices each source sends me
-        gathered = jax.lax.all_gather(a, EXPERT_AXIS).reshape(ep, ep, per_dev)
+        gathered = jax.lax.all_gather(a, axis).reshape(ep, ep, per_dev)
         return gathered[:, me]
 
     in_off, sizes, out_off = to_me(input_offsets), to_me(send_sizes), to_me(output_offsets)

@@ -1,4 +1,4 @@
-"""The MoE block: router + dispatch + routed SwiGLU experts (+ shared experts)."""
+"""The MoE block: router + dispatch + routed experts (+ shared experts); dense SwiGLU FFN."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 from moejax import dispatch as dispatch_lib
 from moejax import expert_parallel, sharding
 from moejax.config import MoEConfig
+from moejax.experts import RoutedExperts, swiglu
 from moejax.layers import LayerAux, LayerContext
 from moejax.routing import Router, update_router_bias
 
@@ -30,7 +31,7 @@ class SwiGLU(nnx.Module):
     def __call__(self, x_TD: Array) -> Array:
         dt = self.dtype
         x_TD = x_TD.astype(dt)
-        h_TF = dispatch_lib.swiglu(x_TD @ self.w_gate[...].astype(dt), x_TD @ self.w_up[...].astype(dt))
+        h_TF = swiglu(x_TD @ self.w_gate[...].astype(dt), x_TD @ self.w_up[...].astype(dt))
         return h_TF @ self.w_down[...].astype(dt)
 
 
@@ -41,19 +42,6 @@ class DenseFFN(SwiGLU):
     def __call__(self, x_BSD: Array, ctx: LayerContext | None = None) -> tuple[Array, LayerAux]:
         del ctx  # a dense FFN needs nothing beyond its input
         return super().__call__(x_BSD), LayerAux()
-
-
-class RoutedExperts(nnx.Module):
-    """E SwiGLU experts stored stacked: w_gate/w_up [E, D, F], w_down [E, F, D]."""
-
-    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
-        e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
-        self.w_gate = nnx.Param(_normal(rngs, (e, d, f), d), logical_axes=("expert", "embed", "mlp"))
-        self.w_up = nnx.Param(_normal(rngs, (e, d, f), d), logical_axes=("expert", "embed", "mlp"))
-        self.w_down = nnx.Param(_normal(rngs, (e, f, d), f), logical_axes=("expert", "mlp", "embed"))
-
-    def weights(self, dtype):
-        return tuple(w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
 
 class MoE(nnx.Module):
@@ -116,15 +104,14 @@ class MoE(nnx.Module):
     def _routed(self, x_TD, gates_TK, experts_TK):
         """Routed experts, expert-parallel when the mesh allows -> (out_TD, stats)."""
         cfg, backend = self.cfg, self.backend
-        weights = self.experts.weights(self.dtype)
-        layout = expert_parallel.layout_for(sharding.current_mesh(), cfg.num_experts,
-                                            x_TD.shape[0], cfg.d_model, cfg.d_ff)
+        experts = self.experts.weights()
+        layout = expert_parallel.layout_for(sharding.current_mesh(), experts, x_TD.shape[0])
         if backend != "dense" and layout is not None:
             return expert_parallel.expert_parallel_dispatch(
-                x_TD, gates_TK, experts_TK, weights, layout,
+                x_TD, gates_TK, experts_TK, experts, layout,
                 capacity_factor=cfg.capacity_factor, exchange=cfg.ep_exchange, backend=backend)
         out_TD, dropped = dispatch_lib.dispatch_experts(
-            backend, x_TD, gates_TK, experts_TK, weights, capacity_factor=cfg.capacity_factor)
+            backend, x_TD, gates_TK, experts_TK, experts, capacity_factor=cfg.capacity_factor)
         zero = jnp.zeros((), jnp.float32)
         return out_TD, LayerAux(dropped_fraction=dropped, ep_overflow=zero,
                                 dispatch_bytes=zero, dispatch_min_bytes=zero)
@@ -134,3 +121,13 @@ class MoE(nnx.Module):
         if self.cfg.uses_router_bias and self.cfg.bias_update_rate > 0:
             self.router.bias[...] = update_router_bias(self.router.bias[...], expert_load_E,
                                                        self.cfg.bias_update_rate)
+
+
+def moe_backends(cfg: MoEConfig, mesh=None, rules: sharding.ShardingRules | None = None) -> str:
+    """One line for a log: the dispatch backend, grouped-matmul kernel and expert-parallel
+    exchange an MoE layer of ``cfg`` runs with on ``mesh`` (None: one device)."""
+    backend = dispatch_lib.resolve_backend(cfg.dispatch, cfg.capacity_factor)
+    how = f" ({cfg.dispatch})" if cfg.dispatch != backend else ""
+    ep = expert_parallel.describe(mesh, cfg.num_experts, cfg.ep_exchange, cfg.capacity_factor, rules)
+    return f"moe dispatch {backend}{how}: {dispatch_lib.describe_backend(backend)}; {ep}"
+

@@ -18,7 +18,8 @@ VOCAB = 128
 def small(name: str, **changes) -> ModelConfig:
     """The preset with 2 layers and a small vocabulary; attention kind and features kept."""
     cfg = ModelConfig.preset(name)
-    cfg = cfg.replace(n_layers=2, ffn_kinds=cfg.ffn_kinds[-2:], vocab_size=VOCAB, **changes)
+    kinds = changes.pop("ffn_kinds", cfg.ffn_kinds[-2:])
+    cfg = cfg.replace(n_layers=2, ffn_kinds=kinds, vocab_size=VOCAB, **changes)
     assert_dropless(cfg)
     return cfg
 

@@ -53,6 +53,14 @@ def test_backend_equals_dense(backend, cfg, seed, collapse):
     assert float(aux["dropped_fraction"]) == 0.0
 
 
+def test_auto_backend_equals_dense():
+    """'auto' (dropless) picks its grouped-matmul kernel per lowering platform
+    (lax.platform_dependent); on CPU it must still be the dense function, gradients too."""
+    cfg = moejax.MoEConfig(d_model=16, d_ff=24, num_experts=8, top_k=2, num_shared_experts=1)
+    aux = _compare_with_dense(cfg, "auto", seed=3, collapse=False)
+    assert float(aux["dropped_fraction"]) == 0.0
+
+
 @given(cfg=moe_configs(), seed=st.integers(0, 1000), collapse=st.booleans())
 @settings(max_examples=4)
 def test_gmm_backend_equals_dense(cfg, seed, collapse):
@@ -98,11 +106,12 @@ def test_capacity_drops_exactly_the_overflow(seed, factor, top_k, collapse):
 
     # The kept pairs give exactly the dense result with the dropped gates zeroed.
     want, _ = dispatch.dense_dispatch(x_TD, jnp.where(keep, gates_TK, 0.0), experts_TK,
-                                      layer.experts.weights(jnp.float32))
+                                      layer.experts.weights())
     assert_close(y.reshape(-1, cfg.d_model), want, what="capacity output")
 
 
 def test_auto_backend_resolution():
     assert dispatch.resolve_backend("auto", 1.0) == "capacity"
-    assert dispatch.resolve_backend("auto", None) == ("ragged" if jax.default_backend() == "cpu" else "gmm")
+    assert dispatch.resolve_backend("auto", None) == "auto"  # kernel chosen per lowering platform
+    assert dispatch.GMM_BACKENDS["auto"] == "auto"
     assert dispatch.resolve_backend("dense", None) == "dense"

@@ -21,10 +21,12 @@ from pathlib import Path
 
 from moejax import checkpoint as mckpt
 from moejax.config import ModelConfig, config_to_dict
-from train.config import DEFAULT_PRESET, TrainConfig, TrainError, requested_model, with_compute_dtype
+from train.config import (DEFAULT_PRESET, TrainConfig, TrainError, requested_model, training_preset,
+                          with_compute_dtype)
 
 CHECKPOINT_DIR = "checkpoints"
-IGNORED_FIELDS = ("dtype", "moe.dtype")   # compute dtype may change between runs
+# compute choices may change between runs; scan_layers is the saved model's layout
+IGNORED_FIELDS = ("dtype", "moe.dtype", "remat", "scan_layers")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
     kind, step = start_kind(cfg)
     asked = requested_model(cfg)
     if kind == "fresh":
-        model_cfg = asked or _saved_config(out) or ModelConfig.preset(DEFAULT_PRESET)
+        model_cfg = asked or _saved_config(out) or training_preset(DEFAULT_PRESET)
         if data_vocab > model_cfg.vocab_size and not _sets(cfg, "vocab_size"):
             model_cfg = model_cfg.replace(vocab_size=data_vocab)  # e.g. a tokenizer's vocabulary
     else:
@@ -99,6 +101,8 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
                          f"{model_cfg.max_seq_len}; pass --set max_seq_len={cfg.seq_len} or a shorter --seq-len")
     if cfg.dtype is not None:
         model_cfg = with_compute_dtype(model_cfg, cfg.dtype)
+    if cfg.remat is not None:
+        model_cfg = model_cfg.replace(remat=cfg.remat)
     return StartPoint(kind, model_cfg, step or 0)
 
 

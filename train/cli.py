@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     par = p.add_argument_group("precision and parallelism")
     par.add_argument("--dtype", choices=("float32", "bfloat16"),
                      help="compute dtype (parameters and optimizer state stay float32)")
+    par.add_argument("--remat", choices=("none", "full", "dots"),
+                     help="recompute activations in the backward pass: full (keep block inputs only) "
+                          "or dots (keep matmul outputs); default: the model's (none)")
     par.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (axes data, fsdp, expert, "
                                     "tensor; product = device count). Default: data=<devices>")
     io = p.add_argument_group("logging and checkpoints")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from moejax.config import ConfigError, ModelConfig
+from moejax.config import REMATS, ConfigError, ModelConfig
 
 DEFAULT_PRESET = "tiny"
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -54,6 +54,7 @@ class TrainConfig:
     param_groups: tuple[str, ...] = ()
     memory_lr_mult: float = 10.0   # memory-layer value tables: lr * this, no weight decay
     dtype: str | None = None       # compute dtype; None = the model config's
+    remat: str | None = None       # 'none' | 'full' | 'dots'; None = the model config's
     mesh: str | None = None
     eval_every: int = 100
     eval_batches: int = 4
@@ -86,6 +87,8 @@ class TrainConfig:
             raise TrainError("--weight-decay and --clip-norm must be >= 0 (0 turns them off)")
         if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
             raise TrainError(f"--dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if self.remat is not None and self.remat not in REMATS:
+            raise TrainError(f"--remat must be one of {REMATS}, got {self.remat!r}")
         if self.preset is not None and self.preset not in ModelConfig.preset_names():
             raise TrainError(f"unknown preset {self.preset!r}; available: "
                              f"{', '.join(ModelConfig.preset_names())}")
@@ -156,9 +159,15 @@ def with_compute_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
     return cfg.replace(dtype=dtype, moe=moe)
 
 
+def training_preset(name: str) -> ModelConfig:
+    """A preset as training builds it: layers scanned (compile time flat in depth);
+    ``--set scan_layers=false`` unrolls them."""
+    return ModelConfig.preset(name).replace(scan_layers=True)
+
+
 def requested_model(cfg: TrainConfig) -> ModelConfig | None:
     """The model the flags ask for, or None when they ask for none in particular."""
     if cfg.preset is None and not cfg.model_overrides:
         return None
-    base = ModelConfig.preset(cfg.preset or DEFAULT_PRESET)
+    base = training_preset(cfg.preset or DEFAULT_PRESET)
     return apply_overrides(base, cfg.model_overrides)

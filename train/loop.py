@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from moejax import checkpoint as mckpt
+from moejax.moe import moe_backends
 from train import data as data_lib
 from train.checkpointing import Checkpoints, plan_start, start_kind
 from train.config import NonFiniteError, TrainConfig, TrainError
@@ -182,11 +183,14 @@ class Trainer:
                "checkpoint": f"resuming from checkpoint step {s.step}"}[self.start.kind]
         self.progress.line(
             f"model {self.model_cfg.name}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
-            f"compute {self.model_cfg.dtype}; {how}\n"
+            f"compute {self.model_cfg.dtype}, layers {'scanned' if self.model_cfg.scan_layers else 'unrolled'}"
+            f", remat {self.model_cfg.remat}; {how}\n"
             f"data {self.corpus.description}: {len(self.corpus.train):,} train / "
             f"{len(self.corpus.val):,} val tokens, vocab {self.corpus.vocab_size}\n"
             f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.default_backend()} "
             f"device(s); {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens -> {self.out}")
+        if self.model_cfg.moe is not None:
+            self.progress.line(moe_backends(self.model_cfg.moe, self.mesh, s.shardings.rules))
         self.t_setup = time.perf_counter()
 
     def _stopped(self, done: int, signame: str) -> int:

@@ -11,7 +11,8 @@ own by default: learning rate ``lr * memory_lr_mult`` (10x, as "Memory Layers
 at Scale" uses for its values) and no weight decay (each row is read by few
 tokens, so decay would erase rarely read facts between their updates). An
 explicit ``--param-group`` rule that matches them takes precedence.
-Weight decay applies to matrices only (ndim >= 2), never to norm scales.
+Weight decay applies to matrices only (ndim >= 2), never to norm scales; the
+leading layer axis of scanned layers (``stacks/...``) does not count.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
 def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     """clip -> Adam moments -> decoupled weight decay -> schedule -> group multipliers."""
     decay_mask = jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and not is_memory_value(path), params)
+        lambda path, p: (p.ndim - (param_path(path).startswith("stacks/")) >= 2
+                         and not is_memory_value(path)), params)
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

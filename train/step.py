@@ -12,8 +12,10 @@ optimizer only ever sees ``params``. One train step:
    was (the host then stops the run), so a bad step never reaches a
    checkpoint.
 
-The steps are jitted with shardings from the logical-axis rules and donate
-their state; on one device the mesh is 1x1x1x1 and the code is the same.
+The steps are jitted with shardings from a logical-axis rules value
+(``moejax.sharding.DEFAULT_RULES`` unless given) and trace the model under
+the same rules; they donate their state. On one device the mesh is 1x1x1x1
+and the code is the same.
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ def lm_loss(logits_BSV, targets_BS):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS).mean()
 
 
-def train_step_fn(graphdef, tx: optax.GradientTransformation) -> Callable:
+def train_step_fn(graphdef, tx: optax.GradientTransformation,
+                  rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> Callable:
     def train_step(params, opt_state, nonparam, batch_BS1):
+        with sharding.use_rules(rules):
+            return _train_step(params, opt_state, nonparam, batch_BS1)
+
+    def _train_step(params, opt_state, nonparam, batch_BS1):
         inputs_BS, targets_BS = batch_BS1[:, :-1], batch_BS1[:, 1:]
 
         def loss_fn(params):
@@ -75,9 +82,10 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation) -> Callable:
     return train_step
 
 
-def eval_step_fn(graphdef) -> Callable:
+def eval_step_fn(graphdef, rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> Callable:
     def eval_step(params, nonparam, batch_BS1):
-        logits_BSV, _ = merge_model(graphdef, params, nonparam)(batch_BS1[:, :-1])
+        with sharding.use_rules(rules):
+            logits_BSV, _ = merge_model(graphdef, params, nonparam)(batch_BS1[:, :-1])
         return lm_loss(logits_BSV, batch_BS1[:, 1:])
 
     return eval_step
@@ -93,44 +101,47 @@ class Shardings:
     nonparam: Any
     batch: NamedSharding
     replicated: NamedSharding
+    rules: sharding.ShardingRules = sharding.DEFAULT_RULES
 
 
-def batch_parallelism(mesh: Mesh) -> int:
-    spec = sharding.LOGICAL_RULES["batch"]
+def batch_parallelism(mesh: Mesh, rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> int:
     size = 1
-    for axis in spec:
+    for axis in rules["batch"]:
         size *= mesh.shape.get(axis, 1)
     return size
 
 
-def variable_shardings(state: nnx.State, mesh: Mesh) -> dict:
+def variable_shardings(state: nnx.State, mesh: Mesh,
+                       rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> dict:
     """Pure dict of NamedShardings from the logical-axis rules (abstract values work too)."""
-    return nnx.to_pure_dict(sharding.state_shardings(state, mesh))
+    return nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
 
 
-def make_shardings(mesh: Mesh, model: Transformer, tx, params, batch_shape) -> Shardings:
+def make_shardings(mesh: Mesh, model: Transformer, tx, params, batch_shape,
+                   rules: sharding.ShardingRules = sharding.DEFAULT_RULES) -> Shardings:
     _, param_state, nonparam_state = nnx.split(model, nnx.Param, ...)
     replicated = NamedSharding(mesh, P())
-    param_sh = variable_shardings(param_state, mesh)
-    nonparam_sh = variable_shardings(nonparam_state, mesh)
+    param_sh = variable_shardings(param_state, mesh, rules)
+    nonparam_sh = variable_shardings(nonparam_state, mesh, rules)
     opt_abstract = jax.eval_shape(tx.init, params)
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, opt_abstract, param_sh,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding))
-    batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), batch_shape, mesh))
-    return Shardings(mesh, param_sh, opt_sh, nonparam_sh, batch_sh, replicated)
+    batch_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), batch_shape, mesh,
+                                                            rules))
+    return Shardings(mesh, param_sh, opt_sh, nonparam_sh, batch_sh, replicated, rules)
 
 
 def jit_train_step(graphdef, tx, sh: Shardings) -> Callable:
-    return jax.jit(train_step_fn(graphdef, tx),
+    return jax.jit(train_step_fn(graphdef, tx, sh.rules),
                    in_shardings=(sh.params, sh.opt_state, sh.nonparam, sh.batch),
                    out_shardings=(sh.params, sh.opt_state, sh.nonparam, sh.replicated),
                    donate_argnums=(0, 1, 2))
 
 
 def jit_eval_step(graphdef, sh: Shardings) -> Callable:
-    return jax.jit(eval_step_fn(graphdef), in_shardings=(sh.params, sh.nonparam, sh.batch),
+    return jax.jit(eval_step_fn(graphdef, sh.rules), in_shardings=(sh.params, sh.nonparam, sh.batch),
                    out_shardings=sh.replicated)
 
 

@@ -1,5 +1,7 @@
 """Public entry points: validate, pick a backend and call it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -14,15 +16,26 @@ BACKENDS = ("auto", "pallas", "xla", "reference")
 
 
 def _resolve(op, backend, tiling, interpret):
-    """-> (backend, KernelChoice) with 'auto' and interpret=None made concrete."""
+    """-> (backend, KernelChoice) with interpret=None made concrete. 'auto' becomes
+    'pallas' when running on TPU/GPU; on any other host it stays 'auto', resolved
+    per lowering platform by :func:`_per_lowering_platform`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     on_accelerator = jax.default_backend() in ("tpu", "gpu")
-    if backend == "auto":
-        backend = "pallas" if on_accelerator else "xla"
+    if backend == "auto" and on_accelerator:
+        backend = "pallas"
     if interpret is None:
         interpret = not on_accelerator
     return backend, KernelChoice(tiling=GmmTiling.coerce(tiling), interpret=bool(interpret))
+
+
+def _per_lowering_platform(xla_fn, pallas_fn, choice, *args):
+    """backend='auto' traced on a host without TPU/GPU: the XLA path where the function
+    is lowered for CPU, the compiled Pallas kernel where it is lowered for TPU or GPU
+    (``jax.export(..., platforms=['tpu'])`` from this host carries the kernel)."""
+    compiled = dataclasses.replace(choice, interpret=False)
+    return jax.lax.platform_dependent(*args, cpu=xla_fn,
+                                      default=lambda *a: pallas_fn(*a, compiled))
 
 
 def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
@@ -33,7 +46,8 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     sum(group_sizes) are zero. Differentiable in lhs and rhs.
     backend: 'pallas' (TPU/GPU kernel; interpret mode elsewhere), 'xla' (the
     fast XLA path used on CPU), 'reference' (jax.lax.ragged_dot), 'auto'
-    (Pallas on TPU/GPU, 'xla' on CPU).
+    (Pallas on TPU/GPU, 'xla' on CPU, chosen per lowering platform, so an
+    export for TPU/GPU from a CPU host carries the compiled kernel).
     tiling: None (heuristic), a GmmTiling or (tm, tk, tn); used by 'pallas'.
     interpret: None = interpret mode unless running on TPU/GPU.
     """
@@ -45,10 +59,14 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     dtype = jnp.result_type(lhs, rhs)
     lhs, rhs, group_sizes = match_varying(lhs.astype(dtype), rhs.astype(dtype), group_sizes)
     out_dtype = jnp.dtype(preferred_element_type or dtype)
+    if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in rhs.shape):
+        return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
     if backend == "pallas":
-        if 0 in lhs.shape or 0 in rhs.shape:
-            return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
         return gmm_pallas(lhs, rhs, group_sizes, out_dtype, choice)
+    if backend == "auto":
+        return _per_lowering_platform(
+            lambda a, b, s: gmm_xla(a, b, s, preferred_element_type),
+            lambda a, b, s, c: gmm_pallas(a, b, s, out_dtype, c), choice, lhs, rhs, group_sizes)
     if backend == "xla":  # tile loop: ragged_dot runs many times under dense speed on XLA:CPU
         return gmm_xla(lhs, rhs, group_sizes, preferred_element_type)
     return gmm_reference(lhs, rhs, group_sizes, preferred_element_type)
@@ -65,10 +83,15 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
     dtype = jnp.result_type(lhs, grad)
     lhs, grad, group_sizes = match_varying(lhs.astype(dtype), grad.astype(dtype), group_sizes)
     out_dtype = jnp.dtype(preferred_element_type or dtype)
+    if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in grad.shape
+                                          or group_sizes.shape[0] == 0):
+        return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
     if backend == "pallas":
-        if 0 in lhs.shape or 0 in grad.shape or group_sizes.shape[0] == 0:
-            return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
         return tgmm_pallas(lhs, grad, group_sizes, out_dtype, choice)
+    if backend == "auto":
+        return _per_lowering_platform(
+            lambda a, g, s: tgmm_xla(a, g, s, preferred_element_type),
+            lambda a, g, s, c: tgmm_pallas(a, g, s, out_dtype, c), choice, lhs, grad, group_sizes)
     if backend == "xla":
         return tgmm_xla(lhs, grad, group_sizes, preferred_element_type)
     return tgmm_reference(lhs, grad, group_sizes, preferred_element_type)
@@ -87,10 +110,15 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
     check_int8("gmm_int8", rhs, rhs_scale)
     backend, choice = _resolve("gmm_int8", backend, tiling, interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in rhs.shape):
+        return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
+    lhs, rhs, rhs_scale, group_sizes = match_varying(
+        lhs, rhs, rhs_scale.astype(jnp.float32), group_sizes)
     if backend == "pallas":
-        if 0 in lhs.shape or 0 in rhs.shape:
-            return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
-        lhs, rhs, rhs_scale, group_sizes = match_varying(
-            lhs, rhs, rhs_scale.astype(jnp.float32), group_sizes)
         return gmm_int8_pallas(lhs, rhs, rhs_scale, group_sizes, out_dtype, choice)
+    if backend == "auto":
+        return _per_lowering_platform(
+            lambda a, q, sc, s: gmm_int8_reference(a, q, sc, s, out_dtype),
+            lambda a, q, sc, s, c: gmm_int8_pallas(a, q, sc, s, out_dtype, c),
+            choice, lhs, rhs, rhs_scale, group_sizes)
     return gmm_int8_reference(lhs, rhs, rhs_scale, group_sizes, out_dtype)

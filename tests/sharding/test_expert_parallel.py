@@ -165,7 +165,7 @@ def test_capacity_drops_are_exactly_the_overflow_and_counted(exchange, keep_rule
     keep_TK = keep_rule(np.asarray(experts_TK), 8, 4, factor)
     assert (~keep_TK).sum() > 0                               # the test does drop
     y_ref, _ = dispatch.dense_dispatch(x_TD, gates_TK * keep_TK, experts_TK,
-                                       ref.experts.weights(jnp.float32))
+                                       ref.experts.weights())
     with jax.set_mesh(mesh):
         sharding.shard_model(layer, mesh)
         y, aux = nnx.jit(lambda m, x: m(x))(layer, x)
@@ -205,12 +205,21 @@ def test_exchange_choice_and_fallbacks():
     with pytest.raises(moejax.ConfigError, match="ep_exchange"):
         moejax.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K, ep_exchange="ragged_a2a")
     mesh = sharding.make_mesh("data=2,expert=4")
-    assert expert_parallel.layout_for(None, E, 32, D, F) is None
-    assert expert_parallel.layout_for(sharding.make_mesh("data=8"), E, 32, D, F).num_devices_ep == 1
-    assert expert_parallel.layout_for(mesh, 6, 32, D, F) is None         # 4 does not divide 6
-    assert expert_parallel.layout_for(mesh, E, 12, D, F) is None         # 8 shards vs 12 tokens
-    layout = expert_parallel.layout_for(mesh, E, 32, D, F)
+    weights = layer_pair()[1].experts.weights()
+    six_experts = moejax.MoE(moejax.MoEConfig(d_model=D, d_ff=F, num_experts=6, top_k=K),
+                             rngs=nnx.Rngs(0)).experts.weights()
+    assert expert_parallel.layout_for(None, weights, 32) is None
+    assert expert_parallel.layout_for(sharding.make_mesh("data=8"), weights, 32).num_devices_ep == 1
+    with pytest.warns(sharding.FallbackWarning, match="6 experts do not divide"):
+        assert expert_parallel.layout_for(mesh, six_experts, 32) is None     # 4 does not divide 6
+    with pytest.warns(sharding.FallbackWarning, match="12 tokens do not split evenly"):
+        assert expert_parallel.layout_for(mesh, weights, 12) is None         # 8 shards vs 12 tokens
+    no_batch_split = sharding.DEFAULT_RULES.replace(batch=("data",))
+    with pytest.warns(sharding.FallbackWarning, match="do not split the tokens"):
+        assert expert_parallel.layout_for(mesh, weights, 32, no_batch_split) is None
+    layout = expert_parallel.layout_for(mesh, weights, 32)
     assert layout.experts_per_device == 2 and layout.token_axes == ("data", "expert")
+    assert layout.ep_axis == "expert" and layout.partial_axes == ()
 
 
 def test_ragged_exchange_exports_for_tpu_and_gpu():
@@ -242,8 +251,8 @@ def test_extreme_routings_match_dense(mesh_spec, exchange):
 
     mesh = sharding.make_mesh(mesh_spec)
     _, ref = layer_pair()
-    weights = ref.experts.weights(jnp.float32)
-    layout = expert_parallel.layout_for(mesh, E, 32, D, F)
+    weights = ref.experts.weights()
+    layout = expert_parallel.layout_for(mesh, weights, 32)
     x_TD = jax.random.normal(jax.random.key(5), (32, D))
 
     @jax.jit
@@ -279,7 +288,7 @@ def test_without_expert_axis_each_device_dispatches_its_own_tokens():
     x, _ = inputs()
     x_TD = x.reshape(-1, D)
     gates_TK, experts_TK, _ = ref.router(x_TD)
-    weights = ref.experts.weights(jnp.float32)
+    weights = ref.experts.weights()
     per_shard = jax.jit(dispatch.capacity_dispatch, static_argnames="capacity_factor")
     outs, dropped = zip(*(per_shard(x_tD, g_tK, e_tK, weights, capacity_factor=factor)
                           for x_tD, g_tK, e_tK in zip(jnp.split(x_TD, 4), jnp.split(gates_TK, 4),

@@ -122,3 +122,20 @@ def test_sharded_train_step_exports_for_tpu(exchange):
     assert len(expert_args) == 3 * 4       # weight, mu, nu for each of the 4 MoE layers
     for arg in expert_args:
         assert '#sdy.sharding<@mesh, [{"expert"}, {}, {}]>' in arg, arg
+
+
+def test_scanned_layers_sharded_match_dense_reference(dense_reference):
+    """The same weights stacked into scanned layer groups (stacked params carry a leading
+    'layers' axis, left unsplit), run expert-parallel inside nnx.scan."""
+    from moejax.layer_stack import stack_layers, unstack_layers
+    (loss_ref, (logits_ref, aux_ref)), grads_ref = dense_reference
+    unrolled = build(tiny(ep_exchange="all_to_all"))
+    cfg = unrolled.cfg.replace(scan_layers=True)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: moejax.Transformer(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, stack_layers(nnx.to_pure_dict(nnx.state(unrolled)), cfg))
+    (loss, (logits, aux)), grads = loss_and_grads(nnx.merge(graphdef, state), tokens(),
+                                                  sharding.make_mesh("data=2,expert=4"))
+    assert_close(loss, loss_ref)
+    assert_close(logits, logits_ref)
+    assert_close(aux["expert_load"], aux_ref["expert_load"])
+    assert_close(unstack_layers(nnx.to_pure_dict(grads), cfg), nnx.to_pure_dict(grads_ref))

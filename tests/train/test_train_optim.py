@@ -44,6 +44,19 @@ def test_weight_decay_only_on_matrices():
     np.testing.assert_array_equal(updates["norm"]["scale"], 0.0)
 
 
+def test_weight_decay_skips_norm_scales_of_scanned_layers():
+    """Scanned layers stack every parameter on a leading layer axis: a stacked norm
+    scale [L, D] is still a vector per layer, a stacked matrix [L, D, F] a matrix."""
+    params = {"stacks": {0: {"block": {"attn_norm": {"scale": jnp.full((2, 3), 2.0)},
+                                       "w": jnp.full((2, 3, 4), 2.0)}}}}
+    tx = make_optimizer(TrainConfig(weight_decay=0.5, **CONSTANT), params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    block = updates["stacks"][0]["block"]
+    np.testing.assert_array_equal(block["attn_norm"]["scale"], 0.0)
+    np.testing.assert_allclose(block["w"], -0.1 * 0.5 * 2.0, rtol=1e-6)
+
+
 def test_param_group_scales_its_updates_only():
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), PARAMS)
     base = one_update(TrainConfig(weight_decay=0.5, **CONSTANT), grads)
