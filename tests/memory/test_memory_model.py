@@ -81,12 +81,13 @@ MICRO = ["--set", "d_model=32", "--set", "n_heads=2", "--set", "n_kv_heads=1", "
          "--eval-batches", "1", "--steps", "3", "--log-every", "1", "--no-tensorboard", "--no-plot"]
 
 
-@pytest.mark.parametrize("preset, memory", [
-    ("tiny-mem", ["memory.num_slots=256", "memory.top_k=8", "memory.d_key=16"]),
-    ("tiny-engram", ["memory.ngram_table_rows=4096", "memory.ngram_d_row=8"])])
+@pytest.mark.parametrize("preset, memory", [   # 2 of the 4 layers, the memory one kept
+    ("tiny-mem", ['ffn_kinds=["pkm","moe"]', "memory.num_slots=256", "memory.top_k=8", "memory.d_key=16"]),
+    ("tiny-engram", ['ffn_kinds=["moe","engram+moe"]', "memory.ngram_table_rows=4096",
+                     "memory.ngram_d_row=8"])])
 def test_presets_train_from_the_command_line(tmp_path, preset, memory):
-    sets = [arg for m in memory for arg in ("--set", m)]
-    result = run_train(["--preset", preset, "--out", str(tmp_path / preset), *MICRO, *sets])
+    sets = [arg for m in ["n_layers=2", *memory] for arg in ("--set", m)]
+    result = run_train(["--preset", preset, "--out", str(tmp_path / preset), *MICRO, *sets], timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / preset / "config.json").exists()
     assert '"memory"' in (tmp_path / preset / "config.json").read_text()
