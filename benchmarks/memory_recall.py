@@ -210,7 +210,7 @@ def speed(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="recall,corpus,speed")
-    p.add_argument("--steps", type=int, default=600, help="recall: training steps")
+    p.add_argument("--steps", type=int, default=800, help="recall: training steps")
     p.add_argument("--facts", type=int, default=8192)
     p.add_argument("--key-vocab", type=int, default=256)
     p.add_argument("--vocab", type=int, default=512)
