@@ -96,7 +96,10 @@ def write_cache(cache_BTX: Array, new_BSX: Array, positions_BS: Int[Array, "B S"
     b, t = cache_BTX.shape[:2]
     slot_BS = positions_BS if valid_BS is None else jnp.where(valid_BS, positions_BS, t)
     rows_B1 = jnp.arange(b, dtype=jnp.int32)[:, None]
-    return cache_BTX.at[rows_B1, slot_BS].set(new_BSX.astype(cache_BTX.dtype), mode="drop")
+    out_BTX = cache_BTX.at[rows_B1, slot_BS].set(new_BSX.astype(cache_BTX.dtype), mode="drop")
+    # [B, T, G, K] per-head caches split like the heads; latent [B, T, C] caches are not
+    heads = ("cache_heads", None) if out_BTX.ndim == 4 else (None,)
+    return sharding.constrain(out_BTX, ("cache_batch", "cache_seq") + heads)
 
 
 def cache_mask(positions_BS: Int[Array, "B S"], valid_BS: Bool[Array, "B S"] | None, max_len: int

@@ -224,8 +224,14 @@ def quantize_experts(model: nnx.Module) -> nnx.Module:
     an MoE, or any module holding them) by int8 experts; in place, returns ``model``."""
     from moejax.moe import MoE  # moe.py imports this module
 
+    from moejax.layer_stack import STACK_METADATA, is_stacked
+
     layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, MoE)]
     for moe in layers:
         if isinstance(moe.experts, RoutedExperts):
-            moe.experts = Int8Experts.from_float(moe.experts)
+            if is_stacked(moe.experts.w_gate):   # scanned layers: quantize each layer's experts
+                moe.experts = nnx.vmap(Int8Experts.from_float, in_axes=0, out_axes=0,
+                                       transform_metadata=STACK_METADATA)(moe.experts)
+            else:
+                moe.experts = Int8Experts.from_float(moe.experts)
     return model

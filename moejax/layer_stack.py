@@ -27,6 +27,12 @@ from moejax.config import ModelConfig
 STACK_METADATA = {nnx.PARTITION_NAME: None, "logical_axes": "layers"}
 
 
+def is_stacked(variable: nnx.Variable) -> bool:
+    """Whether a variable belongs to a scanned group (leading "layers" axis)."""
+    axes = variable.get_metadata().get("logical_axes") or ()
+    return len(axes) > 0 and axes[0] == "layers"
+
+
 def layer_groups(cfg: ModelConfig) -> list[tuple[int, int]]:
     """(first layer, count) of each run of consecutive layers with the same FFN kind."""
     groups: list[tuple[int, int]] = []

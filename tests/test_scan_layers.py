@@ -121,3 +121,15 @@ def test_scanned_model_decodes_with_a_stacked_cache(name):
     assert all(jax.tree.leaves(layer)[0].shape[0] == count
                for layer, (_, count) in zip(cache.layers, layer_groups(cfg)))
     check_prefill_then_steps(model, VOCAB)
+
+
+def test_quantize_experts_of_scanned_layers_like_unrolled():
+    import moejax
+    unrolled, scanned = pair()
+    for model in (unrolled, scanned):
+        moejax.quantize_experts(model)
+    q_gate = scanned.stacks[1].block.ffn.experts.q_gate
+    assert q_gate.shape == (2, 32, 256, 128) and q_gate.get_metadata()["logical_axes"][0] == "layers"
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, VOCAB, (2, 8)), jnp.int32)
+    logits = jax.jit(lambda m, t: m(t)[0])
+    assert_close(logits(scanned, tokens), logits(unrolled, tokens), rtol=1e-5)

@@ -233,11 +233,15 @@ def test_ragged_exchange_exports_for_tpu_and_gpu():
 
     with jax.set_mesh(mesh):
         x = jax.ShapeDtypeStruct((4, 8, D), jnp.float32)
-        check = [jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+        # the local experts' grouped matmul ('auto') is the Pallas kernel there too
+        kernel = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
         for platform in ("tpu", "cuda"):
+            check = [jax.export.DisabledSafetyCheck.custom_call(t)
+                     for t in ("ragged_all_to_all", kernel["cuda"])]
             exported = jax.export.export(jax.jit(forward), platforms=[platform],
                                          disabled_checks=check)(state, x)
             assert "ragged_all_to_all" in exported.mlir_module()
+            assert kernel[platform] in exported.mlir_module()
             assert exported.nr_devices == 8
 
 
