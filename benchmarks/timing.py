@@ -14,12 +14,17 @@ import numpy as np
 
 
 def interleaved_samples(candidates: Mapping[str, Callable[[], object]], *,
-                        rounds: int = 7, warmup: int = 1) -> dict[str, list[float]]:
+                        rounds: int = 7, warmup: int = 1,
+                        cpu_samples: dict[str, list[float]] | None = None
+                        ) -> dict[str, list[float]]:
     """Seconds of each call, ``rounds`` per zero-argument callable, run in turn.
 
-    Each callable must return JAX arrays (or a pytree of them); the timer
-    blocks on the result, so asynchronous dispatch is included. ``warmup``
-    calls per candidate run first, so compilation is not timed.
+    Each callable must return JAX arrays (or a pytree of them, or None); the
+    timer blocks on the result, so asynchronous dispatch is included.
+    ``warmup`` calls per candidate run first, so compilation is not timed.
+    ``cpu_samples``, when given, receives the process CPU seconds of each call
+    (all threads): on an oversubscribed machine the work done, where wall time
+    also counts the waits for a core.
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}")
@@ -27,11 +32,13 @@ def interleaved_samples(candidates: Mapping[str, Callable[[], object]], *,
         for _ in range(warmup):
             jax.block_until_ready(fn())
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    cpu = {name: [] for name in candidates} if cpu_samples is None else cpu_samples
     for _ in range(rounds):
         for name, fn in candidates.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn())
             samples[name].append(time.perf_counter() - start)
+            cpu.setdefault(name, []).append(time.process_time() - cpu_start)
     return samples
 
 

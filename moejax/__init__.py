@@ -1,29 +1,33 @@
-"""moejax: Mixture-of-Experts and memory-layer language models in JAX."""
+"""moejax: Mixture-of-Experts and memory-layer language models in JAX.
+
+The names below load on first use (PEP 562), so ``import moejax.config``
+(pure Python) does not pay for importing jax and flax: command lines validate
+their flags and paths before the heavy imports, and ``import moejax`` does not
+need the optional 'convert' extra (safetensors) until ``moejax.convert`` is used.
+"""
 
 import importlib
 
-from moejax import experts, layers, memory, sharding
-from moejax.config import ConfigError, MemoryConfig, MLAConfig, MoEConfig, ModelConfig, YarnConfig
-from moejax.experts import quantize_experts
-from moejax.layers import LayerAux, LayerContext, register_ffn_kind
-from moejax.model import Transformer
-from moejax.moe import MoE
+_SUBMODULES = ("checkpoint", "convert", "experts", "layers", "memory", "sharding")
+_EXPORTS = {
+    "ConfigError": "moejax.config", "MemoryConfig": "moejax.config", "MLAConfig": "moejax.config",
+    "MoEConfig": "moejax.config", "ModelConfig": "moejax.config", "YarnConfig": "moejax.config",
+    "quantize_experts": "moejax.experts", "LayerAux": "moejax.layers", "LayerContext": "moejax.layers",
+    "register_ffn_kind": "moejax.layers", "Transformer": "moejax.model", "MoE": "moejax.moe",
+}
 
-__all__ = ["ConfigError", "LayerAux", "LayerContext", "MemoryConfig", "MLAConfig", "MoEConfig",
-           "ModelConfig", "MoE", "Transformer", "YarnConfig", "experts", "layers", "memory",
-           "quantize_experts", "register_ffn_kind", "sharding"]
-
-# Imported on first use (``moejax.convert.load_hf(...)`` after a plain ``import moejax``),
-# so that ``import moejax`` does not need the optional 'convert' extra (safetensors).
-_LAZY_SUBMODULES = ("convert", "checkpoint")
+__all__ = sorted([*_EXPORTS, "experts", "layers", "memory", "sharding"])
 
 
 def __getattr__(name: str):
-    if name in _LAZY_SUBMODULES:
+    if name in _SUBMODULES:
         return importlib.import_module(f"moejax.{name}")
-    raise AttributeError(f"module 'moejax' has no attribute {name!r}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moejax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
 
-def __dir__():
-    return sorted([*globals(), *_LAZY_SUBMODULES])
-
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

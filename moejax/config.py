@@ -8,8 +8,11 @@ jitted function.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ROUTERS = ("softmax", "sigmoid")
@@ -383,17 +386,16 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     def _check_ffn_kinds(self) -> None:
-        from moejax.layers import FFN_KINDS  # the registry imports the modules that use configs
-
+        needs_of = _ffn_kind_needs()
         kinds = self.ffn_kinds
         _require(isinstance(kinds, tuple) and all(isinstance(k, str) for k in kinds),
                  "ModelConfig", "ffn_kinds", f"must be a tuple of kind names, got {kinds!r}")
         _require(len(kinds) == self.n_layers, "ModelConfig", "ffn_kinds",
                  f"has {len(kinds)} entries but n_layers={self.n_layers}; name one kind per layer")
         for layer, kind in enumerate(kinds):
-            _require(kind in FFN_KINDS, "ModelConfig", "ffn_kinds",
-                     f"layer {layer}: unknown kind {kind!r}; registered: {', '.join(sorted(FFN_KINDS))}")
-            for need in FFN_KINDS[kind].needs:
+            _require(kind in needs_of, "ModelConfig", "ffn_kinds",
+                     f"layer {layer}: unknown kind {kind!r}; registered: {', '.join(sorted(needs_of))}")
+            for need in needs_of[kind]:
                 _require(getattr(self, need) is not None, "ModelConfig", "ffn_kinds",
                          f"layer {layer} is {kind!r}, which needs {need} (got {need}=None)")
 
@@ -404,8 +406,8 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         """Layers holding an MoE block (the rows of aux['expert_load']): 'moe' and every kind
         that needs the MoE config (e.g. 'engram+moe')."""
-        from moejax.layers import FFN_KINDS
-        return sum(kind == "moe" or "moe" in FFN_KINDS[kind].needs for kind in self.ffn_kinds)
+        needs_of = _ffn_kind_needs()
+        return sum(kind == "moe" or "moe" in needs_of[kind] for kind in self.ffn_kinds)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """dataclasses.replace; when n_layers or moe changes and ffn_kinds is not given,
@@ -503,6 +505,25 @@ PRESETS = {
 }
 
 
+# The built-in FFN kinds and the config fields each needs. moejax.layers registers
+# their builders (a test checks the two agree); knowing them here lets a config be
+# validated without importing jax, so command lines check their flags first.
+BUILTIN_FFN_KIND_NEEDS = {
+    "dense": (), "moe": ("moe",),
+    # memory layers (moejax.memory.kinds; moejax.model imports it, which registers them)
+    "pkm": ("memory",), "engram": ("memory",), "pkm+dense": ("memory",), "engram+dense": ("memory",),
+    "pkm+moe": ("memory", "moe"), "engram+moe": ("memory", "moe"),
+}
+
+
+def _ffn_kind_needs() -> dict[str, tuple[str, ...]]:
+    """Kind name -> needed fields: the built-ins, plus what was registered through
+    moejax.layers (registering imports it, so an unimported registry holds no more)."""
+    layers = sys.modules.get("moejax.layers")
+    registered = {} if layers is None else {k: v.needs for k, v in layers.FFN_KINDS.items()}
+    return {**BUILTIN_FFN_KIND_NEEDS, **registered}
+
+
 def ffn_kinds_from_rule(n_layers: int, moe: MoEConfig | None, *, first_k_dense: int = 0,
                         moe_every: int = 1, moe_layers=None) -> tuple[str, ...]:
     """Per-layer kinds from the older placement rule: with ``moe`` set, layer i is 'moe'
@@ -562,6 +583,24 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     rope_yarn = _nested(YarnConfig, data.pop("rope_yarn", None))
     memory = _nested(MemoryConfig, data.pop("memory", None))
     return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, memory=memory, **data)
+
+
+def read_config_file(path: str | Path) -> ModelConfig:
+    """A moejax ``config.json`` -> ModelConfig. FileNotFoundError when it is absent;
+    ConfigError naming the file when it is not a moejax model config (garbage, another
+    program's config.json, unknown or invalid fields); other OSErrors pass through."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {path.parent}")
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return config_from_dict(data)
+    except (ValueError, TypeError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
+        lines = str(err).strip().splitlines()
+        raise ConfigError(f"{path} is not a moejax model config "
+                          f"({lines[0][:200] if lines else type(err).__name__})") from None
 
 
 def _nested(cls, data: dict[str, Any] | None):

@@ -59,10 +59,34 @@ def _take_rows_bwd(residuals, g_MD):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+@jax.custom_vjp
+def gather_tokens(x_TD: Array, token_M: Int[Array, "M"], inverse_M: Int[Array, "M"]) -> Array:
+    """``x[token]`` where sorted row r holds token ``token_M[r] = order_M[r] // K``.
+
+    One gather from the T tokens, without first copying each token K times.
+    The backward is a gather too (not autodiff's scatter-add, slow on
+    XLA:CPU): pair f = t*K + k sits at sorted row ``inverse_M[f]``, so the
+    token gradient is ``g[inverse].reshape(T, K, D).sum(1)``.
+    """
+    return x_TD[token_M]
+
+
+def _gather_tokens_fwd(x_TD, token_M, inverse_M):
+    return x_TD[token_M], (x_TD.shape[0], token_M, inverse_M)
+
+
+def _gather_tokens_bwd(residuals, g_MD):
+    num_tokens, token_M, inverse_M = residuals
+    g_TKD = g_MD[inverse_M].reshape(num_tokens, -1, g_MD.shape[-1])
+    return jnp.sum(g_TKD, axis=1, dtype=jnp.float32).astype(g_MD.dtype), None, None
+
+
+gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
+
+
 def permute(x_TD: Float[Array, "T D"], plan: SortPlan, top_k: int) -> Float[Array, "M D"]:
-    """Copy every token once per slot and sort the copies by expert."""
-    x_MD = jnp.repeat(x_TD, top_k, axis=0)
-    return take_rows(x_MD, plan.order_M, plan.inverse_M)
+    """Every (token, slot) pair's token row, sorted by expert (a gather from the tokens)."""
+    return gather_tokens(x_TD, plan.order_M // top_k, plan.inverse_M)
 
 
 def unpermute(y_MD: Float[Array, "M D"], plan: SortPlan, gates_TK: Float[Array, "T K"]

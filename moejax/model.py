@@ -9,11 +9,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from moejax import sharding
+from moejax import sharding, validate
 from moejax.attention import Attention, MLAttention, RMSNorm
 from moejax.config import ModelConfig
 from moejax.decode_cache import Cache, check_room, previous_tokens, valid_mask
 from moejax.layers import LayerAux, LayerContext, build_ffn
+from moejax.memory import kinds as _memory_kinds  # noqa: F401  (registers 'pkm', 'engram', ...)
 from moejax.layer_stack import ScannedBlocks, layer_groups, unstack_tree
 from moejax.moe import MoE
 
@@ -74,6 +75,11 @@ class Transformer(nnx.Module):
        consecutive same-kind layers run by ``nnx.scan`` over stacked
        parameters (``self.stacks``, see moejax.layer_stack).
     3. Final RMSNorm and the LM head (or the tied embedding) -> float32 logits.
+    Tokens: integer ids [B, S] (float tokens are a TypeError). Outside ``jit``
+    an id outside [0, vocab_size) is a ValueError naming it; under ``jit`` ids
+    cannot be checked and follow ``jnp.take``: an id >= vocab_size embeds as
+    NaN (NaN logits at its position and at later ones, which attend to it), a
+    negative one counts from the end of the vocabulary.
     Returns (logits [B, S, V], aux) where aux is the layers' LayerAux reduced
     over layers (``LayerAux.reduce``): router losses summed, 'dropped_fraction'
     averaged over the MoE layers, 'expert_load' stacked as [num_moe_layers, E].
@@ -138,8 +144,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BS: Int[Array, "B S"], positions_BS: Int[Array, "B S"] | None = None
                  ) -> tuple[Float[Array, "B S V"], LayerAux]:
         """Full causal forward. ``positions_BS`` (default 0..S-1) must increase along each row."""
-        if tokens_BS.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {tokens_BS.shape}")
+        validate.token_ids(tokens_BS, self.cfg.vocab_size)
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1], dtype=jnp.int32),
                                             tokens_BS.shape)
@@ -164,7 +169,8 @@ class Transformer(nnx.Module):
 
         ``lengths_B[b]`` of the S tokens of row b are real (default: all); the
         rest is padding: it never enters the cache and its logits mean nothing.
-        Shapes are fixed, so a jitted ``extend`` compiles once per S.
+        Shapes are fixed, so a jitted ``extend`` compiles once per S. Real ids are
+        checked as in ``__call__`` (outside ``jit``: a ValueError naming a bad id).
         """
         b, s = tokens_BS.shape
         if b != cache.batch_size:
@@ -174,6 +180,7 @@ class Transformer(nnx.Module):
         positions_BS = cache.lengths_B[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
         if valid_BS is not None:   # padding ids may be anything (-1, out of vocabulary)
             tokens_BS = jnp.where(valid_BS, tokens_BS, 0)
+        validate.token_ids(tokens_BS, self.cfg.vocab_size)  # real ids only: padding is 0 now
         lookback = self.token_lookback
         prev_BN = previous_tokens(cache.tokens_BT, cache.lengths_B, lookback) if lookback else None
         ctx = LayerContext(tokens_BS=tokens_BS, positions_BS=positions_BS, valid_BS=valid_BS,

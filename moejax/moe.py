@@ -8,7 +8,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from moejax import dispatch as dispatch_lib
-from moejax import expert_parallel, sharding
+from moejax import expert_parallel, sharding, validate
 from moejax.config import MoEConfig
 from moejax.experts import RoutedExperts, swiglu
 from moejax.layers import LayerAux, LayerContext
@@ -57,6 +57,8 @@ class MoE(nnx.Module):
        the 'dense' reference runs expert-parallel (``moejax.expert_parallel``);
        on other meshes it runs per device on the local tokens.
     4. Add the shared experts (optionally scaled by a sigmoid gate per token).
+    Input: floating-point x [B, S, D] with B * S > 0; integer x (TypeError) and
+    an empty batch (ValueError) are refused, never cast (``moejax.validate``).
     Returns (y [B, S, D], aux), aux a :class:`~moejax.layers.LayerAux` with
     'aux_loss', 'z_loss', 'router_loss' (the two weighted by their
     coefficients), 'expert_load' [E], 'dropped_fraction', and the exchange
@@ -84,8 +86,7 @@ class MoE(nnx.Module):
                  ) -> tuple[Float[Array, "B S D"], LayerAux]:
         del ctx  # routing looks at the hidden state only
         cfg = self.cfg
-        if x_BSD.ndim != 3 or x_BSD.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoE expects x of shape [B, S, {cfg.d_model}], got {x_BSD.shape}")
+        validate.moe_input(x_BSD, cfg.d_model)
         batch, seq, d_model = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, d_model)
         gates_TK, experts_TK, router_stats = self.router(x_TD, num_sequences=batch)

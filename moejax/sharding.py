@@ -119,7 +119,11 @@ def current_rules() -> ShardingRules:
 
 @contextlib.contextmanager
 def use_rules(rules: ShardingRules | None):
-    """Trace model code under ``rules`` (None: leave the current rules in force)."""
+    """Trace model code under ``rules`` (None: leave the current rules in force).
+
+    The rules are read while tracing: a jitted function keeps the layout of the
+    rules it was first traced under (jit caches do not key on this context), so
+    jit a fresh function per rules value, as the train step does."""
     if rules is None:
         yield current_rules()
         return

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TOL = 1e-5
+MAX_LEN = 10    # one cache shape (and 8-token sequences) across tests: compiles are shared
 
 forward = jax.jit(lambda model, tokens: model(tokens)[0])
 extend = jax.jit(lambda model, tokens, cache, lengths: model.extend(tokens, cache, lengths))
@@ -33,7 +34,7 @@ def decode_in_chunks(model, tokens_BS, chunks, max_len=None, extend_fn=None):
     """Feed tokens_BS through extend in consecutive chunks of the given sizes -> logits [B, S, V]."""
     b, s = tokens_BS.shape
     assert sum(chunks) == s
-    cache = model.init_cache(b, max_len or s)
+    cache = model.init_cache(b, max_len or MAX_LEN)
     out, start = [], 0
     for size in chunks:
         logits, cache = (extend_fn or extend_all)(model, jnp.asarray(tokens_BS[:, start:start + size]),
@@ -49,7 +50,7 @@ def check_prefill_then_steps(model, vocab: int, n: int = 5, m: int = 3, seed: in
     """Prefill n tokens, then m single-token extends == one full forward over n+m (2 rows)."""
     tokens = np.random.default_rng(seed).integers(0, vocab, size=(2, n + m)).astype(np.int32)
     want = np.asarray(forward(model, jnp.asarray(tokens)))
-    got = decode_in_chunks(model, tokens, [n] + [1] * m, max_len=n + m + 2)
+    got = decode_in_chunks(model, tokens, [n] + [1] * m, max_len=max(MAX_LEN, n + m))
     assert rel_err(got, want) <= TOL, rel_err(got, want)
 
 

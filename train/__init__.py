@@ -3,7 +3,9 @@
 Modules: ``config`` (TrainConfig), ``data`` (corpora, batches), ``optim``
 (AdamW, schedule, parameter groups), ``step`` (the pure train/eval steps and
 their shardings), ``state`` (building/restoring the train state),
-``checkpointing`` (start rules, orbax checkpoints), ``loop`` (the loop),
+``start`` (the run directory, start rules and the jax-free preflight of
+flags, paths and data), ``checkpointing`` (orbax checkpoints, sealed; damaged
+ones set aside), ``loop`` (the loop),
 ``metrics``/``summary``/``plot`` (outputs), ``runtime`` (distributed, mesh,
 signals).
 """

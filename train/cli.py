@@ -1,8 +1,11 @@
 """``python -m train``: the command line.
 
-Bad input (missing data, unknown preset, bad mesh, a checkpoint of another
-model, ...) is reported as one ``error:`` line on stderr with exit status 2;
-a non-finite loss stops the run with exit status 3.
+Exit status (also in ``--help``): 0 done; 2 bad input, reported as one
+``error:`` line on stderr (flags, data, the run directory, a checkpoint of
+another model, a file-system error on a path it was given); 3 a non-finite
+loss (the last good checkpoint is kept); 130/143 stopped by SIGINT/SIGTERM
+after saving a checkpoint. Flags, paths and data are checked before jax is
+imported, so bad input fails in well under a second and writes nothing.
 """
 
 from __future__ import annotations
@@ -27,13 +30,20 @@ printed as it falls.
     optimizer at step 0;
   * otherwise: a fresh model from --preset (default tiny) and --set.
 --resume insists on one of the first two. When DIR already holds a model,
---preset/--set must match it (they may be omitted).
+--preset/--set must match it (they may be omitted), and so must the data's
+token ids (< vocab_size). A DIR that is not empty and holds no run is only
+written into with --force. A damaged newest checkpoint is reported, renamed
+<step>.damaged (kept) and the run resumes from the one before.
 
 Written to DIR: config.json + model/ (final weights, loadable with
 moejax.checkpoint.load_model), checkpoints/ (async, atomic, last --keep
 kept), metrics.jsonl (one record per logged step), tb/ (TensorBoard),
 training.png (loss curves, expert-load heatmap), summary.json.
 SIGTERM/SIGINT save a checkpoint and exit (143/130); rerun to resume.
+
+Exit status: 0 done; 2 bad input or an unusable path (one `error:` line on
+stderr, nothing written); 3 non-finite loss (last good checkpoint kept);
+130/143 stopped by SIGINT/SIGTERM after saving a checkpoint.
 """
 
 EXAMPLES = """\
@@ -75,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="require a checkpoint or model in --out (resuming is automatic anyway)")
     run.add_argument("--seed", type=int, default=d.seed, help="init and data-order seed")
+    run.add_argument("--force", action="store_true",
+                     help="write into a non-empty --out that holds no run (its files named like "
+                          "the run's outputs are replaced)")
     data = p.add_argument_group("data")
     data.add_argument("--data", help="text file, directory or glob; or a token array (.npy, or "
                                      ".bin = raw uint16). Default: the Python standard library")
@@ -144,9 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     try:
+        from train.start import preflight
+        corpus, start = preflight(cfg)  # no jax yet: bad input fails fast
         _quiet_libraries()
         from train.loop import run
-        return run(cfg)
+        return run(cfg, corpus, start)
     except TrainError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
+    except OSError as err:  # a path that cannot be used: disk full, I/O error, ...
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr, flush=True)
+        return 2

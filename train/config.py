@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,7 @@ class TrainConfig:
     async_checkpoint: bool = True
     seed: int = 0
     resume: bool = False
+    force: bool = False
     tensorboard: bool = True
     plot: bool = True
 
@@ -76,6 +78,9 @@ class TrainConfig:
         for name in ("warmup_steps", "seed"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise TrainError(f"--{_flag(name)} must be a finite number, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise TrainError(f"--lr must be > 0, got {self.lr!r}")
         for name in ("min_lr_ratio", "beta1", "beta2"):
@@ -94,6 +99,7 @@ class TrainConfig:
                              f"{', '.join(ModelConfig.preset_names())}")
         if not self.out:
             raise TrainError("--out must name a directory")
+        requested_model(self)  # --preset/--set errors now, before any data is read
 
     @property
     def tokens_per_step(self) -> int:

@@ -70,6 +70,8 @@ def resolve_data_files(spec: str) -> list[Path]:
         if not files:
             raise TrainError(f"--data {spec!r}: the glob matches no files")
         return files
+    if path.exists():  # a FIFO, a socket, a device: reading could block or never end
+        raise TrainError(f"--data {spec!r} is not a regular file, a directory or a glob")
     raise TrainError(f"--data {spec!r}: no such file or directory")
 
 
@@ -109,7 +111,8 @@ class _TextEncoder:
         if tokenizer_path is not None:
             path = Path(tokenizer_path)
             if not path.is_file():
-                raise TrainError(f"--tokenizer {tokenizer_path!r}: no such file")
+                what = "is not a file" if path.exists() else "no such file"
+                raise TrainError(f"--tokenizer {tokenizer_path!r}: {what}")
             try:
                 from tokenizers import Tokenizer
             except ImportError:
@@ -118,7 +121,8 @@ class _TextEncoder:
             try:
                 self.tokenizer = Tokenizer.from_file(str(path))
             except Exception as err:  # the tokenizers library raises plain Exception
-                raise TrainError(f"--tokenizer {tokenizer_path!r}: not a tokenizer.json ({err})") from None
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise TrainError(f"--tokenizer {tokenizer_path!r}: not a tokenizer.json ({reason})") from None
 
     @property
     def vocab_size(self) -> int:
@@ -135,7 +139,13 @@ class _TextEncoder:
 
 
 def _read(files: list[Path]) -> list[bytes]:
-    return [f.read_bytes() for f in files]
+    blobs = []
+    for f in files:
+        try:
+            blobs.append(f.read_bytes())
+        except OSError as err:
+            raise TrainError(f"--data: cannot read {str(f)!r} ({err.strerror or err})") from None
+    return blobs
 
 
 def load_text(files: list[Path], encoder: _TextEncoder, description: str) -> Corpus:
@@ -157,8 +167,11 @@ def load_array(path: Path) -> Corpus:
     try:
         tokens = (np.load(path, mmap_mode="r") if path.suffix == ".npy"
                   else np.memmap(path, dtype=np.uint16, mode="r"))
-    except (ValueError, OSError) as err:
-        raise TrainError(f"--data {str(path)!r}: cannot read token array ({err})") from None
+    except (ValueError, OSError, EOFError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise TrainError(f"--data {str(path)!r}: cannot read token array ({reason})") from None
+    if not isinstance(tokens, np.ndarray):  # an .npz archive under a .npy name
+        raise TrainError(f"--data {str(path)!r}: expected a .npy array, got {type(tokens).__name__}")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise TrainError(f"--data {str(path)!r}: expected a 1-D integer array, got "
                          f"{tokens.dtype} of shape {tokens.shape}")
@@ -166,14 +179,16 @@ def load_array(path: Path) -> Corpus:
         raise TrainError(f"--data {str(path)!r} is empty (0 tokens)")
     if tokens.min() < 0:
         raise TrainError(f"--data {str(path)!r}: token ids must be >= 0")
+    if tokens.max() >= 2 ** 31:  # batches are int32
+        raise TrainError(f"--data {str(path)!r}: token id {int(tokens.max())} does not fit int32")
     train, val = _tail_split(np.asarray(tokens))
     return Corpus(train, val, int(tokens.max()) + 1, None, str(path))
 
 
 def load_corpus(data: str | None, tokenizer: str | None = None) -> Corpus:
     """The training corpus named by ``--data`` (default: the Python standard library)."""
-    encoder = _TextEncoder(tokenizer)
     if data is None:
+        encoder = _TextEncoder(tokenizer)
         return load_text(stdlib_files(), encoder, f"Python standard library ({stdlib_root()})")
     if not data.strip():
         raise TrainError("--data is empty; give a file, a directory or a glob")
@@ -182,7 +197,7 @@ def load_corpus(data: str | None, tokenizer: str | None = None) -> Corpus:
         if tokenizer is not None:
             raise TrainError("--tokenizer applies to text; a .npy/.bin array is already tokenized")
         return load_array(files[0])
-    return load_text(files, encoder, data)
+    return load_text(files, _TextEncoder(tokenizer), data)
 
 
 class BatchSampler:

@@ -25,11 +25,12 @@ import numpy as np
 from moejax import checkpoint as mckpt
 from moejax.moe import moe_backends
 from train import data as data_lib
-from train.checkpointing import Checkpoints, plan_start, start_kind
+from train.checkpointing import Checkpoints
 from train.config import NonFiniteError, TrainConfig, TrainError
 from train.metrics import MetricsLog, Progress, format_duration, read_records
 from train.optim import lr_schedule
 from train.plot import PLOT_NAME, plot_run
+from train.start import StartPoint
 from train.runtime import StopSignal, build_mesh, maybe_initialize_distributed
 from train.state import build_state, parameter_counts
 from train.summary import print_summary, summarize
@@ -39,7 +40,8 @@ EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, corpus: data_lib.Corpus, start: StartPoint):
+        """``corpus`` and ``start`` come from ``train.start.preflight(cfg)``."""
         self.cfg, self.out = cfg, Path(cfg.out)
         maybe_initialize_distributed()
         self.mesh = build_mesh(cfg.mesh)
@@ -47,21 +49,24 @@ class Trainer:
             raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the mesh's "
                              f"batch parallelism data*fsdp*expert = {batch_parallelism(self.mesh)}")
         self.primary = jax.process_index() == 0
-        start_kind(cfg)  # a --resume with nothing to resume fails before the data is read
-        self.corpus = data_lib.load_corpus(cfg.data, cfg.tokenizer)
+        self.corpus = corpus
         host = (jax.process_index(), jax.process_count())
         self.sampler = data_lib.BatchSampler(self.corpus.train, cfg.batch_size, cfg.seq_len,
                                              cfg.seed, *host)
         self.val = data_lib.eval_batches(self.corpus.val, cfg.batch_size, cfg.seq_len,
                                          cfg.eval_batches, *host)
-        self.start = plan_start(cfg, self.corpus.vocab_size)
+        self.start = start
         self.model_cfg = self.start.model_cfg
+        resuming = self.start.kind == "checkpoint"
+        self.checkpoints = Checkpoints(self.out, cfg.keep, cfg.async_checkpoint) if resuming else None
+        self.state = build_state(cfg, self.start, self.mesh, self.checkpoints,
+                                 (cfg.batch_size, cfg.seq_len + 1))
+        # nothing is written before the state exists (bad --param-group, damaged model/)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.primary and self.start.kind == "fresh":
             mckpt.save_config(self.out, self.model_cfg)
-        self.checkpoints = Checkpoints(self.out, cfg.keep, cfg.async_checkpoint)
-        self.state = build_state(cfg, self.start, self.mesh, self.checkpoints,
-                                 (cfg.batch_size, cfg.seq_len + 1))
+        if self.checkpoints is None:
+            self.checkpoints = Checkpoints(self.out, cfg.keep, cfg.async_checkpoint)
         self._warn_if_resumed_differently()
         self.train_step = jit_train_step(self.state.graphdef, self.state.tx, self.state.shardings)
         self.eval_step = jit_eval_step(self.state.graphdef, self.state.shardings)
@@ -222,8 +227,8 @@ class Trainer:
         self.log.close()
 
 
-def run(cfg: TrainConfig) -> int:
-    trainer = Trainer(cfg)
+def run(cfg: TrainConfig, corpus: data_lib.Corpus, start: StartPoint) -> int:
+    trainer = Trainer(cfg, corpus, start)
     try:
         return trainer.run()
     except NonFiniteError as err:

@@ -13,7 +13,8 @@ from jax.sharding import Mesh
 
 from moejax.config import ModelConfig
 from moejax.model import Transformer
-from train.checkpointing import Checkpoints, StartPoint, restore_model_dir
+from train.checkpointing import Checkpoints, restore_model_dir
+from train.start import StartPoint
 from train.config import TrainConfig
 from train.optim import make_optimizer
 from train.step import Shardings, abstract_like, make_shardings, split_model, variable_shardings
@@ -51,9 +52,9 @@ def build_state(cfg: TrainConfig, start: StartPoint, mesh: Mesh, checkpoints: Ch
         target = {"params": abstract_like(abstract_params, sh.params),
                   "opt_state": abstract_like(jax.eval_shape(tx.init, abstract_params), sh.opt_state),
                   "nonparam": abstract_like(abstract_nonparam, sh.nonparam)}
-        tree, meta = checkpoints.restore(start.step, target)
+        step, tree, meta = checkpoints.restore_latest(target)
         return TrainState(graphdef, tx, sh, tree["params"], tree["opt_state"], tree["nonparam"],
-                          start.step, meta)
+                          step, meta)
 
     if start.kind == "model":
         params, nonparam = _from_model_dir(Path(cfg.out), abstract_model, mesh)

@@ -13,11 +13,22 @@ Command line: ``python -m moejax.convert --from-hf HF_DIR --out RUN`` (and
 ``--to-hf RUN --out HF_DIR``), see ``moejax/convert/__main__.py``.
 """
 
-from moejax.convert.api import EXPERT_LAYOUTS, load_hf, read_hf_config, save_hf
-from moejax.convert.families import FAMILIES
+import importlib
+
+from moejax.convert.checks import DamagedFileError, read_hf_config
+from moejax.convert.families import EXPERT_LAYOUTS, FAMILIES
 from moejax.convert.hf_config import UnsupportedConfigError
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 
-__all__ = ["EXPERT_LAYOUTS", "SUPPORTED_MODEL_TYPES", "UnsupportedConfigError", "load_hf",
-           "read_hf_config", "save_hf"]
+__all__ = ["DamagedFileError", "EXPERT_LAYOUTS", "SUPPORTED_MODEL_TYPES", "UnsupportedConfigError",
+           "load_hf", "read_hf_config", "save_hf"]
+
+
+def __getattr__(name: str):
+    """load_hf / save_hf import jax on first use, so the command line checks its input first."""
+    if name in ("load_hf", "save_hf"):
+        value = getattr(importlib.import_module("moejax.convert.api"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moejax.convert' has no attribute {name!r}")

@@ -7,6 +7,16 @@ RUN is the directory format of ``moejax.checkpoint.save_model``: ``train``
 starts from it (and the serving export, still to come, will read it). Tokenizer files found beside
 the HF weights are copied to ``RUN/tokenizer/`` (and back with --to-hf), so a
 converted model keeps its vocabulary.
+
+--out must be a new or empty directory; --force writes into a non-empty one
+(replacing the files the conversion writes: config.json, model/, tokenizer/ or
+the safetensors). The source is never written.
+
+Exit status: 0 converted; 2 bad input (a missing, damaged or unsupported
+checkpoint, a tensor of the wrong dtype or shape, an --out that cannot be
+used), reported as one `error:` line on stderr with nothing written. The
+input is checked (config.json, every safetensors header, --out) before jax
+is imported.
 """
 
 from __future__ import annotations
@@ -16,9 +26,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from moejax import checkpoint
-from moejax.config import DTYPES
-from moejax.convert.api import EXPERT_LAYOUTS, load_hf, save_hf
+from moejax.config import DTYPES, read_config_file
+from moejax.convert.checks import check_out, read_hf_config, safetensors_files
+from moejax.convert.families import EXPERT_LAYOUTS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
@@ -34,26 +44,64 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moejax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        self.exit(2, f"error: {message} (see python -m moejax.convert --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m moejax.convert", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face model directory to import")
     source.add_argument("--to-hf", metavar="RUN", help="moejax model directory to export")
-    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--out", required=True, help="directory to write (new or empty)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="compute dtype stored in the moejax config (parameters stay float32)")
     parser.add_argument("--expert-layout", default="per_expert", choices=EXPERT_LAYOUTS,
                         help="expert tensor layout for --to-hf")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or an argparse error already printed
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        _check(args)
         return _run(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:  # config/option errors: a message, not a trace
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as err:  # UnsupportedConfigError, DamagedFileError, ...
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, OSError) and err.strerror:
+            message = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+        print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Everything that can be checked without jax, before anything is written."""
+    out = Path(args.out)
+    if not args.out:
+        raise ValueError("--out must name a directory")
+    if args.from_hf:
+        read_hf_config(args.from_hf)
+        safetensors_files(Path(args.from_hf))
+        check_out(out, force=args.force, sources=(Path(args.from_hf),))
+    else:
+        run = Path(args.to_hf)
+        read_config_file(run / "config.json")
+        if not (run / "model").is_dir():
+            raise FileNotFoundError(f"no model/ directory in {run} (a moejax model directory holds "
+                                    f"config.json + model/)")
+        check_out(out, force=args.force, sources=(Path(args.to_hf),))
+
+
 def _run(args: argparse.Namespace) -> int:
+    from moejax import checkpoint
+    from moejax.convert.api import load_hf, save_hf
+
     if args.from_hf:
         model, cfg = load_hf(args.from_hf, dtype=args.dtype)
         checkpoint.save_model(args.out, model, cfg)

@@ -6,7 +6,6 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.convert.families import Family, family_for_config, family_for_hf
+from moejax.convert.checks import read_hf_config
+from moejax.convert.families import EXPERT_LAYOUTS, Family, family_for_config
 from moejax.convert.hf_config import HFConfig, UnsupportedConfigError, read_fp8_block
 from moejax.convert.safetensors_io import TensorReader, write_sharded
 from moejax.convert.weights import model_entries
@@ -22,22 +22,6 @@ from moejax.layer_stack import stack_layers, unstack_layers
 from moejax.model import Transformer
 
 log = logging.getLogger(__name__)
-
-EXPERT_LAYOUTS = ("per_expert", "fused")
-
-
-def read_hf_config(path: str | Path) -> tuple[ModelConfig, Family, dict[str, Any]]:
-    """config.json -> (ModelConfig, family, raw dict); unsupported options raise."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    raw = json.loads(config_path.read_text())
-    family = family_for_hf(raw)
-    hf = HFConfig(raw)
-    cfg = family.read(hf)
-    read_fp8_block(hf)
-    hf.check_all_used()
-    return cfg, family, raw
 
 
 def _moe_prefix(reader: TensorReader, cfg: ModelConfig, family: Family) -> str:
@@ -102,11 +86,19 @@ def _fill_variables(pure: dict, reader: TensorReader, cfg: ModelConfig, family: 
     entries = model_entries(cfg, family, moe_prefix=_moe_prefix(reader, cfg, family), fused=False,
                             rope_interleaved=rope_interleaved)
     for entry in entries:
-        for sub, array in zip(entry.paths, entry.load(reader)):
+        try:
+            arrays = entry.load(reader)
+        except ValueError as err:  # e.g. a reshape that the tensor's size does not allow
+            if reader.last_name is None or reader.last_name in str(err):
+                raise
+            raise ValueError(f"tensor {reader.last_name}: {err} (config.json implies another "
+                             f"shape)") from None
+        for sub, array in zip(entry.paths, arrays):
             want = _get(pure, sub).shape
             if array.shape != want:
-                raise ValueError(f"{family.model_type}: tensor for {'.'.join(map(str, sub))} has shape "
-                                 f"{array.shape}, config.json implies {want}")
+                raise ValueError(f"{family.model_type}: tensor {reader.last_name} gives "
+                                 f"{'.'.join(map(str, sub))} shape {array.shape}, config.json "
+                                 f"implies {want}")
             # A copy XLA owns; waiting for it lets the host array go before the
             # next read (an async transfer would keep several alive at once).
             _set(pure, sub, jnp.array(array, jnp.float32, copy=True).block_until_ready())

@@ -16,6 +16,9 @@ from moejax.convert.hf_config import (HFConfig, UnsupportedConfigError, read_com
                                       read_rope, write_common)
 
 
+EXPERT_LAYOUTS = ("per_expert", "fused")   # how save_hf writes routed experts
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str
@@ -308,4 +311,4 @@ def family_for_config(cfg: ModelConfig) -> Family:
             return FAMILIES[model_type]
         except UnsupportedConfigError as err:
             reasons.append(str(err))
-    raise UnsupportedConfigError("no Hugging Face family expresses this config:\n  " + "\n  ".join(reasons))
+    raise UnsupportedConfigError("no Hugging Face family expresses this config: " + " | ".join(reasons))

@@ -19,11 +19,10 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+from moejax.convert.checks import (FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, DamagedFileError,
+                                   read_header, safetensors_files)
 
 
 def _safe_open(path: Path):
@@ -36,36 +35,28 @@ def _safe_open(path: Path):
 
 # numpy has no bfloat16 / float8; safetensors' numpy reader refuses them, so
 # those are read straight from the file's byte ranges with ml_dtypes types.
-_NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
-_ML_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-              "F8_E5M2": ml_dtypes.float8_e5m2}
+_NUMPY_DTYPES = {"F64", "F32", "F16"}
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    """(tensor table, byte offset of the data) of a safetensors file."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(size)), 8 + size
+def _ml_dtype(name: str):
+    import ml_dtypes  # imported on first use: it is slow to load
+    return {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+            "F8_E5M2": ml_dtypes.float8_e5m2}[name]
 
 
 class TensorReader:
-    """Name -> tensor access over one or several safetensors files, read lazily."""
+    """Name -> tensor access over one or several safetensors files, read lazily.
+
+    Every file's header is checked against the file when the reader opens
+    (``moejax.convert.checks``): damaged files raise DamagedFileError naming
+    the file. Tensors that are not floating point are refused by name.
+    """
 
     def __init__(self, directory: str | Path, *, fp8_block: tuple[int, int] | None = None):
         self.directory = Path(directory)
         self.fp8_block = fp8_block
-        index_path = self.directory / INDEX_FILE
-        single_path = self.directory / SINGLE_FILE
-        if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            self._file_of = {name: self.directory / shard for name, shard in weight_map.items()}
-        elif single_path.is_file():
-            with _safe_open(single_path) as handle:
-                self._file_of = {name: single_path for name in handle.keys()}
-        else:
-            raise FileNotFoundError(
-                f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory} (only safetensors "
-                f"checkpoints are read; convert .bin files with transformers first)")
+        self._file_of = safetensors_files(self.directory)
+        self.last_name: str | None = None   # the tensor read last (for error messages)
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, tuple[dict, int]] = {}
         self.read_names: set[str] = set()
@@ -81,7 +72,10 @@ class TensorReader:
             raise KeyError(f"tensor {name!r} not found in the checkpoint at {self.directory}")
         path = self._file_of[name]
         if path not in self._handles:
-            self._handles[path] = _safe_open(path).__enter__()
+            try:
+                self._handles[path] = _safe_open(path).__enter__()
+            except Exception as err:  # noqa: BLE001 - SafetensorError derives from Exception only
+                raise DamagedFileError(f"{path} cannot be opened as safetensors ({err})") from None
         return self._handles[path]
 
     def get(self, name: str) -> np.ndarray:
@@ -102,16 +96,18 @@ class TensorReader:
     def _read(self, name: str) -> np.ndarray:
         dtype = self._handle(name).get_slice(name).get_dtype()
         self.read_names.add(name)
+        self.last_name = name
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"tensor {name!r} in {self._file_of[name].name} has dtype {dtype}; "
+                             f"model weights must be floating point ({', '.join(sorted(FLOAT_DTYPES))})")
         if dtype in _NUMPY_DTYPES:
             return np.asarray(self._handle(name).get_tensor(name), dtype=np.float32)
-        if dtype not in _ML_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {dtype}, which moejax.convert cannot read")
         path = self._file_of[name]
         if path not in self._headers:
-            self._headers[path] = _header(path)
+            self._headers[path] = read_header(path)
         table, data_start = self._headers[path]
         begin, end = table[name]["data_offsets"]
-        raw = np.memmap(path, dtype=_ML_DTYPES[dtype], mode="r", offset=data_start + begin,
+        raw = np.memmap(path, dtype=_ml_dtype(dtype), mode="r", offset=data_start + begin,
                         shape=tuple(table[name]["shape"]))
         if raw.nbytes != end - begin:
             raise ValueError(f"tensor {name!r}: header byte range does not match its shape and dtype")

@@ -49,8 +49,10 @@ def copy(path: Path, name: str) -> Entry:
 
 def linear(path: Path, name: str, shape: tuple[int, ...], n_in: int = 1) -> Entry:
     """HF ``[out, in]`` <-> moejax ``shape`` whose first ``n_in`` axes are the inputs."""
+    hf_shape = (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
     def load(r):
-        return (r.get(name).T.reshape(shape),)
+        return (checked(r, name, hf_shape).T.reshape(shape),)
 
     def dump(a):
         return [(name, a.reshape(math.prod(shape[:n_in]), -1).T)]
@@ -58,7 +60,8 @@ def linear(path: Path, name: str, shape: tuple[int, ...], n_in: int = 1) -> Entr
 
 
 def bias(path: Path, name: str, shape: tuple[int, ...]) -> Entry:
-    return Entry((path,), lambda r: (r.get(name).reshape(shape),), lambda a: [(name, a.reshape(-1))])
+    return Entry((path,), lambda r: (checked(r, name, (math.prod(shape),)).reshape(shape),),
+                 lambda a: [(name, a.reshape(-1))])
 
 
 def swiglu(path: Path, prefix: str, d_model: int, d_ff: int, names=("gate_proj", "up_proj", "down_proj")

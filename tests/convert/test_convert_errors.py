@@ -162,3 +162,16 @@ def test_deepseek_multi_token_prediction_layers_are_skipped_like_transformers(sa
         else:
             with pytest.raises(UnsupportedConfigError, match="eh_proj"):
                 load_hf(dst)
+
+
+def test_convert_is_reachable_from_a_plain_import_moejax():
+    """README usage: ``import moejax`` then ``moejax.convert.load_hf(...)``; safetensors
+    (the optional 'convert' extra) is imported only when moejax.convert is first used."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, moejax; before = 'safetensors' in sys.modules; "
+            "fn = moejax.convert.load_hf; print(before, callable(fn), 'moejax.convert' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": "."})
+    assert out.returncode == 0 and out.stdout.split() == ["False", "True", "True"], out.stderr

@@ -70,7 +70,10 @@ def micro_overrides() -> tuple[str, ...]:
 
 
 def save_micro_model(path: Path, seed: int) -> Path:
-    """A model directory (config.json + model/) of the micro model, as convert writes one."""
+    """A model directory (config.json + model/) of the micro model, as convert writes one.
+    Values are drawn with numpy into an abstract model (no initializer compiles)."""
+    import jax
+    import numpy as np
     from flax import nnx
 
     import moejax
@@ -78,5 +81,10 @@ def save_micro_model(path: Path, seed: int) -> Path:
     from train.config import apply_overrides
 
     cfg = apply_overrides(moejax.ModelConfig.preset("tiny"), micro_overrides())
-    save_model(path, moejax.Transformer(cfg, rngs=nnx.Rngs(seed)), cfg)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: moejax.Transformer(cfg, rngs=nnx.Rngs(seed))))
+    rng = np.random.default_rng(seed)
+    values = jax.tree.map(lambda x: jax.numpy.asarray((0.1 * rng.normal(size=x.shape)).astype(x.dtype)),
+                          nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, values)
+    save_model(path, nnx.merge(graphdef, state), cfg)
     return path

@@ -1,0 +1,294 @@
+"""``python -m serve http``: an OpenAI-compatible completions server (Starlette + Uvicorn).
+
+    POST /v1/completions   {"prompt": str | [str] | [int] | [[int]], "max_tokens", "temperature",
+                            "top_p", "top_k", "seed", "stop", "stream"}
+    GET  /v1/models, /health, /metrics (Prometheus text)
+
+The engine runs its loop in one background thread; a handler only checks the
+request, queues it and waits (on asyncio) for the engine's updates. Bad
+requests get a 4xx JSON error that names the problem; a full queue gets 429;
+after SIGTERM no new connections are accepted, in-flight requests finish,
+then the engine stops and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+from serve.engine import Engine, EngineStopped
+from serve.metrics import prometheus_text
+from serve.sampling import RequestError, SamplingParams
+from serve.scheduler import QueueFull, Request
+from serve.tokenizer import TextStream
+
+DEFAULT_MAX_TOKENS = 16          # OpenAI's default
+UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": None}
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error_body(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    from starlette.responses import JSONResponse
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status)
+
+
+def _field(body: dict, name: str, kinds: tuple, default, what: str):
+    value = body.get(name)
+    if value is None:                 # absent or null: the default (clients send null for "unset")
+        return default
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+        raise HTTPError(400, f"{name}: must be {what}, got {json.dumps(value)[:80]}", name)
+    return value
+
+
+def _prompts(body: dict) -> list:
+    """The prompt(s) as a list of strings or token-id lists."""
+    if "prompt" not in body:
+        raise HTTPError(400, "prompt: missing (a string, a list of strings, or token ids)", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in prompt):
+            return list(prompt)
+    raise HTTPError(400, "prompt: must be a string, a non-empty list of strings, a list of token ids "
+                         "or a list of such lists", "prompt")
+
+
+def parse_completion(body, model_name: str) -> tuple[list, SamplingParams, bool]:
+    """Validate a /v1/completions body -> (prompts, sampling params, stream)."""
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    if body.get("model") not in (None, model_name):
+        raise HTTPError(404, f"model: {body['model']!r} is not served here (this server has {model_name!r})",
+                        "model", "not_found_error")
+    for name, default in UNSUPPORTED.items():
+        if body.get(name) not in (None, default):
+            raise HTTPError(400, f"{name}: only {json.dumps(default)} is supported", name)
+    prompts = _prompts(body)
+    num = (int, float)
+    max_tokens = _field(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer")
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or isinstance(stop, list)):
+        raise HTTPError(400, "stop: must be a string or a list of strings", "stop")
+    seed = _field(body, "seed", (int,), None, "an integer")
+    try:
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=_field(body, "temperature", num, 1.0, "a number"),
+            top_p=_field(body, "top_p", num, 1.0, "a number"),
+            top_k=_field(body, "top_k", (int,), 0, "an integer"),
+            seed=secrets.randbits(62) if seed is None else seed,
+            stop=tuple([stop] if isinstance(stop, str) else stop or ()))
+    except RequestError as err:
+        raise HTTPError(400, str(err), str(err).split(":")[0]) from None
+    stream = _field(body, "stream", (bool,), False, "true or false")
+    return prompts, params, stream
+
+
+async def _read_body(request, max_body: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body:
+        raise HTTPError(413, f"the body has {length} bytes, more than the limit of {max_body}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise HTTPError(413, f"the body is larger than the limit of {max_body} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Completions:
+    """The /v1/completions handler: queue one engine request per prompt, await updates."""
+
+    def __init__(self, engine: Engine, model_name: str, max_body: int):
+        self.engine, self.model_name, self.max_body = engine, model_name, max_body
+
+    async def handle(self, request):
+        from starlette.responses import JSONResponse, StreamingResponse
+        raw = await _read_body(request, self.max_body)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise HTTPError(400, f"the body is not valid JSON ({err})") from None
+        prompts, params, stream = parse_completion(body, self.model_name)
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = self._submit(prompts, params, loop, updates)
+        meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model_name}
+        if stream:
+            return StreamingResponse(self._events(jobs, updates, meta, params), media_type="text/event-stream")
+        try:
+            remaining = len(jobs)
+            while remaining:
+                index, snapshot = await updates.get()
+                remaining -= snapshot["finish_reason"] is not None
+        except asyncio.CancelledError:
+            self._cancel(jobs)
+            raise
+        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                   for i, r in enumerate(jobs)]
+        usage = _usage(jobs)
+        return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": usage})
+
+    def _submit(self, prompts, params, loop, updates) -> list[Request]:
+        def notify(index):
+            def on_update(req: Request):
+                snapshot = {"tokens": list(req.generated), "finish_reason": req.finish_reason, "text": req.text}
+                loop.call_soon_threadsafe(updates.put_nowait, (index, snapshot))
+            return on_update
+
+        try:
+            jobs = [self.engine.make_request(p, params, notify(i)) for i, p in enumerate(prompts)]
+        except RequestError as err:
+            raise HTTPError(400, str(err), "prompt") from None
+        submitted = []
+        try:
+            for job in jobs:
+                submitted.append(self.engine.submit(job))
+        except QueueFull as err:
+            self._cancel(submitted)
+            raise HTTPError(429, f"server busy: {err}; retry later", None, "rate_limit_error") from None
+        except EngineStopped as err:
+            self._cancel(submitted)
+            raise HTTPError(503, str(err), None, "unavailable") from None
+        return jobs
+
+    def _cancel(self, jobs) -> None:
+        for job in jobs:
+            self.engine.cancel(job)
+
+    async def _events(self, jobs, updates, meta, params):
+        streams = [TextStream(self.engine.tokenizer, params.stop) for _ in jobs]
+        remaining = len(jobs)
+        try:
+            while remaining:
+                index, snap = await updates.get()
+                done = snap["finish_reason"] is not None
+                text = streams[index].finish(snap["text"]) if done else streams[index].push(snap["tokens"])
+                remaining -= done
+                if text or done:
+                    choice = {"index": index, "text": text, "finish_reason": snap["finish_reason"], "logprobs": None}
+                    chunk = {**meta, "object": "text_completion", "choices": [choice]}
+                    if done and not remaining:
+                        chunk["usage"] = _usage(jobs)
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self._cancel([j for j in jobs if not j.done])
+
+
+def _usage(jobs) -> dict:
+    prompt = sum(len(j.prompt) for j in jobs)
+    completion = sum(len(j.generated) for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class StatusCounter:
+    """ASGI middleware counting responses by status code (for /metrics)."""
+
+    def __init__(self, app):
+        self.app, self.counts = app, collections.Counter()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[str(message["status"])] += 1
+            await send(message)
+        return await self.app(scope, receive, counting_send)
+
+
+def create_app(engine: Engine, *, model_name: str = "moejax", max_body: int = 1 << 20):
+    """The Starlette app; the engine is started and drained with the app's lifespan."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    counter_box: dict = {}
+
+    async def models(_request):
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model",
+                                                         "owned_by": "moejax", "created": 0,
+                                                         "max_model_len": engine.max_len}]})
+
+    async def health(_request):
+        return JSONResponse({"status": "ok", "queue": len(engine.scheduler.waiting),
+                             "active": engine.scheduler.active})
+
+    async def metrics(_request):
+        counts = dict(counter_box["counter"].counts) if counter_box else {}
+        return PlainTextResponse(prometheus_text(engine.stats(), counts),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def on_http_error(_request, err: HTTPError):
+        return _error_body(err.status, err.message, err.param, err.kind)
+
+    async def on_starlette_error(_request, err: HTTPException):
+        return _error_body(err.status_code, str(err.detail), None, "invalid_request_error")
+
+    async def on_crash(_request, err: Exception):
+        return _error_body(500, f"internal error: {type(err).__name__}", None, "server_error")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop, True)
+
+    app = Starlette(routes=[Route("/v1/completions", Completions(engine, model_name, max_body).handle,
+                                  methods=["POST"]),
+                            Route("/v1/models", models), Route("/health", health), Route("/metrics", metrics)],
+                    exception_handlers={HTTPError: on_http_error, HTTPException: on_starlette_error,
+                                        Exception: on_crash},
+                    lifespan=lifespan)
+    counter = StatusCounter(app)
+    counter_box["counter"] = counter
+    return counter
+
+
+def serve_forever(engine: Engine, *, host: str, port: int, max_body: int, model_name: str | None) -> int:
+    """Run uvicorn until SIGTERM/SIGINT (graceful: in-flight requests finish first)."""
+    import uvicorn
+    name = model_name or Path(getattr(engine, "source", "moejax")).name or "moejax"
+    app = create_app(engine, model_name=name, max_body=max_body)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=None)
+    server = uvicorn.Server(config)
+    engine.warmup()
+    # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, drain, lifespan shutdown)
+    # and afterwards re-raises them to the handler it found: make that one a no-op, so a
+    # drained server returns here and exits 0 instead of dying by the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    print(f"serving {name} on http://{host}:{port} (slots {engine.scheduler.num_slots}, "
+          f"context {engine.max_len})", file=sys.stderr, flush=True)
+    server.run()
+    stats = engine.stats()
+    print(f"server stopped after draining ({stats['requests_submitted']} requests, "
+          f"{stats['generated_tokens']} tokens)", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,176 @@
+"""A Transformer whose routed experts live in an ExpertStore, run layer by layer from Python.
+
+Routing is data-dependent and the slot table is host state, so this path
+cannot be one jitted function: per step it runs jitted per-layer pieces
+(:mod:`serve.offload.pieces`, fixed shapes) and decides copies in between.
+Per MoE layer l and step:
+1. prefetch (``prefetch=True``): layer l's ffn_norm + router applied to the
+   hidden state entering its block predicts its experts before attention
+   runs; their copies start now (``jax.device_put`` is asynchronous) and
+   overlap the attention. (Predicting from the previous block's
+   post-attention state would overlap more work but guessed worse on the
+   trained tiny model: 57-74% of each token's top-k against 67-78%.)
+2. attention (jitted) -> x_mid, h = ffn_norm(x_mid); the router on h.
+3. the slot table turns the needed experts (of valid tokens) into waves:
+   copies of the misses, then the slot-indexed grouped matmul of the wave.
+4. combine with the gates, shared experts, residual (jitted).
+Results equal the all-resident forward: every (token, k) pair is computed
+once, from the same weights, by the same grouped-matmul math.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from moejax import dispatch as dispatch_lib
+from moejax.moe import MoE
+from serve.offload import pieces
+from serve.offload.policies import make_policy
+from serve.offload.pool import SlotPool, wave_compute
+from serve.offload.slots import LayerStats, SlotTable
+from serve.offload.store import ExpertStore
+from serve.offload.trace import RoutingTrace
+
+
+def counts_E(experts_TK: np.ndarray, valid_T: np.ndarray, num_experts: int) -> np.ndarray:
+    return np.bincount(experts_TK[valid_T].reshape(-1), minlength=num_experts)
+
+
+class OffloadedModel:
+    """Layer-by-layer forward with per-layer slot pools over ``store``.
+
+    ``slots_L``: slots of each MoE layer; ``policy``: a name of
+    ``serve.offload.policies.POLICIES``; ``frequency_LE``: expert
+    frequencies of a recorded trace (policy 'static'); ``record``: keep the
+    routing of every step (``trace()``).
+    """
+
+    def __init__(self, model, store: ExpertStore, slots_L: list[int], *, policy: str = "lru",
+                 prefetch: bool = True, frequency_LE=None, lfru_decay: float = 0.75,
+                 record: bool = False):
+        self.cfg, self.store, self.prefetch = model.cfg, store, prefetch
+        blocks = self._blocks = list(model.layers)
+        self.moe_index = [i for i, b in enumerate(blocks) if isinstance(b.ffn, MoE)]
+        if len(slots_L) != len(self.moe_index):
+            raise ValueError(f"slots: {len(slots_L)} budgets for {len(self.moe_index)} MoE layers")
+        if store.num_layers != len(self.moe_index):
+            raise ValueError(f"store holds {store.num_layers} MoE layers, the model has "
+                             f"{len(self.moe_index)}")
+        moe0 = blocks[self.moe_index[0]].ffn
+        self.num_experts, self.top_k = moe0.cfg.num_experts, moe0.cfg.top_k
+        self.dtype = moe0.dtype
+        backend = moe0.backend
+        self.gmm_backend = dispatch_lib.GMM_BACKENDS.get(backend, "xla")
+        self.embed_VD = model.embed[...]
+        self.head_parts = pieces.split(model.final_norm, getattr(model, "lm_head", None), model.embed)
+        self.attn_parts = [pieces.split(b.attn_norm, b.attn, b.ffn_norm) for b in blocks]
+        self.ffn_parts = []
+        for b in blocks:
+            if isinstance(b.ffn, MoE):
+                self.ffn_parts.append((pieces.split(b.ffn.router),
+                                       pieces.split(b.ffn.shared, b.ffn.shared_gate),
+                                       pieces.split(b.ffn_norm, b.ffn.router)))
+            else:
+                self.ffn_parts.append(pieces.split(b.ffn))
+        self.tables, self.pools = [], []
+        shapes = store.shapes()
+        for layer, slots in enumerate(slots_L):
+            freq = None if frequency_LE is None else frequency_LE[layer]
+            pol = make_policy(policy, self.num_experts, slots, frequency_E=freq, lfru_decay=lfru_decay)
+            self.tables.append(SlotTable(self.num_experts, slots, pol))
+            self.pools.append(SlotPool(shapes, slots))
+        self.step = 0
+        self.reuse = True       # False: forget the slots every step (the fetch-every-time baseline)
+        self.record = record
+        self._need, self._pred, self._tokens = [], [], []
+
+    # ------------------------------------------------------------------ copies
+    def _copy(self, layer: int, loads) -> None:
+        for expert, slot in loads:
+            self.pools[layer].load(slot, self.store.fetch(layer, expert))
+
+    def _prefetch(self, layer: int, x_BSD, valid_T) -> np.ndarray:
+        """Predicted weight per expert (x1000, int) for the trace; start the copies if asked."""
+        if not (self.prefetch or self.record):
+            return np.zeros(self.num_experts, np.int32)
+        (gdef, state) = self.ffn_parts[self.moe_index[layer]][2]
+        valid_BS = jnp.asarray(valid_T.reshape(x_BSD.shape[:2]))
+        pred_E = np.round(np.asarray(pieces.predict(gdef, state, x_BSD, valid_BS)) * 1000).astype(np.int32)
+        if self.prefetch:
+            self._copy(layer, self.tables[layer].prefetch(pred_E, self.step))
+        return pred_E
+
+    # ------------------------------------------------------------------ forward
+    def init_caches(self, batch_size: int, max_len: int) -> list:
+        """Per-layer attention caches (the layers' own ``init_cache``)."""
+        return [b.attn.init_cache(batch_size, max_len) for b in self._blocks]
+
+    def forward(self, tokens_BS, positions_BS=None, valid_BS=None, caches=None):
+        """(logits [B, S, V], caches) of one step: a full forward when ``caches`` is None,
+        else the S new tokens of each row appended to the per-layer attention caches
+        (``valid_BS`` False on padding, which is neither cached nor fetched for)."""
+        tokens_BS = jnp.asarray(tokens_BS, jnp.int32)
+        batch, seq = tokens_BS.shape
+        if positions_BS is None:
+            positions_BS = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        valid_T = (np.ones(batch * seq, bool) if valid_BS is None
+                   else np.asarray(valid_BS, bool).reshape(-1))
+        valid_BS = None if valid_BS is None else jnp.asarray(valid_BS)
+        caches = [None] * len(self.attn_parts) if caches is None else list(caches)
+        num_layers = len(self.tables)
+        need_LE = np.zeros((num_layers, self.num_experts), np.int32)
+        pred_LE = np.zeros_like(need_LE)
+        x_BSD = pieces.embed(self.embed_VD, tokens_BS)
+        layer = 0
+        for i, (gdef, state) in enumerate(self.attn_parts):
+            is_moe = i in self.moe_index
+            if is_moe:      # copies start now and overlap this block's attention
+                pred_LE[layer] = self._prefetch(layer, x_BSD, valid_T)
+            x_BSD, h_BSD, caches[i] = pieces.attention(gdef, state, x_BSD, positions_BS,
+                                                       cache=caches[i], valid_BS=valid_BS)
+            if not is_moe:
+                x_BSD = pieces.dense_ffn(*self.ffn_parts[i], x_BSD, h_BSD, tokens_BS, positions_BS,
+                                         valid_BS)
+                continue
+            (router, shared, _) = self.ffn_parts[i]
+            gates_TK, experts_TK = pieces.route(*router, h_BSD)
+            need_LE[layer] = counts_E(np.asarray(experts_TK), valid_T, self.num_experts)
+            y_TKD = self._experts(layer, h_BSD, experts_TK, valid_T, need_LE[layer])
+            x_BSD = pieces.moe_output(*shared, x_BSD, h_BSD, y_TKD, gates_TK)
+            layer += 1
+        logits_BSV = pieces.head(*self.head_parts, x_BSD)
+        n_valid = int(valid_T.sum())
+        for table in self.tables:
+            table.stats.tokens += n_valid
+        if self.record and n_valid:
+            self._need.append(need_LE)
+            self._pred.append(pred_LE)
+            self._tokens.append(n_valid)
+        self.step += 1
+        return logits_BSV, caches
+
+    def _experts(self, layer, h_BSD, experts_TK, valid_T, need_E):
+        batch, seq, d_model = h_BSD.shape
+        x_TD = h_BSD.reshape(batch * seq, d_model).astype(self.dtype)
+        y_TKD = jnp.zeros((batch * seq, self.top_k, d_model), self.dtype)
+        valid = jnp.asarray(valid_T)
+        if not self.reuse:
+            self.tables[layer].clear()
+        for wave in self.tables[layer].access(need_E, self.step):
+            self._copy(layer, wave.loads)
+            y_TKD = wave_compute(self.pools[layer].arrays, x_TD, experts_TK, valid, y_TKD,
+                                 jnp.asarray(wave.slot_map(self.num_experts)),
+                                 gmm_backend=self.gmm_backend)
+        return y_TKD
+
+    # ------------------------------------------------------------------ figures
+    def layer_stats(self) -> list[LayerStats]:
+        return [t.stats for t in self.tables]
+
+    def trace(self) -> RoutingTrace:
+        if not self._need:
+            raise ValueError("no steps recorded (record=True and run some steps)")
+        return RoutingTrace(np.stack(self._need), np.array(self._tokens), self.top_k,
+                            np.stack(self._pred))

@@ -1,0 +1,100 @@
+"""Record the routing of real generations as a :class:`RoutingTrace`.
+
+Causal routing at a position does not depend on later tokens, so one full
+forward over the finished sequences gives the routing every cached engine
+step saw. This module generates greedily, runs that forward while keeping
+each MoE layer's chosen experts (and the prefetch prediction for it: its
+ffn_norm + router on the hidden state entering its block, as weights per
+expert, see ``pieces.prefetch_weights``), then groups positions into the
+steps of a static batch: prefill chunks, then one decode position per row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.layers import LayerContext
+from moejax.moe import MoE
+from serve.offload import pieces
+from serve.offload.trace import RoutingTrace
+
+
+@nnx.jit
+def _routing(model, tokens_BT):
+    """(logits, experts [L, B, T, K], prefetch weights [L, B, T, E]) of the full forward."""
+    batch, seq = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    x = jnp.take(model.embed[...], tokens_BT, axis=0)
+    blocks = list(model.layers)
+
+    def top(block, x_BTD):
+        h = block.ffn_norm(x_BTD).reshape(batch * seq, -1)
+        return block.ffn.router(h, num_sequences=batch)[1].reshape(batch, seq, -1)
+
+    chosen, predicted = [], []
+    for block in blocks:
+        if isinstance(block.ffn, MoE):      # the prefetch guess: from the block's input
+            predicted.append(pieces.prefetch_weights(block.ffn_norm, block.ffn.router, x))
+        x = x + block.attn(block.attn_norm(x), positions_BT)[0].astype(x.dtype)
+        h = block.ffn_norm(x)
+        if isinstance(block.ffn, MoE):
+            chosen.append(top(block, x))
+        y, _ = block.ffn(h, LayerContext(tokens_BS=tokens_BT, positions_BS=positions_BT))
+        x = x + y.astype(x.dtype)
+    x = model.final_norm(x)
+    head = model.embed[...].T if model.cfg.tie_embeddings else model.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", x.astype(jnp.float32), head)
+    return logits, jnp.stack(chosen), jnp.stack(predicted)
+
+
+@nnx.jit
+def _logits(model, tokens_BT):
+    return model(tokens_BT)[0]
+
+
+def greedy(model, prompts: list[list[int]], max_new_tokens: int) -> np.ndarray:
+    """Greedy continuations by full forwards over one fixed-width buffer -> tokens [B, W]."""
+    width = max(len(p) for p in prompts) + max_new_tokens
+    tokens = np.zeros((len(prompts), width), np.int32)
+    lengths = np.array([len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        tokens[b, :len(p)] = p
+    for n in range(max_new_tokens):
+        logits = np.asarray(_logits(model, jnp.asarray(tokens)))
+        pos = lengths + n
+        tokens[np.arange(len(prompts)), pos] = logits[np.arange(len(prompts)), pos - 1].argmax(-1)
+    return tokens
+
+
+def steps_of_batch(lengths: list[int], new_tokens: int, chunk: int) -> list[list[tuple[int, int]]]:
+    """(row, position) pairs of each engine step: prefill chunks, then decode steps."""
+    steps = []
+    for start in range(0, max(lengths), chunk):
+        steps.append([(b, t) for b, n in enumerate(lengths) for t in range(start, min(start + chunk, n))])
+    for n in range(new_tokens - 1):          # the last generated token is never fed back
+        steps.append([(b, length + n) for b, length in enumerate(lengths)])
+    return steps
+
+
+def record(model, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 4,
+           chunk: int = 64) -> RoutingTrace:
+    """Generate for ``prompts`` in static batches and return the routing trace of those steps."""
+    num_experts = next(b.ffn for b in model.layers if isinstance(b.ffn, MoE)).cfg.num_experts
+    top_k = next(b.ffn for b in model.layers if isinstance(b.ffn, MoE)).cfg.top_k
+    need, pred, tokens_N = [], [], []
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first:first + batch_size]
+        tokens = greedy(model, batch, max_new_tokens)
+        _, chosen_LBTK, pred_LBTE = (np.asarray(a) for a in _routing(model, jnp.asarray(tokens)))
+        for pairs in steps_of_batch([len(p) for p in batch], max_new_tokens, chunk):
+            rows, pos = np.array(pairs).T
+            need.append(np.stack([np.bincount(chosen_LBTK[layer, rows, pos].reshape(-1),
+                                              minlength=num_experts)
+                                  for layer in range(chosen_LBTK.shape[0])]))
+            weight_LE = pred_LBTE[:, rows, pos].sum(axis=1)
+            pred.append(np.round(weight_LE * 1000).astype(np.int32))
+            tokens_N.append(len(pairs))
+    return RoutingTrace(np.stack(need), np.array(tokens_N), top_k, np.stack(pred))

@@ -1,0 +1,113 @@
+"""Tokenizers of a serving checkpoint: raw bytes, or a Hugging Face ``tokenizer.json``.
+
+Both turn text into token ids and ids back into text. Decoding is done over
+the whole generated sequence (never per token), so multi-byte characters and
+BPE merges come out right; :class:`TextStream` turns that into stream deltas
+that always concatenate to the final text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or unreadable."""
+
+
+class ByteTokenizer:
+    """Token id = byte value (the byte-level models ``python -m train`` builds by default)."""
+
+    kind = "bytes"
+    vocab_size = 256
+    eos_token_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, tokens: list[int]) -> str:
+        return bytes(t for t in tokens if 0 <= t < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer.json (no special tokens are added to prompts)."""
+
+    kind = "hf"
+
+    def __init__(self, path: str | Path, eos_token_id: int | None = None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TokenizerError("a tokenizer.json needs the 'tokenizers' package") from None
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises plain Exception
+            raise TokenizerError(f"{path}: not a tokenizer.json ({err})") from None
+        self.vocab_size = self._tok.get_vocab_size()
+        self.eos_token_id = eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._tok.decode(list(tokens), skip_special_tokens=True)
+
+
+def eos_from_files(directory: Path) -> int | None:
+    """eos_token_id from generation_config.json / config-style files beside a tokenizer."""
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text()).get("eos_token_id")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def load_tokenizer(spec: dict, directory: Path):
+    """The tokenizer a manifest's ``tokenizer`` entry describes (files relative to ``directory``)."""
+    if spec.get("kind") == "bytes":
+        return ByteTokenizer()
+    if spec.get("kind") == "hf":
+        path = directory / spec["file"]
+        if not path.is_file():
+            raise TokenizerError(f"{path}: tokenizer file named by the manifest is missing")
+        return HFTokenizer(path, spec.get("eos_token_id"))
+    raise TokenizerError(f"unknown tokenizer kind {spec.get('kind')!r} (bytes | hf)")
+
+
+class TextStream:
+    """Incremental text of a growing token sequence, safe to stream.
+
+    ``push(tokens)`` returns the new text since the last call; it holds back a
+    trailing incomplete character (shown as U+FFFD by the decoder) and, when
+    stop strings are set, the last ``max(len(stop)) - 1`` characters, which
+    might still become the start of a stop string. ``finish(text)`` returns
+    the rest of the final text. So the deltas always join to the final text.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.sent = 0
+
+    def push(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens)
+        end = len(text) - self.hold
+        while end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        if end <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent:end], end
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        delta = final_text[self.sent:]
+        self.sent = len(final_text)
+        return delta

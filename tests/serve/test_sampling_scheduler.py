@@ -1,0 +1,99 @@
+"""Sampling filters against numpy, the key rule, the text stream, and the scheduler's plans."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from serve.sampling import RequestError, SamplingParams, sample, split_seed
+from serve.scheduler import QueueFull, Request, Scheduler, buckets_for
+from serve.tokenizer import ByteTokenizer, TextStream
+
+LOGITS = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05], np.float32))
+
+
+def draws(n, temperature=1.0, top_p=1.0, top_k=0, seed=3):
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, 5))
+    seed_B2 = jnp.broadcast_to(jnp.asarray(split_seed(seed), jnp.uint32), (n, 2))
+    return np.asarray(jax.jit(sample)(logits, jnp.full((n,), temperature), jnp.full((n,), top_p),
+                                      jnp.full((n,), top_k, jnp.int32), seed_B2, jnp.arange(n)))
+
+
+def test_sampling_follows_the_filtered_softmax():
+    n = 4000
+    freq = np.bincount(draws(n), minlength=5) / n
+    np.testing.assert_allclose(freq, np.exp(LOGITS), atol=0.03)
+    top2 = np.bincount(draws(n, top_k=2), minlength=5) / n
+    np.testing.assert_allclose(top2, [0.4 / 0.7, 0.3 / 0.7, 0, 0, 0], atol=0.03)
+    # top_p=0.6: the smallest prefix with mass >= 0.6 is {0, 1}
+    np.testing.assert_allclose(np.bincount(draws(n, top_p=0.6), minlength=5) / n, top2, atol=0.03)
+    assert set(draws(200, top_k=1)) == {0} and set(draws(200, top_p=0.01)) == {0}
+    assert set(draws(200, temperature=0.0)) == {0}
+
+
+def test_key_depends_only_on_seed_and_token_index():
+    a = draws(64, seed=5)
+    assert (draws(64, seed=5) == a).all()
+    assert (draws(64, seed=6) != a).any()
+    big = draws(64, seed=2 ** 40 + 5)         # the high word of the seed counts too
+    assert (big != a).any()
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -0.1), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("top_k", -1), ("seed", -1), ("stop", [""]),
+                                         ("max_new_tokens", 2.5), ("temperature", "1")])
+def test_bad_sampling_params_name_the_field(field, value):
+    with pytest.raises(RequestError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_text_stream_deltas_join_to_the_final_text():
+    tok = ByteTokenizer()
+    data = list("héllo wörld, stop here".encode())
+    stream, sent = TextStream(tok, stop=("stop",)), ""
+    for n in range(1, len(data) + 1):
+        if "stop" in tok.decode(data[:n]):   # where the engine ends the request
+            break
+        sent += stream.push(data[:n])
+        assert "\ufffd" not in sent            # never half a character
+    final = tok.decode(data)[:tok.decode(data).find("stop")]
+    assert final.startswith(sent) and len(sent) >= len(final) - 3
+    assert sent + stream.finish(final) == final
+
+
+def _req(n, max_new=3):
+    return Request(list(range(1, n + 1)), SamplingParams(max_new_tokens=max_new))
+
+
+def test_scheduler_chunks_prefill_beside_decoding_rows():
+    sched = Scheduler(num_slots=2, max_chunk=4, max_waiting=8)
+    assert sched.buckets == (1, 4)
+    a, b, c = sched.submit(_req(2)), sched.submit(_req(10)), sched.submit(_req(1))
+    plan = sched.plan()
+    assert plan.rows == (a, b) and plan.reset_B.tolist() == [True, True]
+    assert plan.lengths_B.tolist() == [2, 4] and plan.tokens_BS[1].tolist() == [1, 2, 3, 4]
+    sched.commit(plan, np.array([50, 60]))
+    assert a.generated == [50] and b.generated == [] and b.fed == 4
+    plan = sched.plan()                       # a decodes while b's prompt continues
+    assert plan.lengths_B.tolist() == [1, 4] and plan.tokens_BS[0, 0] == 50 and not plan.reset_B.any()
+    assert plan.index_B.tolist() == [1, 0]
+    sched.commit(plan, np.array([51, 61]))
+    sched.release(a)                          # a leaves; c takes its slot at the next plan
+    plan = sched.plan()
+    assert plan.rows == (c, b) and plan.reset_B.tolist() == [True, False]
+    assert plan.lengths_B.tolist() == [1, 2] and plan.seq_len == 4
+    sched.commit(plan, np.array([70, 62]))
+    assert b.generated == [62] and c.generated == [70]
+    plan = sched.plan()
+    assert plan.seq_len == 1 and plan.lengths_B.tolist() == [1, 1]
+
+
+def test_scheduler_queue_limit():
+    sched = Scheduler(num_slots=1, max_chunk=4, max_waiting=2)
+    sched.submit(_req(1))
+    sched.submit(_req(1))
+    with pytest.raises(QueueFull):
+        sched.submit(_req(1))
+    assert buckets_for(64) == (1, 16, 64)
