@@ -8,7 +8,7 @@ need the optional 'convert' extra (safetensors) until ``moejax.convert`` is used
 
 import importlib
 
-_SUBMODULES = ("checkpoint", "convert", "experts", "layers", "sharding")
+_SUBMODULES = ("checkpoint", "convert", "experts", "layers", "memory", "sharding")
 _EXPORTS = {
     "ConfigError": "moejax.config", "MemoryConfig": "moejax.config", "MLAConfig": "moejax.config",
     "MoEConfig": "moejax.config", "ModelConfig": "moejax.config", "YarnConfig": "moejax.config",
@@ -16,7 +16,7 @@ _EXPORTS = {
     "register_ffn_kind": "moejax.layers", "Transformer": "moejax.model", "MoE": "moejax.moe",
 }
 
-__all__ = sorted([*_EXPORTS, "experts", "layers", "sharding"])
+__all__ = sorted([*_EXPORTS, "experts", "layers", "memory", "sharding"])
 
 
 def __getattr__(name: str):

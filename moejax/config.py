@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,24 +132,112 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """A memory layer (product-key or hashed n-gram) that replaces an FFN.
+    """Memory layers: product-key memory (FFN kind 'pkm') and hashed n-gram memory ('engram').
 
-    Reserved for the memory-layer wave; validated now so configs that name
-    one fail early with a clear message rather than being ignored.
+    Product-key memory (Lample et al. 2019; "Memory Layers at Scale", Berges
+    et al. 2024): ``num_slots`` = n * n value rows of width ``d_value``
+    (default: d_model), addressed by ``num_heads`` heads that each score n
+    sub-keys per half of a ``d_key``-wide query and read ``top_k`` rows.
+    ``share_values``: every 'pkm' layer of a model reads one value table.
+
+    Hashed n-gram memory (DeepSeek's Engram): for each order n in
+    ``ngram_orders`` and each of ``ngram_heads`` hash heads, the suffix n-gram
+    of token ids at a position picks one ``ngram_d_row``-wide row; the table
+    holds ``ngram_table_rows`` rows, split evenly over the (order, head)
+    pairs, and each pair uses the largest distinct prime that fits its share
+    (its own modulus). ``ngram_conv_kernel`` is the width of the causal
+    depthwise convolution (dilation: the largest order). ``ngram_id_map``
+    canonicalises ids before hashing ('casefold_bytes': ASCII upper case ->
+    lower case, for byte-level vocabularies). ``hash_seed`` seeds the per-layer
+    odd multipliers.
     """
 
-    kind: str = "product_key"
-    num_keys: int = 256            # sub-keys per half: n*n slots in all
+    num_slots: int = 4096
     top_k: int = 32
-    d_key: int = 128
-    num_heads: int = 1
-    value_lr_multiplier: float = 1.0
+    num_heads: int = 4
+    d_key: int = 64
+    d_value: int | None = None
+    share_values: bool = False
+    ngram_orders: tuple[int, ...] = (2, 3)
+    ngram_heads: int = 4
+    ngram_table_rows: int = 32768
+    ngram_d_row: int = 32
+    ngram_conv_kernel: int = 4
+    ngram_id_map: str = "none"
+    hash_seed: int = 0
 
     def __post_init__(self):
-        _choice(self, "kind", ("product_key", "hashed_ngram"))
-        _positive_ints(self, "num_keys", "top_k", "d_key", "num_heads")
-        _require(self.top_k <= self.num_keys * self.num_keys, "MemoryConfig", "top_k",
-                 f"top_k={self.top_k} exceeds the {self.num_keys ** 2} slots")
+        name = "MemoryConfig"
+        if isinstance(self.ngram_orders, list):  # JSON stores tuples as lists
+            object.__setattr__(self, "ngram_orders", tuple(self.ngram_orders))
+        _positive_ints(self, "num_slots", "top_k", "num_heads", "d_key", "ngram_heads",
+                       "ngram_table_rows", "ngram_d_row", "ngram_conv_kernel")
+        n = math.isqrt(self.num_slots)
+        _require(n * n == self.num_slots, name, "num_slots",
+                 f"must be a perfect square (n * n slots from n sub-keys per half), got {self.num_slots}")
+        _require(self.top_k <= n, name, "top_k",
+                 f"top_k={self.top_k} exceeds the n={n} sub-keys per half (num_slots={self.num_slots})")
+        _require(self.d_key % 2 == 0, name, "d_key",
+                 f"must be even (two halves of the query), got {self.d_key}")
+        _require(self.d_value is None or (isinstance(self.d_value, int) and self.d_value > 0),
+                 name, "d_value", f"must be None (d_model) or a positive int, got {self.d_value!r}")
+        orders = self.ngram_orders
+        _require(isinstance(orders, tuple) and len(orders) > 0
+                 and all(isinstance(o, int) and not isinstance(o, bool) and o >= 1 for o in orders)
+                 and list(orders) == sorted(set(orders)), name, "ngram_orders",
+                 f"must be a non-empty sorted tuple of distinct ints >= 1, got {orders!r}")
+        _choice(self, "ngram_id_map", NGRAM_ID_MAPS)
+        _require(isinstance(self.hash_seed, int) and self.hash_seed >= 0, name, "hash_seed",
+                 f"must be an int >= 0, got {self.hash_seed!r}")
+        heads = len(orders) * self.ngram_heads
+        share = self.ngram_table_rows // heads
+        need = _nth_prime(heads)  # the heads need `heads` distinct primes <= their share
+        _require(share >= need, name, "ngram_table_rows",
+                 f"{self.ngram_table_rows} rows give each of the {len(orders)} orders x "
+                 f"{self.ngram_heads} hash heads {share} rows, smaller than a hash head needs "
+                 f"(>= {need} rows for {heads} distinct prime table sizes)")
+
+    @property
+    def num_keys(self) -> int:
+        """n: sub-keys per half (num_slots = n * n)."""
+        return math.isqrt(self.num_slots)
+
+    def ngram_table_sizes(self) -> tuple[tuple[int, ...], ...]:
+        """Prime table size of every hash head, [order][head]: the largest distinct
+        primes that fit each head's share of ``ngram_table_rows``."""
+        heads = len(self.ngram_orders) * self.ngram_heads
+        primes = _primes_below(self.ngram_table_rows // heads, heads)
+        h = self.ngram_heads
+        return tuple(tuple(primes[o * h:(o + 1) * h]) for o in range(len(self.ngram_orders)))
+
+    def replace(self, **changes: Any) -> "MemoryConfig":
+        return dataclasses.replace(self, **changes)
+
+
+NGRAM_ID_MAPS = ("none", "casefold_bytes")
+
+
+def _is_prime(x: int) -> bool:
+    return x >= 2 and all(x % d for d in range(2, math.isqrt(x) + 1))
+
+
+def _nth_prime(count: int) -> int:
+    """The count-th prime (1 -> 2): the smallest share that holds `count` distinct primes."""
+    x, found = 1, 0
+    while found < count:
+        x += 1
+        found += _is_prime(x)
+    return x
+
+
+def _primes_below(limit: int, count: int) -> list[int]:
+    """The `count` largest primes <= limit, largest first."""
+    out, x = [], limit
+    while len(out) < count:
+        if _is_prime(x):
+            out.append(x)
+        x -= 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -253,6 +342,7 @@ class ModelConfig:
     # Recompute in the backward pass: 'none', 'full' (keep only block inputs), 'dots'
     # (keep matmul outputs, recompute the elementwise work).
     remat: str = "none"
+    memory: MemoryConfig | None = None   # for the memory FFN kinds ('pkm', 'engram', ...)
 
     def __post_init__(self):
         name = "ModelConfig"
@@ -281,6 +371,8 @@ class ModelConfig:
         self._check_ffn_kinds()
         _require(self.rope_yarn is None or isinstance(self.rope_yarn, YarnConfig), name, "rope_yarn",
                  "must be a YarnConfig or None")
+        _require(self.memory is None or isinstance(self.memory, MemoryConfig), name, "memory",
+                 "must be a MemoryConfig or None")
         if self.mla is not None:
             _require(isinstance(self.mla, MLAConfig), name, "mla", "must be an MLAConfig or None")
             _require(self.n_kv_heads == self.n_heads, name, "n_kv_heads",
@@ -312,7 +404,10 @@ class ModelConfig:
 
     @property
     def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        """Layers holding an MoE block (the rows of aux['expert_load']): 'moe' and every kind
+        that needs the MoE config (e.g. 'engram+moe')."""
+        needs_of = _ffn_kind_needs()
+        return sum(kind == "moe" or "moe" in needs_of[kind] for kind in self.ffn_kinds)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """dataclasses.replace; when n_layers or moe changes and ffn_kinds is not given,
@@ -383,8 +478,25 @@ def _dense_tiny() -> ModelConfig:
     return _tiny().replace(name="dense-tiny", moe=None)
 
 
+def _tiny_mem() -> ModelConfig:
+    # `tiny` with a product-key memory in place of the middle layer's MoE (Memory Layers at
+    # Scale): 16,384 slots of width 128 (2.1M parameters), 4 heads x top-32.
+    memory = MemoryConfig(num_slots=128 * 128, top_k=32, num_heads=4, d_key=64)
+    return _tiny().replace(name="tiny-mem", memory=memory, ffn_kinds=("moe", "moe", "pkm", "moe"))
+
+
+def _tiny_engram() -> ModelConfig:
+    # `tiny` with Engram beside the MoE of layer 1 (DeepSeek places it early): 2- and 3-grams,
+    # 4 hash heads each, 65,536 rows of width 32 (2.1M parameters).
+    memory = MemoryConfig(ngram_orders=(2, 3), ngram_heads=4, ngram_table_rows=2**16, ngram_d_row=32)
+    return _tiny().replace(name="tiny-engram", memory=memory,
+                           ffn_kinds=("moe", "engram+moe", "moe", "moe"))
+
+
 PRESETS = {
     "tiny": _tiny,
+    "tiny-mem": _tiny_mem,
+    "tiny-engram": _tiny_engram,
     "dense-tiny": _dense_tiny,
     "mixtral-mini": _mixtral_mini,
     "qwen3-moe-mini": _qwen3_moe_mini,
@@ -396,7 +508,12 @@ PRESETS = {
 # The built-in FFN kinds and the config fields each needs. moejax.layers registers
 # their builders (a test checks the two agree); knowing them here lets a config be
 # validated without importing jax, so command lines check their flags first.
-BUILTIN_FFN_KIND_NEEDS = {"dense": (), "moe": ("moe",)}
+BUILTIN_FFN_KIND_NEEDS = {
+    "dense": (), "moe": ("moe",),
+    # memory layers (moejax.memory.kinds; moejax.model imports it, which registers them)
+    "pkm": ("memory",), "engram": ("memory",), "pkm+dense": ("memory",), "engram+dense": ("memory",),
+    "pkm+moe": ("memory", "moe"), "engram+moe": ("memory", "moe"),
+}
 
 
 def _ffn_kind_needs() -> dict[str, tuple[str, ...]]:
@@ -464,7 +581,8 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         data["ffn_kinds"] = ffn_kinds_from_rule(data["n_layers"], moe, **legacy)
     mla = _nested(MLAConfig, mla)
     rope_yarn = _nested(YarnConfig, data.pop("rope_yarn", None))
-    return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, **data)
+    memory = _nested(MemoryConfig, data.pop("memory", None))
+    return ModelConfig(moe=moe, mla=mla, rope_yarn=rope_yarn, memory=memory, **data)
 
 
 def read_config_file(path: str | Path) -> ModelConfig:

@@ -14,6 +14,7 @@ from moejax.attention import Attention, MLAttention, RMSNorm
 from moejax.config import ModelConfig
 from moejax.decode_cache import Cache, check_room, previous_tokens, valid_mask
 from moejax.layers import LayerAux, LayerContext, build_ffn
+from moejax.memory import kinds as _memory_kinds  # noqa: F401  (registers 'pkm', 'engram', ...)
 from moejax.layer_stack import ScannedBlocks, layer_groups, unstack_tree
 from moejax.moe import MoE
 
@@ -198,16 +199,22 @@ class Transformer(nnx.Module):
 
     @property
     def moe_layers(self) -> list[MoE]:
-        """The MoE FFNs in layer order (the rows of aux['expert_load']); with scanned
-        layers one module per group, its variables stacked over the group's layers."""
-        return [ffn for ffn, _ in self._ffns() if isinstance(ffn, MoE)]
+        """The MoE blocks in layer order (the rows of aux['expert_load']), also those inside
+        another FFN kind (a memory layer beside an MoE, 'engram+moe'); with scanned layers one
+        module per group, its variables stacked over the group's layers."""
+        return [moe for ffn, _ in self._ffns() for moe in _moes_in(ffn)]
 
     def update_router_biases(self, expert_load_LE: Float[Array, "L E"]) -> None:
         """Aux-loss-free balancing for every MoE layer, from aux['expert_load']."""
         row = 0
         for ffn, count in self._ffns():
-            if isinstance(ffn, MoE):
+            for moe in _moes_in(ffn):
                 # scanned: biases [L, E] against loads [L, E], each row on its own
-                ffn.update_bias(expert_load_LE[row] if not self.cfg.scan_layers
+                moe.update_bias(expert_load_LE[row] if not self.cfg.scan_layers
                                 else expert_load_LE[row:row + count])
                 row += count
+
+
+def _moes_in(ffn: nnx.Module) -> list[MoE]:
+    """The MoE blocks of one FFN: itself, or ones nested in it (at most one per layer)."""
+    return [m for _, m in nnx.iter_graph(ffn) if isinstance(m, MoE)]

@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip-norm", type=float, default=d.clip_norm, help="global-norm clip (0: off)")
     opt.add_argument("--param-group", dest="param_groups", action="append", default=[],
                      metavar="REGEX=LR_MULT", help="scale the lr of parameters whose path matches, "
-                     "e.g. 'memory.*values=10' (repeatable; first match wins)")
+                     "e.g. 'layers/0/.*=0.5' (repeatable; first match wins)")
+    opt.add_argument("--memory-lr-mult", type=float, default=d.memory_lr_mult,
+                     help="lr multiplier of memory-layer value tables (parameters named mem_values: "
+                     "product-key values, Engram rows); they never get weight decay")
     par = p.add_argument_group("precision and parallelism")
     par.add_argument("--dtype", choices=("float32", "bfloat16"),
                      help="compute dtype (parameters and optimizer state stay float32)")

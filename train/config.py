@@ -53,6 +53,7 @@ class TrainConfig:
     beta2: float = 0.95
     clip_norm: float = 1.0
     param_groups: tuple[str, ...] = ()
+    memory_lr_mult: float = 10.0   # memory-layer value tables: lr * this, no weight decay
     dtype: str | None = None       # compute dtype; None = the model config's
     remat: str | None = None       # 'none' | 'full' | 'dots'; None = the model config's
     mesh: str | None = None
@@ -85,6 +86,8 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 raise TrainError(f"--{_flag(name)} must be in [0, 1], got {getattr(self, name)!r}")
+        if not self.memory_lr_mult >= 0:
+            raise TrainError(f"--memory-lr-mult must be >= 0, got {self.memory_lr_mult!r}")
         if self.weight_decay < 0 or self.clip_norm < 0:
             raise TrainError("--weight-decay and --clip-norm must be >= 0 (0 turns them off)")
         if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
@@ -121,32 +124,36 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig:
-    """``('n_layers=2', 'moe.num_experts=4')`` -> a new ModelConfig (validated)."""
+    """``('n_layers=2', 'moe.num_experts=4', 'memory.top_k=16')`` -> a new ModelConfig (validated)."""
     top: dict[str, Any] = {}
-    moe: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {"moe": {}, "memory": {}}
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise TrainError(f"--set {item!r}: expected FIELD=VALUE, e.g. n_layers=2 or moe.top_k=1")
-        key = key.strip()
-        target, field = (moe, key[4:]) if key.startswith("moe.") else (top, key)
-        target[field] = _parse_value(value.strip())
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
+        section, dot, field = key.strip().partition(".")
+        target, field = (nested[section], field) if dot and section in nested else (top, key.strip())
+        value = _parse_value(value.strip())
+        target[field] = tuple(value) if isinstance(value, list) else value  # JSON lists -> tuples
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - set(nested)
     unknown = [k for k in top if k not in known]
     if unknown:
         raise TrainError(f"--set: unknown model field(s) {unknown}; allowed: {sorted(known)} "
-                         f"and moe.FIELD")
+                         f"and moe.FIELD, memory.FIELD")
     if "d_model" in top and cfg.moe is not None:
-        moe.setdefault("d_model", top["d_model"])  # the MoE block follows the model width
+        nested["moe"].setdefault("d_model", top["d_model"])  # the MoE block follows the model width
     try:
-        if moe:
-            if cfg.moe is None:
-                raise TrainError(f"--set moe.*: model {cfg.name!r} has no MoE block")
-            moe_known = {f.name for f in dataclasses.fields(type(cfg.moe))}
-            bad = [k for k in moe if k not in moe_known]
+        for section, changes in nested.items():
+            if not changes:
+                continue
+            current = getattr(cfg, section)
+            if current is None:
+                raise TrainError(f"--set {section}.*: model {cfg.name!r} has no {section} config")
+            section_known = {f.name for f in dataclasses.fields(type(current))}
+            bad = [k for k in changes if k not in section_known]
             if bad:
-                raise TrainError(f"--set: unknown MoE field(s) {bad}; allowed: {sorted(moe_known)}")
-            top["moe"] = cfg.moe.replace(**moe)
+                raise TrainError(f"--set: unknown {section} field(s) {bad}; allowed: {sorted(section_known)}")
+            top[section] = current.replace(**changes)
         return cfg.replace(**top) if top else cfg
     except (ConfigError, TypeError) as err:
         raise TrainError(f"--set: {err}") from None

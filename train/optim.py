@@ -3,8 +3,14 @@
 Parameter groups are ``REGEX=LR_MULT`` rules matched (``re.search``, first
 rule wins) against a parameter's path such as ``layers/0/ffn/experts/w_up``;
 the group's updates (weight decay included) are scaled by LR_MULT, exactly as
-if it had its own AdamW with ``lr * LR_MULT``. Memory-layer values are the
-intended use: ``--param-group 'memory.*values=10'``.
+if it had its own AdamW with ``lr * LR_MULT``.
+
+Memory-layer value tables (parameters named ``moejax.memory.VALUES``, i.e.
+``mem_values``: product-key values, Engram n-gram rows) form a group of their
+own by default: learning rate ``lr * memory_lr_mult`` (10x, as "Memory Layers
+at Scale" uses for its values) and no weight decay (each row is read by few
+tokens, so decay would erase rarely read facts between their updates). An
+explicit ``--param-group`` rule that matches them takes precedence.
 Weight decay applies to matrices only (ndim >= 2), never to norm scales; the
 leading layer axis of scanned layers (``stacks/...``) does not count.
 """
@@ -16,6 +22,7 @@ import re
 import jax
 import optax
 
+from moejax.memory import VALUES
 from train.config import TrainConfig, TrainError
 
 
@@ -38,7 +45,7 @@ def parse_param_groups(rules: tuple[str, ...]) -> list[tuple[re.Pattern, float]]
             ok = False
         if not ok:
             raise TrainError(f"--param-group {rule!r}: expected REGEX=LR_MULT with LR_MULT >= 0, "
-                             f"e.g. 'memory.*values=10'")
+                             f"e.g. 'layers/0/.*=0.5'")
     return groups
 
 
@@ -46,8 +53,14 @@ def param_path(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def lr_multipliers(params, rules: tuple[str, ...]):
-    """Tree of per-parameter LR multipliers; every rule must match something."""
+def is_memory_value(path) -> bool:
+    """A memory layer's value table (its own lr, no weight decay)."""
+    return bool(path) and str(getattr(path[-1], "key", path[-1])) == VALUES
+
+
+def lr_multipliers(params, rules: tuple[str, ...], memory_mult: float = 1.0):
+    """Tree of per-parameter LR multipliers; every rule must match something.
+    Memory value tables no rule matches get ``memory_mult``."""
     groups = parse_param_groups(rules)
     used = [False] * len(groups)
 
@@ -57,7 +70,7 @@ def lr_multipliers(params, rules: tuple[str, ...]):
             if pattern.search(name):
                 used[i] = True
                 return mult
-        return 1.0
+        return memory_mult if is_memory_value(path) else 1.0
 
     mults = jax.tree_util.tree_map_with_path(multiplier, params)
     unused = [rule for rule, u in zip(rules, used) if not u]
@@ -79,13 +92,15 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
 def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     """clip -> Adam moments -> decoupled weight decay -> schedule -> group multipliers."""
     decay_mask = jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim - (param_path(path).startswith("stacks/")) >= 2, params)
+        lambda path, p: (p.ndim - (param_path(path).startswith("stacks/")) >= 2
+                         and not is_memory_value(path)), params)
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts += [optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=1e-8),
               optax.add_decayed_weights(cfg.weight_decay, decay_mask),
               optax.scale_by_learning_rate(lr_schedule(cfg))]
-    if cfg.param_groups:
-        parts.append(scale_by_tree(lr_multipliers(params, cfg.param_groups)))
+    has_memory = any(is_memory_value(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    if cfg.param_groups or (has_memory and cfg.memory_lr_mult != 1.0):
+        parts.append(scale_by_tree(lr_multipliers(params, cfg.param_groups, cfg.memory_lr_mult)))
     return optax.chain(*parts)

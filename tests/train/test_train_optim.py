@@ -74,3 +74,23 @@ def test_param_group_scales_its_updates_only():
 def test_bad_param_groups(rule, needle):
     with pytest.raises(TrainError, match=needle):
         make_optimizer(TrainConfig(param_groups=(rule,)), PARAMS)
+
+
+def test_memory_values_get_their_own_lr_and_no_weight_decay_by_default():
+    params = {"w": jnp.full((2, 3), 2.0), "ffn": {"values": {"mem_values": jnp.full((4, 3), 2.0)}}}
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
+
+    def update(cfg):
+        tx = make_optimizer(cfg, params)
+        return jax.tree.map(np.asarray, tx.update(grads, tx.init(params), params)[0])
+
+    default = update(TrainConfig(weight_decay=0.5, **CONSTANT))
+    # first Adam step is 1 (bias-corrected): matrices -lr * (1 + wd * p), values -10 lr without decay
+    np.testing.assert_allclose(default["w"], -0.1 * (1 + 0.5 * 2.0), rtol=1e-5)
+    np.testing.assert_allclose(default["ffn"]["values"]["mem_values"], -0.1 * 10, rtol=1e-5)
+    plain = update(TrainConfig(weight_decay=0.5, memory_lr_mult=1.0, **CONSTANT))
+    np.testing.assert_allclose(plain["ffn"]["values"]["mem_values"], -0.1, rtol=1e-5)
+    ruled = update(TrainConfig(weight_decay=0.5, param_groups=("mem_values=3",), **CONSTANT))
+    np.testing.assert_allclose(ruled["ffn"]["values"]["mem_values"], -0.1 * 3, rtol=1e-5)
+    with pytest.raises(TrainError, match="memory-lr-mult"):
+        TrainConfig(memory_lr_mult=-1.0)
