@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         off = q.add_argument_group("expert offload (routed experts in host memory or on disk)")
         off.add_argument("--offload", action="store_true", help="keep routed experts off the device")
         off.add_argument("--slots-per-layer", type=int, default=4, help="device slots per MoE layer")
-        off.add_argument("--policy", default="lru", help="lru | lfu | lfru | static (needs --trace)")
+        off.add_argument("--policy", default="lfru", help="lfru | lru | lfu | static (needs --trace)")
         off.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                          help="no router-predicted prefetch of the next layer's experts")
         off.add_argument("--store", default="host", help="host (pinned host memory) | disk (read per copy)")

@@ -37,7 +37,7 @@ class OffloadConfig:
     """
 
     slots_per_layer: int = 4
-    policy: str = "lru"
+    policy: str = "lfru"
     prefetch: bool = True
     store: str = "host"
     budgets: str = "uniform"

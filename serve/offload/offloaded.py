@@ -5,11 +5,12 @@ cannot be one jitted function: per step it runs jitted per-layer pieces
 (:mod:`serve.offload.pieces`, fixed shapes) and decides copies in between.
 Per MoE layer l and step:
 1. prefetch (``prefetch=True``): layer l's ffn_norm + router applied to the
-   hidden state entering its block predicts its experts before attention
-   runs; their copies start now (``jax.device_put`` is asynchronous) and
-   overlap the attention. (Predicting from the previous block's
-   post-attention state would overlap more work but guessed worse on the
-   trained tiny model: 57-74% of each token's top-k against 67-78%.)
+   hidden state entering its block, plus the block's attention output at
+   the row's previous position, predicts its experts before attention runs
+   (``pieces.predict``); their copies start now (``jax.device_put`` is
+   asynchronous) and overlap the attention. (Predicting from the previous
+   block's post-attention state would overlap more work but guessed worse on
+   the trained tiny model: 57-74% of each token's top-k against 67-78%.)
 2. attention (jitted) -> x_mid, h = ffn_norm(x_mid); the router on h.
 3. the slot table turns the needed experts (of valid tokens) into waves:
    copies of the misses, then the slot-indexed grouped matmul of the wave.
@@ -47,7 +48,7 @@ class OffloadedModel:
     routing of every step (``trace()``).
     """
 
-    def __init__(self, model, store: ExpertStore, slots_L: list[int], *, policy: str = "lru",
+    def __init__(self, model, store: ExpertStore, slots_L: list[int], *, policy: str = "lfru",
                  prefetch: bool = True, frequency_LE=None, lfru_decay: float = 0.75,
                  record: bool = False):
         self.cfg, self.store, self.prefetch = model.cfg, store, prefetch
@@ -85,19 +86,31 @@ class OffloadedModel:
         self.reuse = True       # False: forget the slots every step (the fetch-every-time baseline)
         self.record = record
         self._need, self._pred, self._tokens = [], [], []
+        self._carry = [None] * len(self.moe_index)   # per MoE block: attention output [B, D]
 
     # ------------------------------------------------------------------ copies
     def _copy(self, layer: int, loads) -> None:
         for expert, slot in loads:
             self.pools[layer].load(slot, self.store.fetch(layer, expert))
 
-    def _prefetch(self, layer: int, x_BSD, valid_T) -> np.ndarray:
-        """Predicted weight per expert (x1000, int) for the trace; start the copies if asked."""
-        if not (self.prefetch or self.record):
+    @property
+    def predicting(self) -> bool:
+        return self.prefetch or self.record
+
+    def _carry_of(self, layer: int, x_BSD):
+        carry = self._carry[layer]
+        if carry is None or carry.shape != (x_BSD.shape[0], x_BSD.shape[2]):
+            carry = self._carry[layer] = jnp.zeros((x_BSD.shape[0], x_BSD.shape[2]), x_BSD.dtype)
+        return carry
+
+    def _prefetch(self, layer: int, x_BSD, positions_BS, valid_BS) -> np.ndarray:
+        """Predicted chance per expert (x1000, int) for the trace; start the copies if asked."""
+        if not self.predicting:
             return np.zeros(self.num_experts, np.int32)
         (gdef, state) = self.ffn_parts[self.moe_index[layer]][2]
-        valid_BS = jnp.asarray(valid_T.reshape(x_BSD.shape[:2]))
-        pred_E = np.round(np.asarray(pieces.predict(gdef, state, x_BSD, valid_BS)) * 1000).astype(np.int32)
+        chance_E = pieces.predict(gdef, state, x_BSD, self._carry_of(layer, x_BSD), positions_BS,
+                                  valid_BS)
+        pred_E = np.round(np.asarray(chance_E) * 1000).astype(np.int32)
         if self.prefetch:
             self._copy(layer, self.tables[layer].prefetch(pred_E, self.step))
         return pred_E
@@ -118,6 +131,7 @@ class OffloadedModel:
         valid_T = (np.ones(batch * seq, bool) if valid_BS is None
                    else np.asarray(valid_BS, bool).reshape(-1))
         valid_BS = None if valid_BS is None else jnp.asarray(valid_BS)
+        valid_mask_BS = jnp.asarray(valid_T.reshape(batch, seq))
         caches = [None] * len(self.attn_parts) if caches is None else list(caches)
         num_layers = len(self.tables)
         need_LE = np.zeros((num_layers, self.num_experts), np.int32)
@@ -127,9 +141,13 @@ class OffloadedModel:
         for i, (gdef, state) in enumerate(self.attn_parts):
             is_moe = i in self.moe_index
             if is_moe:      # copies start now and overlap this block's attention
-                pred_LE[layer] = self._prefetch(layer, x_BSD, valid_T)
+                pred_LE[layer] = self._prefetch(layer, x_BSD, positions_BS, valid_mask_BS)
+            x_in_BSD = x_BSD
             x_BSD, h_BSD, caches[i] = pieces.attention(gdef, state, x_BSD, positions_BS,
                                                        cache=caches[i], valid_BS=valid_BS)
+            if is_moe and self.predicting:
+                self._carry[layer] = pieces.next_carry(self._carry[layer], x_in_BSD, x_BSD,
+                                                       valid_mask_BS)
             if not is_moe:
                 x_BSD = pieces.dense_ffn(*self.ffn_parts[i], x_BSD, h_BSD, tokens_BS, positions_BS,
                                          valid_BS)

@@ -3,10 +3,11 @@
 Causal routing at a position does not depend on later tokens, so one full
 forward over the finished sequences gives the routing every cached engine
 step saw. This module generates greedily, runs that forward while keeping
-each MoE layer's chosen experts (and the prefetch prediction for it: its
-ffn_norm + router on the hidden state entering its block, as weights per
-expert, see ``pieces.prefetch_weights``), then groups positions into the
-steps of a static batch: prefill chunks, then one decode position per row.
+each MoE layer's chosen experts (and the prefetch prediction for it, as the
+engine makes it: ``pieces.pick_probability`` on the hidden state entering
+the block plus the block's attention output at the row's position of the
+previous step), then groups positions into the steps of a static batch:
+prefill chunks, then one decode position per row.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ from serve.offload.trace import RoutingTrace
 
 
 @nnx.jit
-def _routing(model, tokens_BT):
-    """(logits, experts [L, B, T, K], prefetch weights [L, B, T, E]) of the full forward."""
+def _routing(model, tokens_BT, carry_from_BT):
+    """(logits, experts [L, B, T, K], pick chances [L, B, T, E]) of the full forward.
+
+    ``carry_from_BT``: the position whose attention output the prediction at
+    (b, t) adds (the row's last position of an earlier step; -1: none).
+    """
     batch, seq = tokens_BT.shape
     positions_BT = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     x = jnp.take(model.embed[...], tokens_BT, axis=0)
@@ -36,9 +41,12 @@ def _routing(model, tokens_BT):
 
     chosen, predicted = [], []
     for block in blocks:
+        attn_BTD = block.attn(block.attn_norm(x), positions_BT)[0].astype(x.dtype)
         if isinstance(block.ffn, MoE):      # the prefetch guess: from the block's input
-            predicted.append(pieces.prefetch_weights(block.ffn_norm, block.ffn.router, x))
-        x = x + block.attn(block.attn_norm(x), positions_BT)[0].astype(x.dtype)
+            carry_BTD = jnp.take_along_axis(attn_BTD, jnp.maximum(carry_from_BT, 0)[..., None], axis=1)
+            carry_BTD = jnp.where((carry_from_BT >= 0)[..., None], carry_BTD, 0.0)
+            predicted.append(pieces.pick_probability(block.ffn_norm, block.ffn.router, x + carry_BTD))
+        x = x + attn_BTD
         h = block.ffn_norm(x)
         if isinstance(block.ffn, MoE):
             chosen.append(top(block, x))
@@ -79,6 +87,19 @@ def steps_of_batch(lengths: list[int], new_tokens: int, chunk: int) -> list[list
     return steps
 
 
+def carry_sources(steps: list[list[tuple[int, int]]], shape) -> np.ndarray:
+    """[B, T]: for each (row, position) of a step, the row's last position of an earlier step
+    (-1: none), as the engine's prefetch carries it (``pieces.next_carry``)."""
+    source_BT = np.full(shape, -1, np.int32)
+    last_B = np.full(shape[0], -1, np.int32)
+    for pairs in steps:
+        for b, t in pairs:
+            source_BT[b, t] = last_B[b]
+        for b, t in pairs:
+            last_B[b] = max(last_B[b], t)
+    return source_BT
+
+
 def record(model, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 4,
            chunk: int = 64) -> RoutingTrace:
     """Generate for ``prompts`` in static batches and return the routing trace of those steps."""
@@ -88,13 +109,17 @@ def record(model, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_s
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]
         tokens = greedy(model, batch, max_new_tokens)
-        _, chosen_LBTK, pred_LBTE = (np.asarray(a) for a in _routing(model, jnp.asarray(tokens)))
-        for pairs in steps_of_batch([len(p) for p in batch], max_new_tokens, chunk):
+        steps = steps_of_batch([len(p) for p in batch], max_new_tokens, chunk)
+        sources = jnp.asarray(carry_sources(steps, tokens.shape))
+        _, chosen_LBTK, pick_LBTE = (np.asarray(a) for a in _routing(model, jnp.asarray(tokens), sources))
+        for pairs in steps:
             rows, pos = np.array(pairs).T
             need.append(np.stack([np.bincount(chosen_LBTK[layer, rows, pos].reshape(-1),
                                               minlength=num_experts)
                                   for layer in range(chosen_LBTK.shape[0])]))
-            weight_LE = pred_LBTE[:, rows, pos].sum(axis=1)
-            pred.append(np.round(weight_LE * 1000).astype(np.int32))
+            every = jnp.ones(len(pairs), bool)
+            chance_LE = np.stack([np.asarray(pieces.any_pick(jnp.asarray(q_TE), every))
+                                  for q_TE in pick_LBTE[:, rows, pos]])
+            pred.append(np.round(chance_LE * 1000).astype(np.int32))
             tokens_N.append(len(pairs))
     return RoutingTrace(np.stack(need), np.array(tokens_N), top_k, np.stack(pred))

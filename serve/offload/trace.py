@@ -8,10 +8,10 @@ L MoE layers, E experts.
 - ``need_NLE``: int32, how many (token, k) pairs of step n routed to expert e
   in MoE layer l (0 = not needed). The store must have every needed expert on
   the device at some point while layer l of step n runs.
-- ``pred_NLE``: int32 or None, the prefetch prediction for layer l at step n:
-  layer l's router applied to the hidden state entering its block (before
-  the layer runs), as a weight per expert (summed router scores x 1000, see
-  ``serve.offload.pieces.prefetch_weights``); prefetch loads the heaviest.
+- ``pred_NLE``: int32 or None, the prefetch prediction for layer l at step n,
+  made before the layer runs: the chance x 1000 that some token of the step
+  picks each expert (``serve.offload.pieces.predict``); prefetch ranks by it
+  plus recent use (``SlotTable.prefetch``).
 - ``tokens_N``: tokens processed by step n (for bytes per token).
 """
 

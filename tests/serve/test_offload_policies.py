@@ -10,7 +10,7 @@ import pytest
 from serve.offload.policies import ONLINE_POLICIES, make_policy
 from serve.offload.slots import SlotTable
 from serve.offload.trace import RoutingTrace, budgets_from_trace
-from serve.offload.tracesim import simulate, sweep, total
+from serve.offload.tracesim import layer_tables, simulate, sweep, total
 
 
 def trace_of(steps, num_experts, top_k=1, pred=None):
@@ -22,7 +22,7 @@ def trace_of(steps, num_experts, top_k=1, pred=None):
     if pred is not None:
         pred_NLE = np.zeros_like(need)
         for n, ids in enumerate(pred):
-            pred_NLE[n, 0, ids] = 1
+            pred_NLE[n, 0, ids] = 1000     # predicted as sure
     return RoutingTrace(need, np.ones(len(steps), np.int64), top_k, pred_NLE)
 
 
@@ -32,7 +32,8 @@ def random_trace(rng, steps, num_experts, max_set, layers=1, skew=1.0):
     for n, l in itertools.product(range(steps), range(layers)):
         k = rng.integers(1, max_set + 1)
         need[n, l, rng.choice(num_experts, size=k, replace=False, p=p)] = 1
-    pred = np.where(rng.random(need.shape) < 0.8, need, rng.integers(0, 2, need.shape))
+    guessed = np.where(rng.random(need.shape) < 0.8, need, rng.integers(0, 2, need.shape))
+    pred = guessed * rng.integers(1, 1001, need.shape)      # chances x 1000
     return RoutingTrace(need, np.full(steps, 2), 1, pred)
 
 
@@ -174,6 +175,29 @@ def test_prefetch_counts():
     assert (st.prefetch_loads, st.prefetch_used, st.prefetch_wasted) == (2, 1, 1)
     assert (st.hits, st.demand_loads) == (1, 2)
     assert st.prefetch_precision == 0.5 and st.prefetch_recall == 1 / 3
+
+
+def test_prefetch_ranks_prediction_plus_recent_use():
+    # slots 2. Step 0 needs {0}, so 0 has recent use 0.25 (RECENT_DECAY 0.75). Step 1 predicts
+    # 1 at 0.9 and 2 at 0.1: the likeliest two are 1 (0.9) and 0 (0.25), so 0 stays, 1 loads.
+    need = np.zeros((2, 1, 4), np.int32)
+    need[0, 0, 0] = need[1, 0, 1] = 1
+    pred = np.zeros_like(need)
+    pred[1, 0, 1], pred[1, 0, 2] = 900, 100
+    tr = RoutingTrace(need, np.ones(2, np.int64), 1, pred)
+    table = layer_tables(tr, "lru", [2])[0]
+    table.access(need[0, 0], 0)
+    assert table.prefetch(pred[1, 0], 1) == [(1, 1)]
+    assert sorted(table.resident()) == [0, 1]
+    # recent use decays: three steps needing only 3 leave 0 at 0.079, 1 at 0.105, 3 at 0.578,
+    # so a guess of 0.5 for expert 2 outranks 0 and 1 but not 3
+    table.access(need[1, 0], 1)
+    for step in (2, 3, 4):
+        table.access(np.eye(4, dtype=np.int32)[3], step)
+    np.testing.assert_allclose(table.recent_E, [0.25 * 0.75 ** 4, 0.25 * 0.75 ** 3, 0,
+                                                1 - 0.75 ** 3])
+    table.prefetch(np.array([0, 0, 500, 0]), 5)
+    assert sorted(table.resident()) == [2, 3]
 
 
 def test_sweep_rows_and_bad_inputs():

@@ -19,24 +19,60 @@ def model():
 
 
 def test_recorded_routing_is_the_offloaded_forward_routing(model):
+    """Every step the trace holds (two prefill chunks, decode steps) equals what the cached
+    layer-by-layer engine forward needed and predicted on the same tokens."""
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-    logits, chosen, pred = record._routing(model, jnp.asarray([p + [0] * (5 - len(p)) for p in prompts]))
-    ref = nnx.jit(lambda m, t: m(t)[0])(model, jnp.asarray([p + [0] * (5 - len(p)) for p in prompts]))
+    padded = jnp.asarray([p + [0] * (5 - len(p)) for p in prompts])
+    logits, _, _ = record._routing(model, padded, jnp.full(padded.shape, -1))
+    ref = nnx.jit(lambda m, t: m(t)[0])(model, padded)
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
-    trace = record.record(model, prompts, max_new_tokens=3, batch_size=2, chunk=8)
-    assert trace.num_steps == 1 + 2 and list(trace.tokens_N) == [8, 2, 2]
-    # the prefill step as the offloaded engine sees it (padding masked)
-    tokens = np.zeros((2, 5), np.int32)
-    valid = np.zeros((2, 5), bool)
-    for b, p in enumerate(prompts):
-        tokens[b, :len(p)], valid[b, :len(p)] = p, True
+    new, chunk = 3, 3
+    trace = record.record(model, prompts, max_new_tokens=new, batch_size=2, chunk=chunk)
+    assert trace.num_steps == 2 + 2 and list(trace.tokens_N) == [6, 2, 2, 2]
+    tokens = record.greedy(model, prompts, new)
+    lengths = np.array([len(p) for p in prompts])
     om = OffloadedModel(model, host_store(model), [6, 6], prefetch=True, record=True)
-    om.forward(tokens, valid_BS=valid)[0]
+    caches = om.init_caches(2, tokens.shape[1])
+    for start in (0, chunk):                         # the prefill chunks, padding masked
+        positions = start + np.arange(chunk)[None, :].repeat(2, 0)
+        valid = positions < lengths[:, None]
+        step_tokens = np.where(valid, tokens[:, start:start + chunk], 0)
+        caches = om.forward(step_tokens, positions, valid, caches)[1]
+    for n in range(new - 1):                         # decode: one position per row
+        positions = (lengths + n)[:, None]
+        step_tokens = np.take_along_axis(tokens, positions, axis=1)
+        caches = om.forward(step_tokens, positions, np.ones((2, 1), bool), caches)[1]
     seen = om.trace()
-    np.testing.assert_array_equal(seen.need_NLE[0], trace.need_NLE[0])
-    # prefetch weights (x1000, rounded): summed in a different order, so within one unit
-    np.testing.assert_allclose(seen.pred_NLE[0], trace.pred_NLE[0], atol=1)
-    assert seen.pred_NLE[0].sum() > 0
+    np.testing.assert_array_equal(seen.need_NLE, trace.need_NLE)
+    # predicted chances (x1000, rounded): cached vs full attention, so within one unit
+    np.testing.assert_allclose(seen.pred_NLE, trace.pred_NLE, atol=1)
+    assert seen.pred_NLE.sum() > 0
+
+
+def test_prediction_is_the_chance_that_some_token_picks_the_expert(model):
+    """pieces.predict against float64: 1 - prod over valid tokens of (1 - min(1, k * p))."""
+    from serve.offload import pieces
+    block = next(b for b in model.layers if hasattr(b.ffn, "router"))
+    gdef, state = pieces.split(block.ffn_norm, block.ffn.router)
+    rng = np.random.default_rng(0)
+    x_BSD = rng.normal(size=(2, 3, model.cfg.d_model)).astype(np.float32)
+    carry_BD = rng.normal(size=(2, model.cfg.d_model)).astype(np.float32)
+    positions = np.array([[0, 1, 2], [4, 5, 6]])             # row 0 starts a sequence: no carry
+    valid = np.array([[True, True, False], [True, True, True]])
+    got = np.asarray(pieces.predict(gdef, state, x_BSD, carry_BD, positions, valid))
+    x = x_BSD.astype(np.float64) + np.where(positions[:, :1] == 0, 0.0, carry_BD)[:, None]
+    h = np.asarray(block.ffn_norm(jnp.asarray(x, jnp.float32)), np.float64)
+    logits = h @ np.asarray(block.ffn.router.kernel[...], np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.minimum(1.0, model.cfg.moe.top_k * p)[valid]
+    np.testing.assert_allclose(got, 1 - np.prod(1 - q, axis=0), rtol=1e-4, atol=1e-5)
+
+
+def test_carry_sources():
+    steps = record.steps_of_batch([3, 1], new_tokens=3, chunk=2)
+    np.testing.assert_array_equal(record.carry_sources(steps, (2, 5)),
+                                  [[-1, -1, 1, 2, 3], [-1, 0, 1, -1, -1]])
 
 
 def test_steps_of_batch():
