@@ -5,7 +5,7 @@ same prompts, timed interleaved (benchmarks/timing.py):
   resident           the engine's own jitted step, every expert on the device
   slots=E host       the offloaded layer-by-layer path with every expert in a slot
                      (its Python per-layer overhead, no copies once warm)
-  50% / 25% host|disk  slots per layer = E/2, E/4; default policy (lru) + prefetch
+  50% / 25% host|disk  slots per layer = E/2, E/4; default policy (lfru) + prefetch
   every-time host|disk  E/4 slots, forgotten every step: every needed expert copied
 Reported: decode tokens/s (median over rounds; generated tokens / wall time of
 a generate call, prompts short so decode dominates), host->device and

@@ -58,9 +58,9 @@ def pick_probability(ffn_norm, router, x_BSD):
     plus the selection bias, normalised) become ``min(1, top_k * p)``: an
     expert holding 1/top_k of the mass is about sure to be among the top_k.
     Ranking experts by the chance that any token of the step picks one of them
-    (:func:`predict`) beat ranking by summed top-2k scores on both trained
-    models of ``benchmarks/RESULTS.md`` (64 experts, top-8: 0.76 -> 0.79 of
-    Belady without the history term of ``SlotTable.prefetch``).
+    (:func:`predict`) beat ranking by summed top-2k router scores on both
+    trained models of ``benchmarks/RESULTS.md`` (64 experts, top-8, with the
+    recent-use term of ``SlotTable.prefetch``: 0.87 -> 0.89 of Belady).
     """
     cfg = router.cfg
     h_BSD = ffn_norm(x_BSD)
@@ -87,8 +87,9 @@ def predict(gdef, state, x_BSD, carry_BD, positions_BS, valid_BS):
     The router sees the block's input plus ``carry_BD``: the block's attention
     output at each row's previous position (:func:`next_carry`; attention
     outputs of neighbouring positions are alike; zero for a row starting a
-    sequence). On the trained 64-expert model this lifted the share of
-    Belady's hit rate from 0.90 to 0.94 (``benchmarks/RESULTS.md``).
+    sequence). In an offline replay of the trained 64-expert model's routing
+    this lifted the share of Belady's hit rate from 0.90 to 0.94
+    (``benchmarks/RESULTS.md``, offloaded experts).
     """
     ffn_norm, router = nnx.merge(gdef, state)
     carry_BD = jnp.where(positions_BS[:, :1] == 0, 0.0, carry_BD)
