@@ -39,7 +39,9 @@ def test_committed_clean(path: Path):
 def test_runs(path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)   # each notebook sets its own device count
+    monkeypatch.delenv("XLA_FLAGS", raising=False)   # each notebook sets its own device count;
+    # no fast-compile flag (tests/xla_flags.py): notebooks train for real, and unoptimised code
+    # doubled the training cell of 01
     nb = nbformat.read(path, as_version=4)
     if any("import torch" in c.source for c in nb.cells):
         pytest.importorskip("torch", reason="this notebook compares against PyTorch (the hf extra)")

@@ -27,12 +27,13 @@ import pytest
 from moejax import checkpoint
 from moejax.convert import save_hf
 from test_convert_io import family_configs, random_model
+from tests.xla_flags import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_convert(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=xla_flags())
     env.update(PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}", JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "moejax.convert", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout, env=env)

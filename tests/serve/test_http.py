@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.xla_flags import xla_flags
+
 REPO = Path(__file__).resolve().parents[2]
 MAX_BODY = 4096
 
@@ -36,8 +38,7 @@ class Server:
         self.port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                    JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        env.pop("XLA_FLAGS", None)
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_FLAGS=xla_flags())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", "http", "--model", str(model_dir), "--port", str(self.port),
              "--slots", "4", "--max-queue", "4", "--chunk", "16", "--max-body", str(MAX_BODY), "--name", "micro"],

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from serve import cli
+from tests.xla_flags import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,7 +84,7 @@ def test_bad_input_in_process(case, files, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["export: existing --out", "generate: negative temperature"])
 def test_bad_input_subprocess(case, files):
     args, needles = CASES[case]
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     result = subprocess.run([sys.executable, "-m", "serve", *[a.format(**files) for a in args]], cwd=REPO,
                             text=True, capture_output=True, timeout=120, env=env)
     assert_one_line_error(result.returncode, result.stderr, *needles)

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.xla_flags import xla_flags
+
 REPO = Path(__file__).resolve().parents[2]
 
 # A micro MoE model (1 layer, width 32, 4 experts) so that runs take seconds.
@@ -22,11 +24,9 @@ MICRO = ["--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2", "--
 
 def train_env(devices: int = 1, cache_dir: str | None = None) -> dict:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags(devices if devices > 1 else None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     if cache_dir:
         env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
