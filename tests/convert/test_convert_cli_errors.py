@@ -26,7 +26,7 @@ import pytest
 
 from moejax import checkpoint
 from moejax.convert import save_hf
-from test_convert_io import family_configs, random_model
+from test_convert_io import family_configs, random_model, rewrite_config
 from tests.xla_flags import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,13 +55,7 @@ def hf(d: Path, src: dict, **config_changes) -> Path:
     path = d / "hf model"
     shutil.copytree(src["hf"], path)
     if config_changes:
-        config = json.loads((path / "config.json").read_text())
-        for key, value in config_changes.items():
-            if value is None:
-                config.pop(key, None)
-            else:
-                config[key] = value
-        (path / "config.json").write_text(json.dumps(config))
+        rewrite_config(path / "config.json", path / "config.json", config_changes)
     return path
 
 

@@ -1,13 +1,12 @@
 """Unsupported architectures, options and tensors fail loudly, naming what is wrong."""
 
-import json
 
 import numpy as np
 import pytest
 
 from moejax.config import ConfigError, MLAConfig, MoEConfig, ModelConfig
 from moejax.convert import SUPPORTED_MODEL_TYPES, UnsupportedConfigError, load_hf, save_hf
-from test_convert_io import family_configs, random_model
+from test_convert_io import family_configs, random_model, rewrite_config
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +26,7 @@ def with_config(src, dst, **changes):
     for f in src.iterdir():
         if f.name != "config.json":
             (dst / f.name).symlink_to(f)
-    config = json.loads((src / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (dst / "config.json").write_text(json.dumps(config))
+    rewrite_config(src / "config.json", dst / "config.json", changes)
     return dst
 
 

@@ -43,6 +43,17 @@ def family_configs() -> dict[str, ModelConfig]:
     }
 
 
+def rewrite_config(src_config, dst_config, changes: dict) -> None:
+    """Write ``src_config`` (a config.json) to ``dst_config`` with ``changes``; None deletes a key."""
+    config = json.loads(src_config.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    dst_config.write_text(json.dumps(config))
+
+
 def random_model(cfg: ModelConfig, seed: int = 0) -> moejax.Transformer:
     """Every variable (norm scales and router biases included) drawn at random."""
     # numpy draws into an abstract model: no per-shape jax compiles.
