@@ -96,7 +96,7 @@ def gmm_and_vjp(lhs, rhs, group_sizes, cot, tiles):
 
 
 @pytest.mark.parametrize("tiles", [(2, 8), (3, 12), (None, None)], ids=str)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
 @settings(max_examples=10)
 @given(sizes=ragged_sizes(), seed=st.integers(0, 2**16))
 def test_forward_and_vjp_match_numpy(dtype, tiles, sizes, seed):
