@@ -167,8 +167,19 @@ def _from_bits(x: jax.Array, dtype) -> jax.Array:
     return x if x.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(x, dtype)
 
 
+def _materialized(*operands):
+    """The operands, computed once before the tile loops.
+
+    Without the barrier XLA:CPU sinks cheap producers into the loop bodies: a
+    bf16 cast of float32 weights ran once per tile, and a bf16 gather of the
+    tokens was kept as float32 and cast back per tile.
+    """
+    return jax.lax.optimization_barrier(operands)
+
+
 def _grouped_matmul(lhs_MK, rhs_GKN, plan, sizes, out_dtype):
     """Step 3: out[rows of g] = lhs[rows of g] @ rhs[g]."""
+    lhs_MK, rhs_GKN = _materialized(lhs_MK, rhs_GKN)
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, rhs_GKN.dtype)
     out_MN = _carry_zeros((lhs_MK.shape[0], rhs_GKN.shape[2]), _bits_dtype(out_dtype),
                           lhs_MK, rhs_GKN, plan[0].row0_P)
@@ -196,6 +207,7 @@ def _add_tile_weight_grad(acc_GKN, g, lhs_TK, grad_TN):
 
 def _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, num_groups: int, out_dtype):
     """Step 5 on its own: per-group ``lhs^T @ grad`` -> [G, K, N]."""
+    lhs_MK, grad_MN = _materialized(lhs_MK, grad_MN)
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, grad_MN.dtype)
     acc_GKN = _carry_zeros((num_groups, lhs_MK.shape[1], grad_MN.shape[1]), acc_dtype,
                            lhs_MK, grad_MN, plan[0].row0_P)
@@ -213,6 +225,7 @@ def _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, num_groups: int, out_dtyp
 
 def _grouped_matmul_bwd(lhs_MK, rhs_GKN, grad_MN, plan, sizes):
     """Steps 4 and 5 in one loop per tile size, so each grad tile is sliced once."""
+    lhs_MK, rhs_GKN, grad_MN = _materialized(lhs_MK, rhs_GKN, grad_MN)
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, rhs_GKN.dtype, grad_MN.dtype)
     operands = (lhs_MK, rhs_GKN, grad_MN, plan[0].row0_P)
     dlhs_MK = _carry_zeros(lhs_MK.shape, _bits_dtype(lhs_MK.dtype), *operands)
