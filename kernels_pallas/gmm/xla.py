@@ -10,31 +10,31 @@ Algorithm (forward, ``gmm_xla``):
 1. Tile sizes (``tile_sizes``): ``T_min * 2**j`` for j = J..0, the largest
    ``T_max``. Big tiles run the dots at near-dense speed; small ones keep the
    padding waste low.
-2. Plan (``tile_plan``): write ``size_g = q_g * T_min + r_g``. Group g gets
-   ``q_g >> J`` tiles of ``T_max`` rows, then one tile of ``T_min * 2**j`` rows
-   for every set bit j < J of ``q_g`` (largest first), then, if ``r_g > 0``,
-   one masked tail tile of ``T_min`` rows. Tiles are laid end to end from the
-   group's first row, so every full tile lies inside its group. Only the tail
-   runs past the group's end (into the next group, or past ``M``: its slice is
-   then pulled back to ``M - T_min`` and it owns only the rows from its own
-   first row on). Tile counts are data dependent but bounded, so each level
+2. Plan (``tile_plan``): round ``size_g`` up to ``q_g`` blocks of ``T_min``
+   rows. Group g gets ``q_g >> J`` tiles of ``T_max`` rows, then one tile of
+   ``T_min * 2**j`` rows for every set bit j < J of ``q_g`` (largest first),
+   laid end to end from the group's first row. Only the group's last tile can
+   run past its end (into the next group, or past ``M``: its slice is then
+   pulled back to ``M - T`` and it owns only the rows from its own first row
+   on). Rounding up rather than adding a tail tile for the remainder does the
+   same FLOPs in one dot fewer per group (measured 0.89x the time at ~256
+   rows per group). Tile counts are data dependent but bounded, so each level
    lives in static arrays and a dynamic trip count skips the unused slots.
 3. One ``fori_loop`` per tile size: ``dynamic_slice`` the lhs rows and
    ``rhs[g]``, one dot with float32 accumulation, and ``dynamic_update_slice``
-   into the ``[M, N]`` output carry (XLA updates loop carries in place). The
-   tail loop keeps the old values of rows it does not own. Rows in no group
+   into the ``[M, N]`` output carry (XLA updates loop carries in place),
+   keeping the old values of the rows the tile does not own. Rows in no group
    are never written and stay zero.
 
 Waste is under ``T_min`` rows per group; no row is gathered, scattered or
-permuted, and the weights are never copied per tile. Rows at or past
-``sum(group_sizes)`` give zero output and zero gradient; negative sizes count
-as 0 and groups reaching past row M are cut at M.
+permuted. Rows at or past ``sum(group_sizes)`` give zero output and zero
+gradient; negative sizes count as 0 and groups reaching past row M are cut at M.
 
 Backward (``custom_vjp``):
 
 4. ``dlhs = gmm(grad, rhs^T)``: the same tiles, contracting the ``grad [T, N]``
    tile with ``rhs[g] [K, N]`` over N (no transposed copy of rhs).
-5. ``drhs = tgmm(lhs, grad)``: the same tiles; the tail zeroes the lhs rows it
+5. ``drhs = tgmm(lhs, grad)``: the same tiles; each zeroes the lhs rows it
    does not own, and each ``lhs_tile^T @ grad_tile`` is added in place into
    ``drhs[g]`` of the ``[G, K, N]`` carry (no ``[tiles, K, N]`` buffer, no
    scatter-add). Empty groups keep a zero gradient. Steps 4 and 5 share one
@@ -64,7 +64,7 @@ class TileLevel(NamedTuple):
 
 def tile_sizes(num_rows: int, min_tile_rows: int | None = None,
                max_tile_rows: int | None = None) -> tuple[int, ...]:
-    """Step 1: full-tile sizes, largest first; the last one is also the tail size."""
+    """Step 1: tile sizes, largest first."""
     t_min = DEFAULT_MIN_TILE_ROWS if min_tile_rows is None else min_tile_rows
     t_max = DEFAULT_MAX_TILE_ROWS if max_tile_rows is None else max_tile_rows
     for name, value in (("min_tile_rows", t_min), ("max_tile_rows", t_max)):
@@ -94,14 +94,14 @@ def _level(tiles_G, first_row_G, ends_G, tile_rows, max_tiles, num_rows) -> Tile
 
 def tile_plan(group_sizes_G: jax.Array, num_rows: int, sizes: tuple[int, ...]
               ) -> tuple[TileLevel, ...]:
-    """Step 2: one TileLevel per entry of ``sizes``, then the masked tail level."""
+    """Step 2: one TileLevel per entry of ``sizes``."""
     num_groups = group_sizes_G.shape[0]
     sizes_G = jnp.maximum(group_sizes_G.astype(jnp.int32), 0)
     cumsum_G = jnp.cumsum(sizes_G)
     ends_G = jnp.minimum(cumsum_G, num_rows)  # rows past M are dropped
     starts_G = jnp.minimum(cumsum_G - sizes_G, num_rows)
     t_min, num_small = sizes[-1], len(sizes) - 1
-    units_G = (ends_G - starts_G) // t_min  # q_g: whole T_min blocks
+    units_G = -(-(ends_G - starts_G) // t_min)  # q_g: T_min blocks, rounded up
     levels = []
     for j, tile_rows in zip(range(num_small, -1, -1), sizes):
         if j == num_small:  # the largest size: as many tiles as fit
@@ -110,23 +110,27 @@ def tile_plan(group_sizes_G: jax.Array, num_rows: int, sizes: tuple[int, ...]
         else:  # one tile if bit j of q_g is set, after the larger tiles
             tiles_G = (units_G >> j) & 1
             offset_G = (units_G >> (j + 1)) << (j + 1)
-        max_tiles = min(num_rows // tile_rows, num_groups) if j < num_small else num_rows // tile_rows
         levels.append(_level(tiles_G, starts_G + offset_G * t_min, ends_G, tile_rows,
-                             max_tiles, num_rows))
-    tail_G = (starts_G + units_G * t_min < ends_G).astype(jnp.int32)
-    levels.append(_level(tail_G, starts_G + units_G * t_min, ends_G, t_min, num_groups, num_rows))
+                             _max_tiles(j, num_small, t_min, num_rows, num_groups), num_rows))
     return tuple(levels)
+
+
+def _max_tiles(j: int, top: int, t_min: int, num_rows: int, num_groups: int) -> int:
+    """Most tiles of size ``T_min * 2**j`` any plan can hold (static slots of a level).
+
+    sum_g q_g <= M // T_min + G (each rounding adds under one block). Level ``top``
+    holds sum_g q_g >> top; a smaller level at most one tile per group, and only for
+    groups with q_g >= 2**j, i.e. more than (2**j - 1) * T_min rows.
+    """
+    if j == top:
+        return max(1, (num_rows // t_min + num_groups) >> j)
+    return max(1, min(num_groups, num_rows // ((2 ** j - 1) * t_min + 1)))
 
 
 def _owned_rows(level: TileLevel, i, tile_rows: int) -> jax.Array:
     """[T, 1] bool: rows of tile i's slice that it owns (its group, not an earlier tile)."""
     rows_T = level.row0_P[i] + jnp.arange(tile_rows, dtype=jnp.int32)
     return ((rows_T >= level.first_P[i]) & (rows_T < level.end_P[i]))[:, None]
-
-
-def _levels_with_sizes(plan, sizes):
-    """(level, tile_rows, masked) for the full-tile levels and the tail."""
-    return [(lvl, t, False) for lvl, t in zip(plan[:-1], sizes)] + [(plan[-1], sizes[-1], True)]
 
 
 def _accumulation_dtype(*dtypes) -> jnp.dtype:
@@ -183,19 +187,27 @@ def _grouped_matmul(lhs_MK, rhs_GKN, plan, sizes, out_dtype):
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, rhs_GKN.dtype)
     out_MN = _carry_zeros((lhs_MK.shape[0], rhs_GKN.shape[2]), _bits_dtype(out_dtype),
                           lhs_MK, rhs_GKN, plan[0].row0_P)
-    for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
-        def body(i, out_MN, level=level, tile_rows=tile_rows, masked=masked):
-            row0 = level.row0_P[i]
-            lhs_TK = jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0)
+    for level, tile_rows in zip(plan, sizes):
+        def body(i, out_MN, level=level, tile_rows=tile_rows):
+            lhs_TK = jax.lax.dynamic_slice_in_dim(lhs_MK, level.row0_P[i], tile_rows, 0)
             rhs_KN = jax.lax.dynamic_index_in_dim(rhs_GKN, level.group_P[i], 0, keepdims=False)
-            tile_TN = _to_bits(jnp.einsum("tk,kn->tn", lhs_TK, rhs_KN,
-                                          preferred_element_type=acc_dtype).astype(out_dtype))
-            if masked:
-                old_TN = jax.lax.dynamic_slice_in_dim(out_MN, row0, tile_rows, 0)
-                tile_TN = jnp.where(_owned_rows(level, i, tile_rows), tile_TN, old_TN)
-            return jax.lax.dynamic_update_slice_in_dim(out_MN, tile_TN, row0, 0)
+            tile_TN = jnp.einsum("tk,kn->tn", lhs_TK, rhs_KN, preferred_element_type=acc_dtype)
+            return _write_owned(out_MN, _to_bits(tile_TN.astype(out_dtype)), level, i)
         out_MN = jax.lax.fori_loop(0, level.count, body, out_MN)
     return _from_bits(out_MN, out_dtype)
+
+
+def _write_owned(out_MN, tile_TN, level: TileLevel, i) -> jax.Array:
+    """out[tile i's rows] = tile, except the rows it does not own, which keep their values."""
+    row0 = level.row0_P[i]
+    old_TN = jax.lax.dynamic_slice_in_dim(out_MN, row0, tile_TN.shape[0], 0)
+    tile_TN = jnp.where(_owned_rows(level, i, tile_TN.shape[0]), tile_TN, old_TN)
+    return jax.lax.dynamic_update_slice_in_dim(out_MN, tile_TN, row0, 0)
+
+
+def _owned_lhs(lhs_TK, level: TileLevel, i) -> jax.Array:
+    """The lhs tile with the rows it does not own zeroed (they add nothing to drhs)."""
+    return jnp.where(_owned_rows(level, i, lhs_TK.shape[0]), lhs_TK, 0).astype(lhs_TK.dtype)
 
 
 def _add_tile_weight_grad(acc_GKN, g, lhs_TK, grad_TN):
@@ -211,13 +223,11 @@ def _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, num_groups: int, out_dtyp
     acc_dtype = _accumulation_dtype(lhs_MK.dtype, grad_MN.dtype)
     acc_GKN = _carry_zeros((num_groups, lhs_MK.shape[1], grad_MN.shape[1]), acc_dtype,
                            lhs_MK, grad_MN, plan[0].row0_P)
-    for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
-        def body(i, acc_GKN, level=level, tile_rows=tile_rows, masked=masked):
+    for level, tile_rows in zip(plan, sizes):
+        def body(i, acc_GKN, level=level, tile_rows=tile_rows):
             row0 = level.row0_P[i]
-            lhs_TK = jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0)
+            lhs_TK = _owned_lhs(jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0), level, i)
             grad_TN = jax.lax.dynamic_slice_in_dim(grad_MN, row0, tile_rows, 0)
-            if masked:
-                lhs_TK = jnp.where(_owned_rows(level, i, tile_rows), lhs_TK, 0).astype(lhs_MK.dtype)
             return _add_tile_weight_grad(acc_GKN, level.group_P[i], lhs_TK, grad_TN)
         acc_GKN = jax.lax.fori_loop(0, level.count, body, acc_GKN)
     return acc_GKN.astype(out_dtype)
@@ -230,21 +240,15 @@ def _grouped_matmul_bwd(lhs_MK, rhs_GKN, grad_MN, plan, sizes):
     operands = (lhs_MK, rhs_GKN, grad_MN, plan[0].row0_P)
     dlhs_MK = _carry_zeros(lhs_MK.shape, _bits_dtype(lhs_MK.dtype), *operands)
     drhs_GKN = _carry_zeros(rhs_GKN.shape, acc_dtype, *operands)
-    for level, tile_rows, masked in _levels_with_sizes(plan, sizes):
-        def body(i, carry, level=level, tile_rows=tile_rows, masked=masked):
+    for level, tile_rows in zip(plan, sizes):
+        def body(i, carry, level=level, tile_rows=tile_rows):
             dlhs_MK, drhs_GKN = carry
             g, row0 = level.group_P[i], level.row0_P[i]
-            lhs_TK = jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0)
+            lhs_TK = _owned_lhs(jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0), level, i)
             grad_TN = jax.lax.dynamic_slice_in_dim(grad_MN, row0, tile_rows, 0)
             rhs_KN = jax.lax.dynamic_index_in_dim(rhs_GKN, g, 0, keepdims=False)
-            dlhs_TK = _to_bits(jnp.einsum("tn,kn->tk", grad_TN, rhs_KN,
-                                          preferred_element_type=acc_dtype).astype(lhs_MK.dtype))
-            if masked:
-                owned_T1 = _owned_rows(level, i, tile_rows)
-                old_TK = jax.lax.dynamic_slice_in_dim(dlhs_MK, row0, tile_rows, 0)
-                dlhs_TK = jnp.where(owned_T1, dlhs_TK, old_TK)
-                lhs_TK = jnp.where(owned_T1, lhs_TK, 0).astype(lhs_MK.dtype)
-            dlhs_MK = jax.lax.dynamic_update_slice_in_dim(dlhs_MK, dlhs_TK, row0, 0)
+            dlhs_TK = jnp.einsum("tn,kn->tk", grad_TN, rhs_KN, preferred_element_type=acc_dtype)
+            dlhs_MK = _write_owned(dlhs_MK, _to_bits(dlhs_TK.astype(lhs_MK.dtype)), level, i)
             return dlhs_MK, _add_tile_weight_grad(drhs_GKN, g, lhs_TK, grad_TN)
         dlhs_MK, drhs_GKN = jax.lax.fori_loop(0, level.count, body, (dlhs_MK, drhs_GKN))
     return _from_bits(dlhs_MK, lhs_MK.dtype), drhs_GKN.astype(rhs_GKN.dtype)

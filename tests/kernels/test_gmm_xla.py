@@ -127,6 +127,27 @@ def test_edge_cases_with_multi_level_tiles(sizes):
     assert_within_bound(drhs, want, mag, 40, jnp.float32, "drhs")
 
 
+@pytest.mark.parametrize("sizes,num_rows", [
+    ([2] * 50, 100), ([9] * 11, 100), ([17] * 5 + [15], 100), ([100], 100), ([7, 93, 30], 100),
+    ([57] * 17, 1000)], ids=["50x2", "11x9", "5x17", "one-100", "past-M", "17x57"])
+def test_plans_that_fill_a_level_to_its_bound(sizes, num_rows):
+    """Sizes rounded up to T_min blocks fill a level's static slots (tiles 64/32/16/8):
+    50 one-block groups, 11 two-block ones, 17 groups of 57 rows taking a 64-row tile each
+    where 1000 rows hold only 15 such tiles end to end."""
+    sizes = np.asarray(sizes, np.int32)
+    num_groups = len(sizes)
+    lhs, rhs, cot = operands(num_rows, 6, 5, num_groups, jnp.float32, seed=4)
+    out, dlhs, drhs = gmm_and_vjp(lhs, rhs, jnp.asarray(sizes), cot, (8, 64))
+    want, mag = numpy_gmm(lhs, rhs, sizes)
+    assert_within_bound(out, want, mag, 6, jnp.float32, "out")
+    want, mag = numpy_gmm(cot, jnp.swapaxes(rhs, 1, 2), sizes)
+    assert_within_bound(dlhs, want, mag, 5, jnp.float32, "dlhs")
+    want, mag = numpy_tgmm(lhs, cot, sizes, num_groups)
+    assert_within_bound(drhs, want, mag, num_rows, jnp.float32, "drhs")
+    only = tgmm_xla(lhs, cot, jnp.asarray(sizes), min_tile_rows=8, max_tile_rows=64)
+    assert_within_bound(only, want, mag, num_rows, jnp.float32, "tgmm")
+
+
 def test_single_row_and_one_row_tiles():
     lhs, rhs, cot = operands(1, 3, 2, 2, jnp.float32, seed=6)
     for sizes in ([0, 1], [0, 0]):
