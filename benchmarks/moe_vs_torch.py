@@ -4,8 +4,7 @@ Candidates, timed interleaved in one process (each round runs every one once,
 medians over rounds), all on the same weights and inputs:
 
   moejax          moejax.MoE, dispatch='ragged' (the CPU default)
-  dense_ffn       JAX SwiGLU FFN of width top_k * d_ff: the same active FLOPs (dots
-                  accumulate in float32, which for bfloat16 is XLA:CPU's fast bf16 path)
+  dense_ffn       moejax's dense SwiGLU FFN of width top_k * d_ff: the same active FLOPs
   torch_grouped   transformers Qwen3-MoE sparse block, experts_implementation='grouped_mm'
   torch_eager     the same block, experts_implementation='eager' (loop over experts)
   jax_matmul      one [n, n] @ [n, n] in JAX (the practical peak; --peak-n)
@@ -20,12 +19,20 @@ rate measured in the same rounds. CPU seconds (all threads) are printed too:
 on a machine shared with other work they track the work done where wall time
 also counts the waits for a core.
 
+--malloc-tuning reruns the process with GLIBC_TUNABLES=MALLOC_TUNING: glibc
+then reuses freed memory instead of returning large blocks to the kernel, so
+the buffers XLA and torch allocate on every call are not page-faulted and
+zeroed again. It speeds up both frameworks (torch more); it is a property of
+the process, so the library never sets it (see README, "CPU performance").
+
     PYTHONPATH=. python benchmarks/moe_vs_torch.py                  # float32, all shapes
     PYTHONPATH=. python benchmarks/moe_vs_torch.py --dtype bfloat16 --rounds 5
+    PYTHONPATH=. python benchmarks/moe_vs_torch.py --malloc-tuning
 """
 
 import argparse
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -49,16 +56,12 @@ def layer_flops(tokens, d_model, d_ff, num_experts, top_k) -> float:
     return 18.0 * tokens * top_k * d_model * d_ff + 6.0 * tokens * d_model * num_experts
 
 
-def _dot(a, b):
-    """a @ b accumulated in float32: for bfloat16 operands XLA:CPU then runs YNNPACK's
-    bf16 kernel (avx512_bf16); a plain bf16 @ bf16 -> bf16 dot is upcast to float32."""
+MALLOC_TUNING = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2000000000"
+
+
+def _matmul(a, b):
+    """The peak: a @ b accumulated in float32 (for bf16, XLA:CPU's bf16 kernel)."""
     return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
-
-
-def _dense_ffn(m: SwiGLU, x):
-    """The SwiGLU FFN with the faster dot (same math as SwiGLU.__call__)."""
-    w_gate, w_up, w_down = (w[...].astype(x.dtype) for w in (m.w_gate, m.w_up, m.w_down))
-    return _dot(jax.nn.silu(_dot(x, w_gate)) * _dot(x, w_up), w_down)
 
 
 def jax_candidates(shape, dtype, x, ct, peak_n):
@@ -68,9 +71,9 @@ def jax_candidates(shape, dtype, x, ct, peak_n):
     layer = moejax.MoE(cfg, rngs=nnx.Rngs(0))
     dense = SwiGLU(d_model, top_k * d_ff, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
     moe_step = _grad_step(layer, lambda m, x: m(x)[0])
-    dense_step = _grad_step(dense, lambda m, x: _dense_ffn(m, x.astype(dtype)))
+    dense_step = _grad_step(dense, lambda m, x: m(x))
     a = jnp.ones((peak_n, peak_n), dtype)
-    matmul = jax.jit(_dot)
+    matmul = jax.jit(_matmul)
     return layer, {"moejax": lambda: moe_step(x, ct), "dense_ffn": lambda: dense_step(x, ct),
                    "jax_matmul": lambda: matmul(a, a)}
 
@@ -139,11 +142,17 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--peak-n", type=int, default=2048, help="size of the peak matmul")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch columns")
+    parser.add_argument("--malloc-tuning", action="store_true",
+                        help="rerun with GLIBC_TUNABLES=MALLOC_TUNING (see above)")
     args = parser.parse_args()
+    if args.malloc_tuning and os.environ.get("GLIBC_TUNABLES") != MALLOC_TUNING:
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNING})
     missing = "--no-torch given" if args.no_torch else torch_moe.available()
     threads = len(os.sched_getaffinity(0))  # XLA:CPU runs one intra-op thread per usable core
     print(f"jax {jax.__version__} on {jax.default_backend()} ({threads} cores), {args.dtype}, "
-          f"forward + backward, medians of {args.rounds} interleaved rounds")
+          f"forward + backward, medians of {args.rounds} interleaved rounds, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     if missing:
         print(f"torch columns skipped: {missing}")
     else:
