@@ -11,6 +11,9 @@ import argparse
 import sys
 import time
 
+from moejax import command_line
+from moejax.command_line import OneLineParser
+
 EXAMPLES = """\
 examples:
   python -m serve export --ckpt runs/tiny --out serving/tiny [--dtype bfloat16] [--quantize int8]
@@ -25,15 +28,10 @@ class CLIError(ValueError):
     """Bad command-line input: reported as one error line, exit 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"error: {message} (see python -m serve --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m serve", description=__doc__, epilog=EXAMPLES,
+    p = OneLineParser(prog="python -m serve", description=__doc__, epilog=EXAMPLES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     ex = sub.add_parser("export", help="write a serving checkpoint")
     ex.add_argument("--ckpt", required=True, help="training run or model directory")
     ex.add_argument("--out", required=True, help="serving checkpoint directory to write")
@@ -156,10 +154,9 @@ def run_http(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # --help, or an argparse error already printed
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = command_line.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     from serve.export import ExportError
     from serve.sampling import RequestError
     from serve.tokenizer import TokenizerError
@@ -176,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except (CLIError, ExportError, RequestError, TokenizerError, ConfigError, OffloadConfigError,
             OSError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return command_line.report(err)
 
 
 def _quiet_libraries() -> None:

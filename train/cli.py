@@ -11,8 +11,9 @@ imported, so bad input fails in well under a second and writes nothing.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from moejax import command_line
+from moejax.command_line import OneLineParser
 from train.config import TrainConfig, TrainError
 
 DESCRIPTION = """\
@@ -67,14 +68,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"error: {message} (see python -m train --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = _Parser(prog="python -m train", description=DESCRIPTION, epilog=EXAMPLES,
+    p = OneLineParser(prog="python -m train", description=DESCRIPTION, epilog=EXAMPLES,
                 formatter_class=_Formatter)
     run = p.add_argument_group("run")
     run.add_argument("--out", default=d.out, help="run directory")
@@ -154,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or an argparse error already printed
         return exit_.code if isinstance(exit_.code, int) else 2
     except TrainError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return command_line.report(err)
     try:
         from train.start import preflight
         corpus, start = preflight(cfg)  # no jax yet: bad input fails fast
@@ -163,9 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import run
         return run(cfg, corpus, start)
     except TrainError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return err.exit_code
+        return command_line.report(err, err.exit_code)
     except OSError as err:  # a path that cannot be used: disk full, I/O error, ...
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}", file=sys.stderr, flush=True)
-        return 2
+        return command_line.report(err)

@@ -26,6 +26,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from moejax import command_line
+from moejax.command_line import OneLineParser
 from moejax.config import DTYPES, read_config_file
 from moejax.convert.checks import check_out, read_hf_config, safetensors_files
 from moejax.convert.families import EXPERT_LAYOUTS
@@ -44,14 +46,9 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
     return found
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"error: {message} (see python -m moejax.convert --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m moejax.convert", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m moejax.convert", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face model directory to import")
     source.add_argument("--to-hf", metavar="RUN", help="moejax model directory to export")
@@ -65,19 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # --help, or an argparse error already printed
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = command_line.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         _check(args)
         return _run(args)
     except (ValueError, KeyError, OSError) as err:  # UnsupportedConfigError, DamagedFileError, ...
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        if isinstance(err, OSError) and err.strerror:
-            message = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        return 2
+        return command_line.report(err)
 
 
 def _check(args: argparse.Namespace) -> None:
