@@ -30,7 +30,7 @@ class CLIError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m serve", description=__doc__, epilog=EXAMPLES,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     ex = sub.add_parser("export", help="write a serving checkpoint")
     ex.add_argument("--ckpt", required=True, help="training run or model directory")

@@ -71,7 +71,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineParser(prog="python -m train", description=DESCRIPTION, epilog=EXAMPLES,
-                formatter_class=_Formatter)
+                      formatter_class=_Formatter)
     run = p.add_argument_group("run")
     run.add_argument("--out", default=d.out, help="run directory")
     run.add_argument("--preset", help="model preset (default: the model in --out, else tiny)")
@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+def config_from_args(namespace: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed arguments (raises TrainError on values that do not fit)."""
+    args = vars(namespace)
     args["model_overrides"] = tuple(args["model_overrides"])
     args["param_groups"] = tuple(args["param_groups"])
     return TrainConfig(**args)
@@ -145,10 +146,11 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = command_line.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
-        cfg = parse_config(argv)
-    except SystemExit as exit_:  # --help, or an argparse error already printed
-        return exit_.code if isinstance(exit_.code, int) else 2
+        cfg = config_from_args(args)
     except TrainError as err:
         return command_line.report(err)
     try:
