@@ -12,7 +12,6 @@ import sys
 import time
 
 from moejax import command_line
-from moejax.command_line import OneLineParser
 
 EXAMPLES = """\
 examples:
@@ -29,9 +28,9 @@ class CLIError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m serve", description=__doc__, epilog=EXAMPLES,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = command_line.OneLineParser(prog="python -m serve", description=__doc__, epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=command_line.OneLineParser)
     ex = sub.add_parser("export", help="write a serving checkpoint")
     ex.add_argument("--ckpt", required=True, help="training run or model directory")
     ex.add_argument("--out", required=True, help="serving checkpoint directory to write")

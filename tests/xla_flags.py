@@ -1,5 +1,6 @@
 """XLA flags of the test suite, for this process (tests/conftest.py) and the subprocesses
-tests start (``python -m train``, ``serve``, ``moejax.convert``, notebooks).
+tests start (``python -m train``, ``serve``, ``moejax.convert``; not the notebooks, which
+train for real: tests/test_notebooks.py).
 
 LLVM's backend optimisation level 0: the suite runs tiny shapes, where
 compiling is most of the time and optimised machine code saves nothing; it

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 from moejax import command_line
-from moejax.command_line import OneLineParser
 from train.config import TrainConfig, TrainError
 
 DESCRIPTION = """\
@@ -70,8 +69,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = OneLineParser(prog="python -m train", description=DESCRIPTION, epilog=EXAMPLES,
-                      formatter_class=_Formatter)
+    p = command_line.OneLineParser(prog="python -m train", description=DESCRIPTION, epilog=EXAMPLES,
+                                   formatter_class=_Formatter)
     run = p.add_argument_group("run")
     run.add_argument("--out", default=d.out, help="run directory")
     run.add_argument("--preset", help="model preset (default: the model in --out, else tiny)")

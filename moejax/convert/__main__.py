@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 from moejax import command_line
-from moejax.command_line import OneLineParser
 from moejax.config import DTYPES, read_config_file
 from moejax.convert.checks import check_out, read_hf_config, safetensors_files
 from moejax.convert.families import EXPERT_LAYOUTS
@@ -47,8 +46,8 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m moejax.convert", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line.OneLineParser(prog="python -m moejax.convert", description=__doc__,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face model directory to import")
     source.add_argument("--to-hf", metavar="RUN", help="moejax model directory to export")

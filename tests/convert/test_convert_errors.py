@@ -1,6 +1,5 @@
 """Unsupported architectures, options and tensors fail loudly, naming what is wrong."""
 
-
 import numpy as np
 import pytest
 
