@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("auto", "dense", "capacity", "ragged", "gmm")
@@ -38,6 +41,27 @@ def _positive_ints(obj, *names: str) -> None:
         value = getattr(obj, name)
         _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                  type(obj).__name__, name, f"must be a positive int, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    """A real number that is not a bool (numpy scalars included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _finite_numbers(obj, *names: str, positive: bool) -> None:
+    """Each field is a finite real number, > 0 (``positive``) or >= 0."""
+    for name in names:
+        value = getattr(obj, name)
+        ok = _is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+        _require(ok, type(obj).__name__, name,
+                 f"must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _bools(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, (bool, np.bool_)), type(obj).__name__, name,
+                 f"must be True or False, got {value!r}")
 
 
 def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
@@ -99,20 +123,20 @@ class MoEConfig:
         _require(self.topk_group * per_group >= self.top_k, name, "topk_group",
                  f"topk_group={self.topk_group} groups of {per_group} experts hold fewer "
                  f"than top_k={self.top_k} experts")
-        _require(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+        _require(isinstance(self.num_shared_experts, int) and not isinstance(self.num_shared_experts, bool)
+                 and self.num_shared_experts >= 0,
                  name, "num_shared_experts", f"must be an int >= 0, got {self.num_shared_experts!r}")
         _require(self.shared_d_ff is None or (isinstance(self.shared_d_ff, int) and self.shared_d_ff > 0),
                  name, "shared_d_ff", f"must be None or a positive int, got {self.shared_d_ff!r}")
         _require(not self.shared_expert_gate or self.num_shared_experts > 0, name,
                  "shared_expert_gate", "needs num_shared_experts > 0")
-        _require(self.capacity_factor is None or self.capacity_factor > 0, name, "capacity_factor",
-                 f"must be None (dropless) or > 0, got {self.capacity_factor!r}")
+        _bools(self, "norm_topk_prob", "shared_expert_gate")
+        if self.capacity_factor is not None:
+            _finite_numbers(self, "capacity_factor", positive=True)
         _require(self.dispatch != "capacity" or self.capacity_factor is not None, name,
                  "capacity_factor", "dispatch='capacity' needs a capacity_factor")
-        _require(self.routed_scaling_factor > 0, name, "routed_scaling_factor",
-                 f"must be > 0, got {self.routed_scaling_factor!r}")
-        for coef in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-            _require(getattr(self, coef) >= 0, name, coef, f"must be >= 0, got {getattr(self, coef)!r}")
+        _finite_numbers(self, "routed_scaling_factor", positive=True)
+        _finite_numbers(self, "aux_loss_coef", "z_loss_coef", "bias_update_rate", positive=False)
 
     @property
     def shared_hidden(self) -> int:

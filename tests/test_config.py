@@ -24,6 +24,18 @@ BASE = dict(d_model=16, d_ff=32, num_experts=8, top_k=2)
     (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
     (dict(dtype="int8"), "dtype"),
     (dict(d_model=1.5), "d_model"),
+    # wrong types and non-finite numbers: ConfigError naming the field, not a TypeError
+    # from a comparison, nor an inf that fails later (math.ceil in the capacity)
+    (dict(capacity_factor="1.25"), "capacity_factor"),
+    (dict(capacity_factor=float("inf")), "capacity_factor"),
+    (dict(capacity_factor=True), "capacity_factor"),
+    (dict(routed_scaling_factor="2.5"), "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor"),
+    (dict(aux_loss_coef=None), "aux_loss_coef"),
+    (dict(z_loss_coef=float("inf")), "z_loss_coef"),
+    (dict(bias_update_rate="0.001"), "bias_update_rate"),
+    (dict(norm_topk_prob="false"), "norm_topk_prob"),
+    (dict(num_shared_experts=True), "num_shared_experts"),
 ])
 def test_bad_moe_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"MoEConfig\.{field}\b"):

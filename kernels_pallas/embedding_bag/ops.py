@@ -9,6 +9,7 @@ from jaxtyping import Array, Float, Integer
 from kernels_pallas.embedding_bag import backward, pallas_gpu, pallas_tpu
 from kernels_pallas.embedding_bag.reference import clamp_indices, embedding_bag_reference
 from kernels_pallas.embedding_bag.vjp import BagBackend, embedding_bag_vjp
+from kernels_pallas.shard_map_types import match_varying
 
 BACKENDS = ("auto", "pallas", "pallas_tpu", "pallas_gpu", "xla", "reference")
 
@@ -89,6 +90,9 @@ def embedding_bag(
         backend = "pallas_gpu" if platform == "gpu" else "pallas_tpu"
     if indices.shape[0] == 0:
         return jnp.zeros((0, table.shape[1]), out_dtype)
+    # inside shard_map: operands typed alike, so each cotangent matches its operand and
+    # a replicated table's gradient is summed over the shards (see shard_map_types)
+    table, indices, weights = match_varying(table, indices, weights)
     ids = clamp_indices(indices, table.shape[0])
     if backend != "xla" and interpret is None:
         kernel_platform = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[backend]

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas.shard_map_types import out_struct
+
 BLOCK_TOKENS = 16
 MAX_BLOCK_COLS = 256
 
@@ -82,7 +84,7 @@ def forward(table_ND, ids_Tk, weights_Tk, out_dtype, interpret=False):
     whole = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         functools.partial(_forward_kernel, k=k),
-        out_shape=jax.ShapeDtypeStruct((padded, d), out_dtype),
+        out_shape=out_struct((padded, d), out_dtype, weights_Tk),
         grid=(padded // BLOCK_TOKENS, d // bd),
         in_specs=[whole, whole, whole],
         out_specs=pl.BlockSpec((BLOCK_TOKENS, bd), lambda i, c: (i, c)),
@@ -102,7 +104,7 @@ def weights_grad(grad_TD, table_ND, ids_Tk, weights_dtype, interpret=False):
     out = pl.pallas_call(
         functools.partial(_weights_grad_kernel, k=k, bt=BLOCK_TOKENS,
                           bd=block_cols(table_ND.shape[1])),
-        out_shape=jax.ShapeDtypeStruct((padded, k), jnp.float32),
+        out_shape=out_struct((padded, k), jnp.float32, grad_TD),
         grid=(padded // BLOCK_TOKENS,),
         in_specs=[whole, whole, whole],
         out_specs=whole,

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas.shard_map_types import interpret_mode, out_struct
+
 MAX_IDS_PER_CALL = 2**16  # 256 KiB of int32 in SMEM
 ROWS_VMEM_BYTES = 8 * 2**20  # both slots of the row buffer
 
@@ -147,7 +149,7 @@ def _bag_call(kernel, table_ND, ids_Tk, per_token_TX, out_cols, out_dtype, inter
     rows_bytes = 2 * k * bt * d * table_ND.dtype.itemsize
     out = pl.pallas_call(
         functools.partial(kernel, bt=bt, k=k, step=sublane_multiple(table_ND.dtype)),
-        out_shape=jax.ShapeDtypeStruct((padded, out_cols), out_dtype),
+        out_shape=out_struct((padded, out_cols), out_dtype, per_token_TX),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(splits, blocks_per_split),
@@ -159,7 +161,7 @@ def _bag_call(kernel, table_ND, ids_Tk, per_token_TX, out_cols, out_dtype, inter
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary"),
             vmem_limit_bytes=max(32 * 2**20, rows_bytes + 16 * 2**20)),
-        interpret=interpret,
+        interpret=interpret_mode(interpret, ids_P, per_token_TX, table_ND),
         cost_estimate=pl.CostEstimate(  # a gather: bytes, not flops, set the time
             flops=2 * padded * k * d, transcendentals=0,
             bytes_accessed=padded * (k * d * table_ND.dtype.itemsize + k * 4

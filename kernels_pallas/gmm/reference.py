@@ -20,9 +20,12 @@ def tgmm_reference(lhs_MK, grad_MN, group_sizes_G, preferred_element_type=None):
     rows = jnp.arange(lhs_MK.shape[0])
     member_GM = (rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None])
     out_dtype = preferred_element_type or lhs_MK.dtype
+    # mask both sides: an inf/NaN in a row of another group (or past the groups) on
+    # one side times a zeroed row on the other would be NaN in this group's result
     masked_GMK = jnp.where(member_GM[:, :, None], lhs_MK[None], 0).astype(lhs_MK.dtype)
+    masked_GMN = jnp.where(member_GM[:, :, None], grad_MN[None], 0).astype(grad_MN.dtype)
     del num_groups
-    return jnp.einsum("gmk,mn->gkn", masked_GMK, grad_MN,
+    return jnp.einsum("gmk,gmn->gkn", masked_GMK, masked_GMN,
                       preferred_element_type=jnp.float32).astype(out_dtype)
 
 

@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.gmm.metadata import make_group_metadata
-from kernels_pallas.shard_map_types import out_struct
+from kernels_pallas.shard_map_types import interpret_mode, out_struct
 
 _DOT_NN = (((1,), (0,)), ((), ()))   # [tm,tk] x [tk,tn]
 _DOT_NT = (((1,), (1,)), ((), ()))   # [tm,tk] x [tn,tk]
@@ -131,7 +131,7 @@ def gmm_tpu(lhs_MK, rhs_GKN, group_sizes_G, *, tiling, out_dtype, interpret=Fals
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        interpret=interpret,
+        interpret=interpret_mode(interpret, group_sizes_G, *operands),
         name="gmm",
     )
     return call(meta.offsets, meta.group_ids, meta.m_tile_ids, meta.num_items, *operands)
@@ -192,7 +192,7 @@ def tgmm_tpu(lhs_MK, grad_MN, group_sizes_G, *, tiling, out_dtype, interpret=Fal
             scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)]),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret,
+        interpret=interpret_mode(interpret, group_sizes_G, lhs_MK, grad_MN),
         name="tgmm",
     )
     return call(meta.offsets, meta.group_ids, meta.m_tile_ids, meta.num_items, lhs_MK, grad_MN)

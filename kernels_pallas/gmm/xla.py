@@ -34,12 +34,13 @@ Backward (``custom_vjp``):
 
 4. ``dlhs = gmm(grad, rhs^T)``: the same tiles, contracting the ``grad [T, N]``
    tile with ``rhs[g] [K, N]`` over N (no transposed copy of rhs).
-5. ``drhs = tgmm(lhs, grad)``: the same tiles; each zeroes the lhs rows it
-   does not own, and each ``lhs_tile^T @ grad_tile`` is added in place into
-   ``drhs[g]`` of the ``[G, K, N]`` carry (no ``[tiles, K, N]`` buffer, no
-   scatter-add). Empty groups keep a zero gradient. Steps 4 and 5 share one
-   loop per tile size, so each tile of lhs and grad is sliced once (measured a
-   few percent faster than two loops).
+5. ``drhs = tgmm(lhs, grad)``: the same tiles; each zeroes the lhs and the
+   grad rows it does not own (both: an inf on one side times a zeroed row on
+   the other would be NaN in ``drhs[g]``), and each ``lhs_tile^T @ grad_tile``
+   is added in place into ``drhs[g]`` of the ``[G, K, N]`` carry (no
+   ``[tiles, K, N]`` buffer, no scatter-add). Empty groups keep a zero
+   gradient. Steps 4 and 5 share one loop per tile size, so each tile of lhs
+   and grad is sliced once (measured a few percent faster than two loops).
 """
 
 from functools import partial
@@ -205,9 +206,12 @@ def _write_owned(out_MN, tile_TN, level: TileLevel, i) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(out_MN, tile_TN, row0, 0)
 
 
-def _owned_lhs(lhs_TK, level: TileLevel, i) -> jax.Array:
-    """The lhs tile with the rows it does not own zeroed (they add nothing to drhs)."""
-    return jnp.where(_owned_rows(level, i, lhs_TK.shape[0]), lhs_TK, 0).astype(lhs_TK.dtype)
+def _owned_tiles(level: TileLevel, i, *tiles_T) -> tuple[jax.Array, ...]:
+    """The lhs and grad tiles with the rows tile i does not own zeroed, both of them:
+    zeroing one side only would turn an inf or NaN in the other side's unowned rows
+    (rows of the next group, or past the groups) into NaN in ``drhs[g]``."""
+    owned_T1 = _owned_rows(level, i, tiles_T[0].shape[0])
+    return tuple(jnp.where(owned_T1, t, 0).astype(t.dtype) for t in tiles_T)
 
 
 def _add_tile_weight_grad(acc_GKN, g, lhs_TK, grad_TN):
@@ -226,8 +230,9 @@ def _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, num_groups: int, out_dtyp
     for level, tile_rows in zip(plan, sizes):
         def body(i, acc_GKN, level=level, tile_rows=tile_rows):
             row0 = level.row0_P[i]
-            lhs_TK = _owned_lhs(jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0), level, i)
-            grad_TN = jax.lax.dynamic_slice_in_dim(grad_MN, row0, tile_rows, 0)
+            lhs_TK, grad_TN = _owned_tiles(
+                level, i, jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0),
+                jax.lax.dynamic_slice_in_dim(grad_MN, row0, tile_rows, 0))
             return _add_tile_weight_grad(acc_GKN, level.group_P[i], lhs_TK, grad_TN)
         acc_GKN = jax.lax.fori_loop(0, level.count, body, acc_GKN)
     return acc_GKN.astype(out_dtype)
@@ -244,8 +249,9 @@ def _grouped_matmul_bwd(lhs_MK, rhs_GKN, grad_MN, plan, sizes):
         def body(i, carry, level=level, tile_rows=tile_rows):
             dlhs_MK, drhs_GKN = carry
             g, row0 = level.group_P[i], level.row0_P[i]
-            lhs_TK = _owned_lhs(jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0), level, i)
-            grad_TN = jax.lax.dynamic_slice_in_dim(grad_MN, row0, tile_rows, 0)
+            lhs_TK, grad_TN = _owned_tiles(
+                level, i, jax.lax.dynamic_slice_in_dim(lhs_MK, row0, tile_rows, 0),
+                jax.lax.dynamic_slice_in_dim(grad_MN, row0, tile_rows, 0))
             rhs_KN = jax.lax.dynamic_index_in_dim(rhs_GKN, g, 0, keepdims=False)
             dlhs_TK = jnp.einsum("tn,kn->tk", grad_TN, rhs_KN, preferred_element_type=acc_dtype)
             dlhs_MK = _write_owned(dlhs_MK, _to_bits(dlhs_TK.astype(lhs_MK.dtype)), level, i)

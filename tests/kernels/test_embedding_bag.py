@@ -277,3 +277,30 @@ def test_no_tokens_gives_empty_output():
     out = embedding_bag(jnp.ones((3, 4), ml_dtypes.bfloat16), jnp.zeros((0, 2), jnp.int32),
                         jnp.zeros((0, 2), jnp.float32))
     assert out.shape == (0, 4) and out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_tpu"])
+def test_inside_shard_map_with_a_replicated_table(backend):
+    # ids and weights split over 4 devices, the table replicated: the table gradient is
+    # the sum over the shards (as jnp autodiff of the same sharded loss gives it)
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    indices = jnp.asarray(rng.integers(0, 16, size=(16, 3)), jnp.int32).at[0].set(5)
+    weights = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
+
+    def sharded_loss(bag):
+        def loss(table, indices, weights):
+            def local(ids, w):
+                return jax.lax.psum(jnp.sum(jnp.sin(bag(table, ids, w))), "x")
+            return jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x")),
+                                 out_specs=P())(indices, weights)
+        return jax.jit(jax.grad(loss, argnums=(0, 2)))
+
+    with jax.set_mesh(mesh):
+        got = sharded_loss(functools.partial(embedding_bag, backend=backend))(table, indices, weights)
+        want = sharded_loss(lambda t, i, w: jnp.einsum("tk,tkd->td", w, t[i]))(table, indices, weights)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

@@ -24,8 +24,9 @@ def _sharded_loss(mesh, matmul):
     return loss
 
 
-@pytest.mark.parametrize("backend", ["xla", "reference"])
+@pytest.mark.parametrize("backend", ["xla", "reference", "pallas"])
 def test_weight_gradient_sums_over_token_shards(backend):
+    # 'pallas' on CPU: the kernels interpreted inside shard_map (check_vma=True)
     rng = np.random.default_rng(0)
     lhs = jnp.asarray(rng.normal(size=(4 * 16, 8)), jnp.float32)
     rhs = jnp.asarray(rng.normal(size=(3, 8, 8)), jnp.float32)
@@ -42,9 +43,7 @@ def test_weight_gradient_sums_over_token_shards(backend):
 
 
 def test_pallas_gradient_under_shard_map_lowers_for_tpu():
-    # The Pallas TPU interpreter does not run under shard_map(check_vma=True)
-    # (its index maps mix varying and invariant scalars), so the numerics are
-    # covered by the xla/reference cases and here the TPU lowering is checked.
+    # The numerics under shard_map are checked interpreted (above); here the TPU lowering.
     mesh = _mesh()
     loss = _sharded_loss(mesh, lambda *a: gmm(*a, backend="pallas", interpret=False))
     args = (jax.ShapeDtypeStruct((4 * 256, 256), jnp.bfloat16),

@@ -213,3 +213,33 @@ def test_bad_arguments_raise_value_errors():
         gmm_xla(lhs, rhs[:2], sizes)
     with pytest.raises(ValueError, match="max_tile_rows"):
         gmm_xla(lhs, rhs, sizes, min_tile_rows=8, max_tile_rows=4)
+
+
+
+@functools.partial(jax.jit, static_argnames=("backend",))
+def gmm_vjp_and_tgmm(lhs, rhs, group_sizes, cot, backend):
+    out, vjp = jax.vjp(lambda a, b: gmm(a, b, group_sizes, backend=backend), lhs, rhs)
+    return out, *vjp(cot), tgmm(lhs, cot, group_sizes, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["xla", "reference"])
+def test_non_finite_rows_stay_in_their_group(backend):
+    # M = 32 < T_min: one 32-row tile per group, so group 0's tile overlaps group 1's rows
+    # and group 2's the rows past the groups. inf/NaN there, in lhs or in grad, must not
+    # reach group 0's or group 2's outputs, lhs gradients or weight gradients.
+    lhs, rhs, cot = operands(32, 5, 4, 3, jnp.float32, seed=7)
+    sizes = np.asarray([6, 14, 9], np.int32)
+    bad_lhs = lhs.at[7].set(jnp.inf).at[30].set(jnp.nan)
+    bad_cot = cot.at[6].set(-jnp.inf).at[31].set(jnp.nan)
+    clean = np.ones(32, bool)
+    clean[6:20] = clean[29:] = False  # group 1's rows and the rows past the groups
+    for a, c in ((bad_lhs, cot), (lhs, bad_cot), (bad_lhs, bad_cot)):
+        out, dlhs, drhs, weight_grad = gmm_vjp_and_tgmm(a, rhs, jnp.asarray(sizes), c, backend)
+        a0, c0 = (np.where(clean[:, None], np.asarray(v), 0) for v in (a, c))
+        np.testing.assert_allclose(out[clean], numpy_gmm(a0, rhs, sizes)[0][clean],
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dlhs[clean], numpy_gmm(c0, np.swapaxes(rhs, 1, 2), sizes)[0][clean],
+                                   rtol=1e-5, atol=1e-6)
+        want = numpy_tgmm(a0, c0, sizes, 3)[0][0::2]
+        np.testing.assert_allclose(drhs[0::2], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(weight_grad[0::2], want, rtol=1e-5, atol=1e-6)
