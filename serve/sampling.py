@@ -52,7 +52,9 @@ class SamplingParams:
              f"must be a number in [0, 100], got {self.temperature!r}")
         need(is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p",
              f"must be a number in (0, 1], got {self.top_p!r}")
-        need(is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        # top_k travels as int32 (a k past the vocabulary keeps every token)
+        need(is_int(self.top_k) and 0 <= self.top_k < 2 ** 31, "top_k",
+             f"must be an integer in [0, 2**31), got {self.top_k!r}")
         need(is_int(self.seed) and 0 <= self.seed < 2 ** 63, "seed",
              f"must be an integer in [0, 2**63), got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop

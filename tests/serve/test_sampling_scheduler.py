@@ -43,7 +43,8 @@ def test_key_depends_only_on_seed_and_token_index():
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -0.1), ("top_p", 0.0),
                                          ("top_p", 1.5), ("top_k", -1), ("seed", -1), ("stop", [""]),
-                                         ("max_new_tokens", 2.5), ("temperature", "1")])
+                                         ("max_new_tokens", 2.5), ("temperature", "1"),
+                                         ("top_k", 2 ** 31)])   # past int32: the step's top_k_B
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(RequestError, match=field):
         SamplingParams(**{field: value})
