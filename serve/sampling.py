@@ -81,10 +81,11 @@ def _sample_row(logits_V, temperature, top_p, top_k, seed_2, index):
     vocab = logits_V.shape[0]
     # top-k: keep logits >= the k-th largest (k = 0 keeps all)
     kth = sorted_V[jnp.clip(jnp.where(top_k > 0, top_k, vocab) - 1, 0, vocab - 1)]
-    # top-p: the smallest prefix of the sorted distribution whose mass reaches top_p
+    # top-p: the smallest prefix of the sorted distribution whose mass reaches top_p; never
+    # empty (a top_p that is 0 in float32 keeps the top token), everything at top_p = 1
     probs_V = jax.nn.softmax(sorted_V)
     before_V = jnp.cumsum(probs_V) - probs_V          # mass strictly above each entry
-    cutoff = jnp.min(jnp.where(before_V < top_p, sorted_V, jnp.inf))
+    cutoff = jnp.min(jnp.where((before_V < top_p) | (top_p >= 1.0), sorted_V, sorted_V[0]))
     keep_V = (scaled_V >= kth) & (scaled_V >= cutoff)
     masked_V = jnp.where(keep_V, scaled_V, -jnp.inf)
     sampled = jax.random.categorical(row_key(seed_2, index), masked_V).astype(jnp.int32)

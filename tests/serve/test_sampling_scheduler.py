@@ -14,8 +14,8 @@ from serve.tokenizer import ByteTokenizer, TextStream
 LOGITS = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05], np.float32))
 
 
-def draws(n, temperature=1.0, top_p=1.0, top_k=0, seed=3):
-    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, 5))
+def draws(n, temperature=1.0, top_p=1.0, top_k=0, seed=3, logits=LOGITS):
+    logits = jnp.broadcast_to(jnp.asarray(logits), (n, 5))
     seed_B2 = jnp.broadcast_to(jnp.asarray(split_seed(seed), jnp.uint32), (n, 2))
     return np.asarray(jax.jit(sample)(logits, jnp.full((n,), temperature), jnp.full((n,), top_p),
                                       jnp.full((n,), top_k, jnp.int32), seed_B2, jnp.arange(n)))
@@ -31,6 +31,12 @@ def test_sampling_follows_the_filtered_softmax():
     np.testing.assert_allclose(np.bincount(draws(n, top_p=0.6), minlength=5) / n, top2, atol=0.03)
     assert set(draws(200, top_k=1)) == {0} and set(draws(200, top_p=0.01)) == {0}
     assert set(draws(200, temperature=0.0)) == {0}
+
+
+def test_top_p_that_underflows_float32_keeps_the_top_token():
+    # 1e-46 is a valid top_p (> 0) but 0 in float32: the smallest prefix is still the top token
+    for logits in (LOGITS, LOGITS[::-1]):
+        assert set(draws(200, top_p=1e-46, logits=logits)) == {int(np.argmax(logits))}
 
 
 def test_key_depends_only_on_seed_and_token_index():
