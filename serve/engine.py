@@ -258,7 +258,8 @@ class Engine:
         if request.slot is None:
             self.scheduler.release(request)   # still waiting: leave the queue
         request.finished.set()
-        if reason == "cancelled" and request.on_update is not None:
+        # 'stop' / 'length' arrive with the step's token update; these end without one
+        if reason in ("cancelled", "error") and request.on_update is not None:
             request.on_update(request)
 
     # ------------------------------------------------------------------ background loop

@@ -129,3 +129,24 @@ def test_requests_over_the_context_are_refused(micro_engine):
         micro_engine.generate([[1, 256]], max_new_tokens=2)
     with pytest.raises(RequestError, match="empty"):
         micro_engine.generate([""], max_new_tokens=2)
+
+
+def test_a_failed_step_notifies_the_waiting_requests(micro_model):
+    """The HTTP handlers wait for on_update: a step that raises must still report 'error'."""
+    from serve.scheduler import Request
+    model, _ = micro_model
+    engine = Engine(model, ByteTokenizer(), num_slots=2, max_len=8, max_chunk=4)
+
+    def broken_step(*_args):
+        raise RuntimeError("device lost")
+
+    engine._step_fn = broken_step
+    seen: list[Request] = []
+    request = engine.make_request([1, 2], SamplingParams(max_new_tokens=2), on_update=seen.append)
+    engine.start()
+    engine.submit(request)
+    assert request.finished.wait(30)
+    engine.stop()
+    assert request.finish_reason == "error"
+    assert seen == [request]
+    assert engine.stats()["errors"] == 1
