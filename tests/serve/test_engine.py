@@ -150,3 +150,17 @@ def test_a_failed_step_notifies_the_waiting_requests(micro_model):
     assert request.finish_reason == "error"
     assert seen == [request]
     assert engine.stats()["errors"] == 1
+
+
+def test_prompt_forms_numpy_jax_ids_and_a_lone_string(micro_model, micro_engine):
+    from serve import RequestError
+    model, _ = micro_model
+    ids = [7, 200, 3]
+    forms = [np.array(ids), jnp.array(ids, jnp.int32), tuple(ids), [np.int64(t) for t in ids]]
+    want = reference_greedy(model, ids, 3)
+    assert [o.tokens for o in micro_engine.generate(forms, max_new_tokens=3)] == [want] * len(forms)
+    outs = micro_engine.generate("hi!", max_new_tokens=3)          # one prompt, not one per character
+    assert len(outs) == 1 and outs[0].tokens == reference_greedy(model, list(b"hi!"), 3)
+    for bad in ([1.0, 2.0], [True, 3], None, [[1, 2]], 5):
+        with pytest.raises(RequestError, match="prompt: must be text or a sequence of integer token ids"):
+            micro_engine.make_request(bad, SamplingParams())
