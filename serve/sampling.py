@@ -9,10 +9,12 @@ the other requests, so a seeded request gives the same tokens in any batch.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 
@@ -40,11 +42,11 @@ class SamplingParams:
             if not ok:
                 raise RequestError(f"{field}: {message}")
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v):   # Python or numpy integers, never bools
+            return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
         def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
         need(is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens",
              f"must be an integer >= 1, got {self.max_new_tokens!r}")
@@ -57,6 +59,9 @@ class SamplingParams:
              f"must be an integer in [0, 2**31), got {self.top_k!r}")
         need(is_int(self.seed) and 0 <= self.seed < 2 ** 63, "seed",
              f"must be an integer in [0, 2**63), got {self.seed!r}")
+        for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float),
+                           ("top_k", int), ("seed", int)):     # numpy scalars -> Python numbers
+            object.__setattr__(self, name, kind(getattr(self, name)))
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         need(isinstance(stop, (tuple, list)) and all(isinstance(s, str) and s for s in stop)
              and len(stop) <= 8, "stop", "must be a non-empty string or a list of at most 8 of them")

@@ -104,3 +104,13 @@ def test_scheduler_queue_limit():
     with pytest.raises(QueueFull):
         sched.submit(_req(1))
     assert buckets_for(64) == (1, 16, 64)
+
+
+def test_numpy_scalars_are_numbers():
+    got = SamplingParams(max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_p=np.float64(0.9),
+                         top_k=np.int32(5), seed=np.uint32(7))
+    assert got == SamplingParams(max_new_tokens=3, temperature=0.5, top_p=0.9, top_k=5, seed=7)
+    assert [type(getattr(got, f)) for f in ("max_new_tokens", "temperature", "top_k", "seed")] == \
+        [int, float, int, int]
+    with pytest.raises(RequestError, match="top_k"):
+        SamplingParams(top_k=np.bool_(True))
