@@ -148,8 +148,9 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "float32", quantize
         raise ExportError(f"--quantize must be int8 (or absent), got {quantize!r}")
     if out.exists() and not force:
         raise ExportError(f"--out {out} already exists (pass --force to replace it)")
-    if out.resolve() == run.resolve():
-        raise ExportError("--out must differ from --ckpt")
+    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+        # --force replaces --out: that must never delete the source
+        raise ExportError("--out must differ from --ckpt and must not be a folder that holds it")
     model, cfg = load_source(run)
     tokenizer_entry, tokenizer_file = find_tokenizer(run, cfg.vocab_size)
     if quantize == "int8":   # weight-only int8 routed experts, per output channel (gmm_int8)
