@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.tokenizer import TokenizerError
     from moejax.config import ConfigError
     from serve.offload.config import OffloadConfigError
+    from serve.tensorfile import TensorFileError
     try:
         _positive(args, "slots", "max_len", "chunk", "max_new_tokens", "max_queue", "max_body",
                   "batch_size")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     "trace-sim": run_trace_sim}
         return commands[args.command](args)
     except (CLIError, ExportError, RequestError, TokenizerError, ConfigError, OffloadConfigError,
-            OSError) as err:
+            TensorFileError, OSError) as err:
         return command_line.report(err)
 
 

@@ -12,6 +12,7 @@ layer's experts object (``replace_experts``) and observe every step
 from __future__ import annotations
 
 import collections
+import operator
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ from serve.metrics import EngineMetrics
 from serve.sampling import RequestError, SamplingParams
 from serve.scheduler import Plan, QueueFull, Request, Scheduler
 from serve.tokenizer import load_tokenizer
+
+
+def _token_id(t) -> int:
+    """A token id as a Python int (ints and numpy / JAX integer scalars; bools and floats: TypeError)."""
+    if isinstance(t, (bool, np.bool_)):
+        raise TypeError("a bool is not a token id")
+    return operator.index(t)
 
 
 class EngineStopped(RuntimeError):
@@ -150,11 +158,21 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt: str | Sequence[int], params: SamplingParams,
                      on_update: Callable[[Request], None] | None = None) -> Request:
-        """Tokenize and check a prompt: non-empty, ids in the vocabulary, room for the output."""
-        tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        """Tokenize and check a prompt: non-empty, ids in the vocabulary, room for the output.
+
+        A prompt is text or a sequence of token ids (ints, or a numpy / JAX integer array).
+        """
+        if isinstance(prompt, str):
+            tokens = self.tokenizer.encode(prompt)
+        else:
+            try:
+                tokens = [_token_id(t) for t in (np.asarray(prompt) if hasattr(prompt, "__array__") else prompt)]
+            except TypeError:
+                raise RequestError(f"prompt: must be text or a sequence of integer token ids, got "
+                                   f"{str(prompt)[:80]}") from None
         if not tokens:
             raise RequestError("prompt: is empty (no tokens)")
-        bad = [t for t in tokens if not (isinstance(t, int) and 0 <= t < self.cfg.vocab_size)]
+        bad = [t for t in tokens if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise RequestError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if len(tokens) + params.max_new_tokens > self.max_len:
@@ -180,7 +198,12 @@ class Engine:
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  stop: str | Sequence[str] | None = None) -> list[Output]:
-        """Generate for every prompt (same parameters); one Output per prompt, in order."""
+        """Generate for every prompt (same parameters); one Output per prompt, in order.
+
+        ``prompts`` is a list of prompts; a lone string is one prompt (not one per character).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
         requests = [self.make_request(p, params) for p in prompts]
@@ -258,7 +281,8 @@ class Engine:
         if request.slot is None:
             self.scheduler.release(request)   # still waiting: leave the queue
         request.finished.set()
-        if reason == "cancelled" and request.on_update is not None:
+        # 'stop' / 'length' arrive with the step's token update; these end without one
+        if reason in ("cancelled", "error") and request.on_update is not None:
             request.on_update(request)
 
     # ------------------------------------------------------------------ background loop

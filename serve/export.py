@@ -34,7 +34,7 @@ from flax import nnx
 
 from moejax import checkpoint as mckpt
 from moejax.experts import quantize_experts
-from moejax.config import ModelConfig, config_from_dict, config_to_dict
+from moejax.config import ConfigError, ModelConfig, config_from_dict, config_to_dict
 from moejax.layer_stack import unstack_layers
 from moejax.model import Transformer
 from serve import tensorfile
@@ -148,8 +148,9 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "float32", quantize
         raise ExportError(f"--quantize must be int8 (or absent), got {quantize!r}")
     if out.exists() and not force:
         raise ExportError(f"--out {out} already exists (pass --force to replace it)")
-    if out.resolve() == run.resolve():
-        raise ExportError("--out must differ from --ckpt")
+    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+        # --force replaces --out: that must never delete the source
+        raise ExportError("--out must differ from --ckpt and must not be a folder that holds it")
     model, cfg = load_source(run)
     tokenizer_entry, tokenizer_file = find_tokenizer(run, cfg.vocab_size)
     if quantize == "int8":   # weight-only int8 routed experts, per output channel (gmm_int8)
@@ -217,10 +218,49 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as err:
         raise ExportError(f"{path}: not JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path}: not a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ExportError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
                           f"expected {FORMAT!r} version {VERSION}")
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """The fields the readers use, with their types (a damaged manifest names its field)."""
+    def need(ok, field, what):
+        if not ok:
+            raise ExportError(f"{path}: field {field!r} must be {what}, got {json.dumps(manifest.get(field))[:80]}")
+
+    def is_name(v):
+        return isinstance(v, str) and v != ""
+
+    files = manifest.get("files")
+    need(is_name(manifest.get("config")), "config", "a file name")
+    need(isinstance(files, dict) and is_name(files.get("model")) and is_name(files.get("experts")), "files",
+         "an object naming the 'model' and 'experts' files")
+    need(isinstance(manifest.get("tokenizer"), dict), "tokenizer", "an object")
+    experts = manifest.get("experts")
+    need(isinstance(experts, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("num_experts"), int) and e["num_experts"] >= 1
+        and isinstance(e.get("tensors"), list) and e["tensors"] and all(is_name(n) for n in e["tensors"])
+        for e in experts.values()), "experts",
+        "an object of {num_experts: int >= 1, tensors: [names]} per MoE layer")
+
+
+def read_config(directory: str | Path, manifest: dict) -> ModelConfig:
+    """The ModelConfig a serving checkpoint's manifest names (ExportError when it is unreadable)."""
+    path = Path(directory) / manifest["config"]
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return config_from_dict(data)
+    except (ValueError, TypeError, KeyError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ExportError(f"{path}: not a model config ({err})") from None
 
 
 def read_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict, dict[str, np.ndarray], dict]:
@@ -231,7 +271,7 @@ def read_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict, dict[str,
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    cfg = config_from_dict(json.loads((directory / manifest["config"]).read_text()))
+    cfg = read_config(directory, manifest)
     rest = tensorfile.MappedFile(directory / manifest["files"]["model"])
     experts = tensorfile.MappedFile(directory / manifest["files"]["experts"])
     return cfg, manifest, {n: rest.get(n) for n in rest.names()}, stacked_experts(experts, manifest)
@@ -239,8 +279,13 @@ def read_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict, dict[str,
 
 def stacked_experts(experts: tensorfile.MappedFile, manifest: dict) -> dict[str, np.ndarray]:
     out = {}
+    names = set(experts.names())
     for prefix, entry in manifest["experts"].items():
         for name in entry["tensors"]:
+            missing = [e for e in range(entry["num_experts"]) if f"{prefix}.{e}.{name}" not in names]
+            if missing:
+                raise ExportError(f"{experts.path}: no tensor {prefix}.{missing[0]}.{name}, which the "
+                                  f"manifest lists")
             out[f"{prefix}.{name}"] = np.stack([experts.get(f"{prefix}.{e}.{name}")
                                                 for e in range(entry["num_experts"])])
     return out

@@ -127,7 +127,7 @@ class Completions:
         raw = await _read_body(request, self.max_body)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:    # RecursionError: nested too deep to parse
             raise HTTPError(400, f"the body is not valid JSON ({err})") from None
         prompts, params, stream = parse_completion(body, self.model_name)
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()

@@ -9,10 +9,12 @@ the other requests, so a seeded request gives the same tokens in any batch.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 
@@ -40,11 +42,11 @@ class SamplingParams:
             if not ok:
                 raise RequestError(f"{field}: {message}")
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v):   # Python or numpy integers, never bools
+            return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
         def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
         need(is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens",
              f"must be an integer >= 1, got {self.max_new_tokens!r}")
@@ -52,9 +54,14 @@ class SamplingParams:
              f"must be a number in [0, 100], got {self.temperature!r}")
         need(is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p",
              f"must be a number in (0, 1], got {self.top_p!r}")
-        need(is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        # top_k travels as int32 (a k past the vocabulary keeps every token)
+        need(is_int(self.top_k) and 0 <= self.top_k < 2 ** 31, "top_k",
+             f"must be an integer in [0, 2**31), got {self.top_k!r}")
         need(is_int(self.seed) and 0 <= self.seed < 2 ** 63, "seed",
              f"must be an integer in [0, 2**63), got {self.seed!r}")
+        for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float),
+                           ("top_k", int), ("seed", int)):     # numpy scalars -> Python numbers
+            object.__setattr__(self, name, kind(getattr(self, name)))
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         need(isinstance(stop, (tuple, list)) and all(isinstance(s, str) and s for s in stop)
              and len(stop) <= 8, "stop", "must be a non-empty string or a list of at most 8 of them")
@@ -79,10 +86,11 @@ def _sample_row(logits_V, temperature, top_p, top_k, seed_2, index):
     vocab = logits_V.shape[0]
     # top-k: keep logits >= the k-th largest (k = 0 keeps all)
     kth = sorted_V[jnp.clip(jnp.where(top_k > 0, top_k, vocab) - 1, 0, vocab - 1)]
-    # top-p: the smallest prefix of the sorted distribution whose mass reaches top_p
+    # top-p: the smallest prefix of the sorted distribution whose mass reaches top_p; never
+    # empty (a top_p that is 0 in float32 keeps the top token), everything at top_p = 1
     probs_V = jax.nn.softmax(sorted_V)
     before_V = jnp.cumsum(probs_V) - probs_V          # mass strictly above each entry
-    cutoff = jnp.min(jnp.where(before_V < top_p, sorted_V, jnp.inf))
+    cutoff = jnp.min(jnp.where((before_V < top_p) | (top_p >= 1.0), sorted_V, sorted_V[0]))
     keep_V = (scaled_V >= kth) & (scaled_V >= cutoff)
     masked_V = jnp.where(keep_V, scaled_V, -jnp.inf)
     sampled = jax.random.categorical(row_key(seed_2, index), masked_V).astype(jnp.int32)

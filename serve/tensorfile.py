@@ -47,18 +47,52 @@ def write(path: Path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[
             for name, info in header.items() if name != "__metadata__"}
 
 
+class TensorFileError(ValueError):
+    """A safetensors file is truncated or its header is malformed."""
+
+
 class MappedFile:
-    """Zero-copy numpy views of the tensors of one safetensors file (one read-only mmap)."""
+    """Zero-copy numpy views of the tensors of one safetensors file (one read-only mmap).
+
+    The header is checked on opening (a JSON object; every tensor a known dtype
+    whose byte range matches its shape and lies inside the file), so a truncated
+    or damaged file is a :class:`TensorFileError` naming it, not a bad view later.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
+            file_size = self.path.stat().st_size
             size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+            if file_size < 8 or size > file_size - 8:
+                raise TensorFileError(f"{self.path}: truncated ({file_size} bytes, shorter than its header)")
+            try:
+                header = json.loads(f.read(size))
+            except ValueError as err:
+                raise TensorFileError(f"{self.path}: the safetensors header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise TensorFileError(f"{self.path}: the safetensors header is not a JSON object")
         self.metadata = header.pop("__metadata__", {})
         self.data_start = 8 + size
         self.header = header
+        for name, info in header.items():
+            self._check(name, info, file_size - self.data_start)
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def _check(self, name: str, info, data_size: int) -> None:
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(n) for n in info["shape"]]
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise TensorFileError(f"{self.path}: tensor {name!r} has a malformed header entry "
+                                  f"{json.dumps(info)[:120]}") from None
+        if min(shape, default=0) < 0 or end - begin != dtype.itemsize * int(np.prod(shape)) or begin < 0:
+            raise TensorFileError(f"{self.path}: tensor {name!r}: bytes [{begin}, {end}) do not hold "
+                                  f"shape {shape} of {info['dtype']}")
+        if end > data_size:
+            raise TensorFileError(f"{self.path}: truncated: tensor {name!r} ends at data byte {end}, "
+                                  f"the file holds {data_size}")
 
     def names(self) -> list[str]:
         return list(self.header)
@@ -69,7 +103,5 @@ class MappedFile:
 
     def get(self, name: str) -> np.ndarray:
         info = self.header[name]
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         begin, end = self.byte_range(name)
         return self._map[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])

@@ -129,3 +129,38 @@ def test_requests_over_the_context_are_refused(micro_engine):
         micro_engine.generate([[1, 256]], max_new_tokens=2)
     with pytest.raises(RequestError, match="empty"):
         micro_engine.generate([""], max_new_tokens=2)
+
+
+def test_a_failed_step_notifies_the_waiting_requests(micro_model):
+    """The HTTP handlers wait for on_update: a step that raises must still report 'error'."""
+    from serve.scheduler import Request
+    model, _ = micro_model
+    engine = Engine(model, ByteTokenizer(), num_slots=2, max_len=8, max_chunk=4)
+
+    def broken_step(*_args):
+        raise RuntimeError("device lost")
+
+    engine._step_fn = broken_step
+    seen: list[Request] = []
+    request = engine.make_request([1, 2], SamplingParams(max_new_tokens=2), on_update=seen.append)
+    engine.start()
+    engine.submit(request)
+    assert request.finished.wait(30)
+    engine.stop()
+    assert request.finish_reason == "error"
+    assert seen == [request]
+    assert engine.stats()["errors"] == 1
+
+
+def test_prompt_forms_numpy_jax_ids_and_a_lone_string(micro_model, micro_engine):
+    from serve import RequestError
+    model, _ = micro_model
+    ids = [7, 200, 3]
+    forms = [np.array(ids), jnp.array(ids, jnp.int32), tuple(ids), [np.int64(t) for t in ids]]
+    want = reference_greedy(model, ids, 3)
+    assert [o.tokens for o in micro_engine.generate(forms, max_new_tokens=3)] == [want] * len(forms)
+    outs = micro_engine.generate("hi!", max_new_tokens=3)          # one prompt, not one per character
+    assert len(outs) == 1 and outs[0].tokens == reference_greedy(model, list(b"hi!"), 3)
+    for bad in ([1.0, 2.0], [True, 3], None, [[1, 2]], 5):
+        with pytest.raises(RequestError, match="prompt: must be text or a sequence of integer token ids"):
+            micro_engine.make_request(bad, SamplingParams())

@@ -117,6 +117,12 @@ def test_export_refuses_what_it_cannot_do(micro_run, tmp_path):
     with pytest.raises(ExportError, match="--quantize"):
         export(micro_run, tmp_path / "o3", quantize="int4")
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    import shutil                    # --force on a folder holding the source would delete it
+    shutil.copytree(micro_run, tmp_path / "runs" / "run")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("*"))
+    with pytest.raises(ExportError, match="--out must differ from --ckpt"):
+        export(tmp_path / "runs" / "run", tmp_path / "runs", force=True)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("*")) == before
 
 
 def test_int8_export_holds_quantize_experts_weights(micro_model, micro_run, tmp_path):

@@ -101,6 +101,7 @@ def _stop_server_at_end():
 
 BAD = {
     "not JSON": (b"{prompt: 1", 400, "not valid JSON"),
+    "JSON nested too deep": (b"[" * 4000, 400, "not valid JSON"),   # past the recursion limit (3000 here)
     "not an object": ([1, 2], 400, "JSON object"),
     "missing prompt": ({"max_tokens": 3}, 400, "prompt: missing"),
     "prompt of wrong type": ({"prompt": 5}, 400, "prompt: must be"),

@@ -14,8 +14,8 @@ from serve.tokenizer import ByteTokenizer, TextStream
 LOGITS = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05], np.float32))
 
 
-def draws(n, temperature=1.0, top_p=1.0, top_k=0, seed=3):
-    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, 5))
+def draws(n, temperature=1.0, top_p=1.0, top_k=0, seed=3, logits=LOGITS):
+    logits = jnp.broadcast_to(jnp.asarray(logits), (n, 5))
     seed_B2 = jnp.broadcast_to(jnp.asarray(split_seed(seed), jnp.uint32), (n, 2))
     return np.asarray(jax.jit(sample)(logits, jnp.full((n,), temperature), jnp.full((n,), top_p),
                                       jnp.full((n,), top_k, jnp.int32), seed_B2, jnp.arange(n)))
@@ -33,6 +33,12 @@ def test_sampling_follows_the_filtered_softmax():
     assert set(draws(200, temperature=0.0)) == {0}
 
 
+def test_top_p_that_underflows_float32_keeps_the_top_token():
+    # 1e-46 is a valid top_p (> 0) but 0 in float32: the smallest prefix is still the top token
+    for logits in (LOGITS, LOGITS[::-1]):
+        assert set(draws(200, top_p=1e-46, logits=logits)) == {int(np.argmax(logits))}
+
+
 def test_key_depends_only_on_seed_and_token_index():
     a = draws(64, seed=5)
     assert (draws(64, seed=5) == a).all()
@@ -43,7 +49,8 @@ def test_key_depends_only_on_seed_and_token_index():
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -0.1), ("top_p", 0.0),
                                          ("top_p", 1.5), ("top_k", -1), ("seed", -1), ("stop", [""]),
-                                         ("max_new_tokens", 2.5), ("temperature", "1")])
+                                         ("max_new_tokens", 2.5), ("temperature", "1"),
+                                         ("top_k", 2 ** 31)])   # past int32: the step's top_k_B
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(RequestError, match=field):
         SamplingParams(**{field: value})
@@ -97,3 +104,13 @@ def test_scheduler_queue_limit():
     with pytest.raises(QueueFull):
         sched.submit(_req(1))
     assert buckets_for(64) == (1, 16, 64)
+
+
+def test_numpy_scalars_are_numbers():
+    got = SamplingParams(max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_p=np.float64(0.9),
+                         top_k=np.int32(5), seed=np.uint32(7))
+    assert got == SamplingParams(max_new_tokens=3, temperature=0.5, top_p=0.9, top_k=5, seed=7)
+    assert [type(getattr(got, f)) for f in ("max_new_tokens", "temperature", "top_k", "seed")] == \
+        [int, float, int, int]
+    with pytest.raises(RequestError, match="top_k"):
+        SamplingParams(top_k=np.bool_(True))

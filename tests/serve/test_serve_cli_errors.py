@@ -112,3 +112,42 @@ def test_generate_prints_text_and_stats(micro_serving, capsys, monkeypatch):
     assert len(returned) == 1 and len(returned[0].tokens) == 3
     assert captured.out == returned[0].text + "\n"
     assert "decode" in captured.err and "time to first token" in captured.err
+
+
+def _cut(name, keep):
+    def damage(d: Path):
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[:keep(len(data))])
+    return damage
+
+
+def _edit_manifest(change):
+    def damage(d: Path):
+        import json
+        manifest = json.loads((d / "manifest.json").read_text())
+        change(manifest)
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    return damage
+
+
+DAMAGED = {   # a serving checkpoint damaged after export: a one-line error naming the file
+    "experts file cut short": (_cut("experts.safetensors", lambda n: n - 100), ["experts.safetensors", "truncated"]),
+    "model file empty": (_cut("model.safetensors", lambda n: 0), ["model.safetensors", "truncated"]),
+    "header cut mid-JSON": (_cut("model.safetensors", lambda n: 60), ["model.safetensors"]),
+    "config not JSON": (lambda d: (d / "config.json").write_text("{"), ["config.json"]),
+    "manifest without files": (_edit_manifest(lambda m: m.pop("files")), ["manifest.json", "files"]),
+    "manifest lists a tensor the file lacks": (
+        _edit_manifest(lambda m: m["experts"]["layers.0.ffn.experts"]["tensors"].append("w_extra")),
+        ["experts.safetensors", "w_extra"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_damaged_serving_checkpoint(case, micro_serving, tmp_path, capsys):
+    import shutil
+    damage, needles = DAMAGED[case]
+    model = tmp_path / "serving"
+    shutil.copytree(micro_serving, model)
+    damage(model)
+    code = cli.main(["generate", "--model", str(model), "--prompt", "x", "--slots", "1", "--chunk", "4"])
+    assert_one_line_error(code, capsys.readouterr().err, *needles)
