@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from moejax.config import ConfigError
     from serve.offload.config import OffloadConfigError
     from serve.tensorfile import TensorFileError
+    from serve.engine import EngineConfigError
     try:
         _positive(args, "slots", "max_len", "chunk", "max_new_tokens", "max_queue", "max_body",
                   "batch_size")
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                     "trace-sim": run_trace_sim}
         return commands[args.command](args)
     except (CLIError, ExportError, RequestError, TokenizerError, ConfigError, OffloadConfigError,
-            TensorFileError, OSError) as err:
+            TensorFileError, EngineConfigError, OSError) as err:
         return command_line.report(err)
 
 

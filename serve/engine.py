@@ -42,6 +42,20 @@ def _token_id(t) -> int:
     return operator.index(t)
 
 
+class EngineConfigError(ValueError):
+    """An Engine argument is out of range (the CLI reports it in one line, exit 2)."""
+
+
+def _context_length(max_len: int | None, model_max: int) -> int:
+    """Tokens per slot: ``max_len``, or the model's ``max_seq_len`` when None (never past it)."""
+    if max_len is None:
+        return model_max
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or not 1 <= max_len <= model_max:
+        raise EngineConfigError(f"max_len must be an integer in [1, {model_max}] (the model's max_seq_len) "
+                         f"or None for all of it, got {max_len!r}")
+    return int(max_len)
+
+
 class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
 
@@ -74,7 +88,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer, *, num_slots: int = 8, max_len: int | None = None,
                  max_chunk: int = 64, max_waiting: int = 256, runner=None):
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
-        self.max_len = min(self.cfg.max_seq_len, max_len or self.cfg.max_seq_len)
+        self.max_len = _context_length(max_len, self.cfg.max_seq_len)
         self.scheduler = Scheduler(num_slots, min(max_chunk, self.max_len), max_waiting)
         self.runner = runner_lib.make_runner(model, num_slots, self.max_len, self.scheduler.max_chunk,
                                              runner)
@@ -176,7 +190,7 @@ class Engine:
         if bad:
             raise RequestError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if len(tokens) + params.max_new_tokens > self.max_len:
-            raise RequestError(f"prompt: {len(tokens)} prompt tokens + max_tokens {params.max_new_tokens} "
+            raise RequestError(f"prompt: {len(tokens)} prompt tokens + {params.max_new_tokens} new tokens "
                                f"exceed the context limit of {self.max_len} tokens")
         return Request(tokens, params, on_update)
 
@@ -207,6 +221,18 @@ class Engine:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=tuple([stop] if isinstance(stop, str) else stop or ()))
         requests = [self.make_request(p, params) for p in prompts]
+        try:
+            self._run_to_completion(requests)
+        except BaseException:   # a failed step or Ctrl-C: leave no request queued or in a slot
+            with self._lock:
+                for request in requests:
+                    if not request.done:
+                        self._finish(request, "cancelled")
+                    self.scheduler.release(request)
+            raise
+        return [self.output(r) for r in requests]
+
+    def _run_to_completion(self, requests: list[Request]) -> None:
         pending = collections.deque(requests)
         while pending:                     # as many as the queue takes; the rest as it drains
             try:
@@ -216,14 +242,13 @@ class Engine:
                 if self.running:
                     time.sleep(0.005)
                 else:
-                    self.step()
+                    self._step_or_fail()
         if self.running:
             for request in requests:
                 request.finished.wait()
         else:
             while not all(r.done for r in requests):
-                self.step()
-        return [self.output(r) for r in requests]
+                self._step_or_fail()
 
     def output(self, request: Request) -> Output:
         first = None if request.first_token_at is None else request.first_token_at - request.submitted_at
@@ -318,14 +343,23 @@ class Engine:
                 if not self.scheduler.has_work():
                     return
             try:
-                self.step()
-            except Exception as err:  # a failed step fails its requests, not the server
-                self.metrics.error(err)
-                with self._lock:
-                    for request in [r for r in self.scheduler.slots if r]:
-                        self._finish(request, "error")
-                        self.scheduler.release(request)
-                self._build()
+                self._step_or_fail()
+            except Exception:  # a failed step fails its requests (above), not the server
+                pass
+
+    def _step_or_fail(self) -> bool:
+        """``step()``; one that raises (also on Ctrl-C) ends the requests in the slots with
+        'error' and rebuilds the per-slot state (the step may have consumed it), then re-raises."""
+        try:
+            return self.step()
+        except BaseException as err:
+            self.metrics.error(err)
+            with self._lock:
+                for request in [r for r in self.scheduler.slots if r]:
+                    self._finish(request, "error")
+                    self.scheduler.release(request)
+            self._build()
+            raise
 
     def stats(self) -> dict:
         with self._lock:

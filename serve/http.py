@@ -80,7 +80,8 @@ def parse_completion(body, model_name: str) -> tuple[list, SamplingParams, bool]
         raise HTTPError(404, f"model: {body['model']!r} is not served here (this server has {model_name!r})",
                         "model", "not_found_error")
     for name, default in UNSUPPORTED.items():
-        if body.get(name) not in (None, default):
+        value = body.get(name)   # exact type: true / 1.0 are not n = 1
+        if value is not None and (type(value) is not type(default) or value != default):
             raise HTTPError(400, f"{name}: only {json.dumps(default)} is supported", name)
     prompts = _prompts(body)
     num = (int, float)
@@ -159,6 +160,10 @@ class Completions:
             jobs = [self.engine.make_request(p, params, notify(i)) for i, p in enumerate(prompts)]
         except RequestError as err:
             raise HTTPError(400, str(err), "prompt") from None
+        limit = self.engine.scheduler.max_waiting
+        if len(jobs) > limit:   # would be refused however long the client waits: not a 429
+            raise HTTPError(400, f"{len(jobs)} prompts in one request; the server queues at most {limit}",
+                            "prompt")
         submitted = []
         try:
             for job in jobs:

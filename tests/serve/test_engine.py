@@ -164,3 +164,31 @@ def test_prompt_forms_numpy_jax_ids_and_a_lone_string(micro_model, micro_engine)
     for bad in ([1.0, 2.0], [True, 3], None, [[1, 2]], 5):
         with pytest.raises(RequestError, match="prompt: must be text or a sequence of integer token ids"):
             micro_engine.make_request(bad, SamplingParams())
+
+
+def test_max_len_outside_the_model_context_is_refused(micro_model):
+    """max_len past the model's max_seq_len used to be cut silently and 0 meant 'all of it'."""
+    from serve.engine import EngineConfigError
+    model, _ = micro_model
+    top = model.cfg.max_seq_len
+    assert Engine(model, ByteTokenizer(), num_slots=1, max_chunk=4).max_len == top
+    assert Engine(model, ByteTokenizer(), num_slots=1, max_len=np.int64(top - 1), max_chunk=4).max_len == top - 1
+    for bad in (0, -1, top + 1, 2.5, True):
+        with pytest.raises(EngineConfigError, match=rf"max_len must be an integer in \[1, {top}\]"):
+            Engine(model, ByteTokenizer(), num_slots=1, max_len=bad, max_chunk=4)
+
+
+def test_a_failed_step_in_generate_leaves_the_engine_clean(micro_model):
+    """generate() in the caller's thread: the error reaches the caller, no request stays queued
+    or in a slot, and the next call runs on fresh state."""
+    model, _ = micro_model
+    engine = Engine(model, ByteTokenizer(), num_slots=2, max_len=8, max_chunk=4)
+
+    def broken_step(*_args):
+        raise RuntimeError("device lost")
+
+    engine._step_fn = broken_step
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.generate([[5], [7, 200, 3], [9]], max_new_tokens=3)
+    assert not engine.scheduler.has_work()
+    assert engine.generate([[5]], max_new_tokens=3)[0].tokens == reference_greedy(model, [5], 3)

@@ -116,6 +116,8 @@ BAD = {
     "token id out of vocabulary": ({"prompt": [1, 2, 300]}, 400, "outside the vocabulary"),
     "over the context": ({"prompt": "x" * 60, "max_tokens": 10}, 400, "context limit of 64"),
     "n > 1": ({"prompt": "a", "n": 2}, 400, "n: only 1"),
+    "n true": ({"prompt": "a", "n": True}, 400, "n: only 1"),
+    "more prompts than the queue holds": ({"prompt": ["a"] * 5}, 400, "queues at most 4"),
     "other model": ({"prompt": "a", "model": "gpt-9"}, 404, "not served here"),
     "body too large": ({"prompt": "x" * (MAX_BODY + 10)}, 413, "limit of 4096"),
 }

@@ -64,6 +64,8 @@ CASES = {
                              ["--slots must be >= 1"]),
     "generate: over the context": (["generate", "--model", "{serving}", "--prompt", "x" * 60,
                                     "--max-new-tokens", "10"], ["context limit of 64"]),
+    "generate: max-len past the model's": (["generate", "--model", "{serving}", "--prompt", "x",
+                                            "--max-len", "65"], ["max_len", "[1, 64]"]),
     "generate: empty prompt": (["generate", "--model", "{serving}", "--prompt", ""], ["empty"]),
     "http: bad port": (["http", "--model", "{serving}", "--port", "70000"], ["--port"]),
     "http: missing model": (["http", "--model", "{missing}", "--port", "0"], ["no manifest.json"]),
