@@ -8,7 +8,9 @@ which kind it is. A new kind plugs in with :func:`register_ffn_kind`.
 Optional class-level hooks a kind may define (the model reads them with
 ``getattr`` defaults): ``token_lookback: int = 0`` (how many previous token ids
 it needs in ``ctx.prev_tokens_BN``) and ``init_state(batch_size, max_len)``
-(its decode state; default None).
+(its decode state; default None). A row whose chunk starts at position 0 has no
+history: a kind must then ignore the state it is handed for that row (serving
+reuses a cache row for a new request by setting its length to 0, nothing else).
 """
 
 from __future__ import annotations

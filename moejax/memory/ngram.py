@@ -156,7 +156,11 @@ class NGramMemory(nnx.Module):
 
     def __call__(self, x_BSD: Float[Array, "B S D"], ctx):
         """FFN-kind call -> (y, LayerAux()); in decoding sets ``ctx.new_state``."""
-        y_BSD, new_state = self.apply(x_BSD, ctx.tokens_BS, ctx.prev_tokens_BN, ctx.state, ctx.valid_BS)
+        state_BWD = ctx.state
+        if state_BWD is not None:   # a row starting at position 0 has no inputs before it, whatever
+            # its state still holds (a serving slot reused for a new request keeps the old window)
+            state_BWD = jnp.where(ctx.positions_BS[:, :1, None] == 0, 0, state_BWD).astype(state_BWD.dtype)
+        y_BSD, new_state = self.apply(x_BSD, ctx.tokens_BS, ctx.prev_tokens_BN, state_BWD, ctx.valid_BS)
         if ctx.state is not None:  # decoding: hand the window on to the next call
             ctx.new_state = new_state
         return y_BSD, LayerAux()

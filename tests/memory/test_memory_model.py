@@ -2,6 +2,8 @@
 KV-cache decoding (prefill + single-token extends, ragged prompts, scanned layers) against
 the full forward, and `python -m train --preset tiny-mem / tiny-engram`."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +69,20 @@ def test_decode_matches_the_full_forward(kinds, scan):
     check_prefill_then_steps(model, VOCAB, n=5, m=3)
     if not scan:   # prompts of different lengths: the conv window keeps each row's own tokens
         check_ragged_batch(model, VOCAB, lengths=(5, 1, 3), steps=2)
+
+
+def test_a_reused_cache_row_decodes_like_a_fresh_one():
+    """Serving reuses a row for a new request by zeroing its length (and token history) only:
+    the Engram conv window left by the old request must not leak into the new one."""
+    model = build(config(("engram", "engram+moe")))
+    extend = nnx.jit(lambda m, t, c: m.extend(t, c))
+    old, new = jnp.arange(3, 9, dtype=jnp.int32)[None], jnp.arange(40, 45, dtype=jnp.int32)[None]
+    _, used = extend(model, old, model.init_cache(1, 16))
+    reused = dataclasses.replace(used, lengths_B=jnp.zeros_like(used.lengths_B),
+                                 tokens_BT=jnp.full_like(used.tokens_BT, -1))
+    want, _ = extend(model, new, model.init_cache(1, 16))
+    got, _ = extend(model, new, reused)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_scanned_engram_layers_hash_with_their_own_multipliers():
