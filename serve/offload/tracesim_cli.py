@@ -80,11 +80,13 @@ def load_model(directory: str | Path):
 
 def main(args: argparse.Namespace) -> int:
     model, encode = load_model(args.model)
-    if not any(getattr(b.ffn, "router", None) is not None for b in model.layers):
+    from serve.offload.offloaded import moe_of
+    moes = [moe_of(b.ffn) for b in model.layers]
+    if not any(moes):
         from serve.export import ExportError
         raise ExportError(f"--model {args.model}: no MoE layers to simulate")
     prompts = [encode(p) for p in read_prompts(args.prompts)]
-    moe = next(b.ffn for b in model.layers if getattr(b.ffn, "router", None) is not None)
+    moe = next(m[0] for m in moes if m is not None)
     c = moe.cfg
     expert_bytes = 3 * c.d_model * c.d_ff * moe.dtype.itemsize
     table = run(model, prompts, Path(args.out), max_new_tokens=args.max_new_tokens,
