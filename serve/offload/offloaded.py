@@ -37,8 +37,9 @@ from serve.offload.store import ExpertStore
 from serve.offload.trace import RoutingTrace
 
 
-def counts_E(experts_TK: np.ndarray, valid_T: np.ndarray, num_experts: int) -> np.ndarray:
-    return np.bincount(experts_TK[valid_T].reshape(-1), minlength=num_experts)
+def counts_E(experts_TK: np.ndarray, valid: np.ndarray, num_experts: int) -> np.ndarray:
+    """Pairs per expert; ``valid``: [T] (tokens) or [T, K] (pairs) mask."""
+    return np.bincount(experts_TK[valid].reshape(-1), minlength=num_experts)
 
 
 def moe_of(ffn) -> tuple[MoE, object] | None:
@@ -80,6 +81,8 @@ class OffloadedModel:
         self.num_experts, self.top_k = moe0.cfg.num_experts, moe0.cfg.top_k
         self.dtype = moe0.dtype
         backend = moe0.backend
+        # 'capacity' dispatch drops the pairs past each expert's capacity: so must we
+        self.capacity_factor = moe0.cfg.capacity_factor if backend == "capacity" else None
         self.gmm_backend = dispatch_lib.GMM_BACKENDS.get(backend, "xla")
         self.embed_VD = model.embed[...]
         self.head_parts = pieces.split(model.final_norm, getattr(model, "lm_head", None), model.embed)
@@ -202,7 +205,12 @@ class OffloadedModel:
             if side is not None:          # the memory beside the MoE
                 side_BSD, ffn_states[i] = pieces.side_ffn(*side, h_BSD, *ffn_inputs)
             gates_TK, experts_TK = pieces.route(*router, h_BSD)
-            need_LE[layer] = counts_E(np.asarray(experts_TK), valid_T, self.num_experts)
+            pairs = valid_T
+            if self.capacity_factor is not None:     # as moejax.dispatch.capacity_dispatch
+                keep_TK = pieces.capacity_keep(experts_TK, self.num_experts, self.capacity_factor)
+                gates_TK = jnp.where(keep_TK, gates_TK, 0.0)
+                pairs = valid_T[:, None] & np.asarray(keep_TK)
+            need_LE[layer] = counts_E(np.asarray(experts_TK), pairs, self.num_experts)
             y_TKD = self._experts(layer, h_BSD, experts_TK, valid_T, need_LE[layer])
             x_BSD = pieces.moe_output(*shared, x_BSD, h_BSD, y_TKD, gates_TK, side_BSD)
             layer += 1

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import decode_cache
+from moejax import dispatch as dispatch_lib
 from moejax.layers import LayerContext
 
 
@@ -70,6 +71,15 @@ def route(gdef, state, h_BSD):
     batch, seq, d_model = h_BSD.shape
     gates_TK, experts_TK, _ = router(h_BSD.reshape(batch * seq, d_model), num_sequences=batch)
     return gates_TK, experts_TK
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def capacity_keep(experts_TK, num_experts: int, capacity_factor: float):
+    """[T, K] bool: the pairs 'capacity' dispatch keeps (``moejax.dispatch.capacity_dispatch``:
+    the step's T tokens, padding included, fill per-expert buffers slot-major)."""
+    num_tokens, top_k = experts_TK.shape
+    capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    return dispatch_lib.capacity_positions(experts_TK, num_experts) < capacity
 
 
 def pick_probability(ffn_norm, router, x_BSD):

@@ -149,3 +149,13 @@ def test_memory_layers_decode_with_their_state_and_lookback():
         np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full(model, jnp.asarray(tokens)),
                                    rtol=1e-5, atol=1e-5)
 
+
+def test_capacity_dispatch_drops_the_same_pairs():
+    """With a capacity factor the resident MoE drops the pairs past each expert's capacity;
+    the offloaded forward drops the same ones (and fetches no expert only they need)."""
+    model = small_model(num_experts=4, n_layers=2, capacity_factor=0.5)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+    ref, aux = nnx.jit(lambda m, t: m(t))(model, tokens)
+    assert float(aux["dropped_fraction"]) > 0
+    om = OffloadedModel(model, host_store(model), [1, 1], prefetch=False)
+    np.testing.assert_allclose(om.forward(tokens)[0], ref, rtol=1e-5, atol=1e-5)
