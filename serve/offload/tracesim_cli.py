@@ -74,8 +74,22 @@ def load_model(directory: str | Path):
         from serve.export import ExportError
         raise ExportError(f"--model {directory}: neither a serving checkpoint (manifest.json) nor a "
                           f"model directory (config.json + model/)")
-    model, _ = mckpt.load_model(directory)
+    model, cfg = mckpt.load_model(directory)
+    if cfg.scan_layers:     # python -m train's default: unroll (model.layers), as export does
+        model = _unrolled(model, cfg)
     return model, lambda text: list(text.encode("utf-8"))
+
+
+def _unrolled(model, cfg):
+    """The same model with one Block per layer (``model.layers``) instead of scanned groups."""
+    from flax import nnx
+
+    from moejax.layer_stack import unstack_layers
+    from moejax.model import Transformer
+    flat = cfg.replace(scan_layers=False, remat="none")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(flat, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, unstack_layers(nnx.to_pure_dict(nnx.state(model)), cfg))
+    return nnx.merge(graphdef, state)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,11 +11,11 @@ EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
 
 
 def small_model(num_experts=6, top_k=2, n_layers=3, shared=0, seed=0, kinds=None, memory=None,
-                **moe):
+                scan_layers=False, **moe):
     moe_cfg = moejax.MoEConfig(d_model=32, d_ff=48, num_experts=num_experts, top_k=top_k,
                                num_shared_experts=shared, **moe)
     cfg = moejax.ModelConfig(vocab_size=256, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2,
-                             d_ff=64, moe=moe_cfg, max_seq_len=64, memory=memory,
+                             d_ff=64, moe=moe_cfg, max_seq_len=64, memory=memory, scan_layers=scan_layers,
                              ffn_kinds=kinds or ("dense",) * (n_layers > 2) + ("moe",) * min(n_layers, 2))
     return moejax.Transformer(cfg, rngs=nnx.Rngs(seed))
 

@@ -1,5 +1,6 @@
 """Recording routing from generations, the trace-sim driver, and OffloadConfig validation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,3 +123,19 @@ def test_offload_config_budgets_from_trace():
     assert freq.shape == (2, 6)
     with pytest.raises(OffloadConfigError, match="trace"):
         OffloadConfig(trace=trace).resolve(3, 6)
+
+
+def test_trace_sim_reads_a_scanned_model_directory(model, tmp_path):
+    """python -m train writes scanned layers; trace-sim walks model.layers: it unrolls them."""
+    from moejax import checkpoint as mckpt
+    from moejax.layer_stack import stack_layers
+    from moejax.model import Transformer
+    from serve.offload.tracesim_cli import load_model
+    cfg = model.cfg.replace(scan_layers=True)           # the fixture's weights, stacked
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, stack_layers(nnx.to_pure_dict(nnx.state(model)), cfg))
+    mckpt.save_model(tmp_path / "run", nnx.merge(graphdef, state), cfg)
+    unrolled, encode = load_model(tmp_path / "run")
+    assert encode("ab") == [97, 98] and unrolled.cfg == model.cfg
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(unrolled)),
+                 nnx.to_pure_dict(nnx.state(model)))
