@@ -25,10 +25,13 @@ def read_prompts(path: str | None) -> list[str]:
     """One prompt per line (a .json file: a list of strings); the built-in set when None."""
     if path is None:
         return list(DEFAULT_PROMPTS)
+    from serve.export import ExportError
     text = Path(path).read_text()
-    prompts = json.loads(text) if path.endswith(".json") else [ln for ln in text.splitlines() if ln]
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        from serve.export import ExportError
+    try:
+        prompts = json.loads(text) if path.endswith(".json") else [ln for ln in text.splitlines() if ln]
+    except json.JSONDecodeError as err:
+        raise ExportError(f"--prompts {path}: not valid JSON ({err})") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise ExportError(f"--prompts {path}: need a non-empty list of non-empty prompts")
     return prompts
 
@@ -93,13 +96,18 @@ def _unrolled(model, cfg):
 
 
 def main(args: argparse.Namespace) -> int:
-    model, encode = load_model(args.model)
+    from serve.export import ExportError
     from serve.offload.offloaded import moe_of
+    texts = read_prompts(args.prompts)          # before the model loads: bad prompts fail fast
+    model, encode = load_model(args.model)
     moes = [moe_of(b.ffn) for b in model.layers]
     if not any(moes):
-        from serve.export import ExportError
         raise ExportError(f"--model {args.model}: no MoE layers to simulate")
-    prompts = [encode(p) for p in read_prompts(args.prompts)]
+    prompts = [encode(p) for p in texts]
+    longest, context = max(len(p) for p in prompts), model.cfg.max_seq_len
+    if longest + args.max_new_tokens > context:
+        raise ExportError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt has {longest} "
+                          f"tokens, together past the model's context of {context} tokens")
     moe = next(m[0] for m in moes if m is not None)
     c = moe.cfg
     expert_bytes = 3 * c.d_model * c.d_ff * moe.dtype.itemsize

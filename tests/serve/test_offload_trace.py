@@ -125,6 +125,20 @@ def test_offload_config_budgets_from_trace():
         OffloadConfig(trace=trace).resolve(3, 6)
 
 
+def test_trace_sim_bad_input_is_one_error_line(micro_serving, tmp_path, capsys):
+    from serve import cli
+    from tests.serve.test_serve_cli_errors import assert_one_line_error
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "dict.json").write_text('{"a": "b"}')
+    out = tmp_path / "out"
+    for extra, needles in ((["--prompts", str(tmp_path / "bad.json")], ["bad.json", "not valid JSON"]),
+                           (["--prompts", str(tmp_path / "dict.json")], ["dict.json", "list"]),
+                           (["--max-new-tokens", "60"], ["--max-new-tokens", "context of 64"])):
+        code = cli.main(["trace-sim", "--model", str(micro_serving), "--out", str(out), *extra])
+        assert_one_line_error(code, capsys.readouterr().err, *needles)
+        assert not out.exists()
+
+
 def test_trace_sim_reads_a_scanned_model_directory(model, tmp_path):
     """python -m train writes scanned layers; trace-sim walks model.layers: it unrolls them."""
     from moejax import checkpoint as mckpt
