@@ -105,7 +105,9 @@ def test_offload_config_errors_name_the_field(tmp_path):
                           (dict(budgets="trace"), "trace"),
                           (dict(trace=str(tmp_path / "none.npz")), "trace"),
                           (dict(store="disk", path=str(tmp_path / "nowhere")), "path"),
-                          (dict(prefetch="yes"), "prefetch")]:
+                          (dict(prefetch="yes"), "prefetch"),
+                          (dict(lfru_decay="0.5"), "lfru_decay"),
+                          (dict(policy="lru", trace=123), "trace")]:
         with pytest.raises(OffloadConfigError, match=f"OffloadConfig.{field}"):
             OffloadConfig(**kwargs)
     with pytest.raises(OffloadConfigError, match="slots_per_layer.*only 6 experts"):
