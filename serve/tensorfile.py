@@ -19,7 +19,8 @@ import numpy as np
 
 _CODES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
           np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32",
-          np.dtype(np.int64): "I64", np.dtype(np.float64): "F64", np.dtype(np.bool_): "BOOL"}
+          np.dtype(np.uint32): "U32", np.dtype(np.int64): "I64", np.dtype(np.float64): "F64",
+          np.dtype(np.bool_): "BOOL"}
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 
 

@@ -53,7 +53,11 @@ class OffloadConfig:
         _need(isinstance(self.prefetch, bool), "prefetch", f"must be True or False, got {self.prefetch!r}")
         _need(self.store in STORES, "store", f"must be one of {STORES}, got {self.store!r}")
         _need(self.budgets in BUDGETS, "budgets", f"must be one of {BUDGETS}, got {self.budgets!r}")
-        _need(0.0 < self.lfru_decay < 1.0, "lfru_decay", f"must be in (0, 1), got {self.lfru_decay!r}")
+        decay = self.lfru_decay
+        _need(isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0.0 < decay < 1.0,
+              "lfru_decay", f"must be a number in (0, 1), got {decay!r}")
+        _need(self.trace is None or isinstance(self.trace, (str, Path, RoutingTrace)), "trace",
+              f"must be a path to a trace .npz or a RoutingTrace, got {type(self.trace).__name__}")
         needs_trace = self.policy == "static" or self.budgets == "trace"
         _need(self.trace is not None or not needs_trace, "trace",
               "policy 'static' and budgets 'trace' need a recorded routing trace "

@@ -20,11 +20,10 @@ from flax import nnx
 
 from moejax.config import config_from_dict
 from moejax.model import Transformer
-from moejax.moe import MoE
 from serve import tensorfile
 from serve.export import ExportError, expert_split, key_of, read_manifest
 from serve.offload.config import OffloadConfig, OffloadConfigError
-from serve.offload.offloaded import OffloadedModel
+from serve.offload.offloaded import OffloadedModel, moe_of
 from serve.offload.slots import LayerStats
 from serve.offload.store import DiskStore, HostStore
 from serve.runner import _last_logits
@@ -128,10 +127,12 @@ def build_store(directory: Path, manifest: dict, moe_index: list[int], offload: 
         raise OffloadConfigError(f"OffloadConfig.{field}: {source} does not hold the checkpoint's "
                                  f"experts file {manifest['files']['experts']}")
     names = []
-    for i in moe_index:
-        prefix = f"layers.{i}.ffn.experts"
-        if prefix not in manifest["experts"]:
-            raise ExportError(f"{directory}: manifest lists no experts for MoE layer {i}")
+    for i in moe_index:      # 'layers.i.ffn.experts', or 'layers.i.ffn.ffn.experts' beside a memory
+        prefixes = [p for p in manifest["experts"] if p.startswith(f"layers.{i}.")]
+        if len(prefixes) != 1:
+            raise ExportError(f"{directory}: manifest lists {len(prefixes)} expert sets for MoE "
+                              f"layer {i}, expected 1")
+        prefix = prefixes[0]
         entry = manifest["experts"][prefix]
         names.append([{n: f"{prefix}.{e}.{n}" for n in entry["tensors"]}
                       for e in range(entry["num_experts"])])
@@ -155,7 +156,7 @@ def load_offloaded(engine_cls, directory: str | Path, offload: OffloadConfig, **
     cfg = config_from_dict(json.loads((directory / manifest["config"]).read_text()))
     model = _model_without_experts(cfg, tensorfile.MappedFile(directory / manifest["files"]["model"]),
                                    directory)
-    moe_index = [i for i, b in enumerate(model.layers) if isinstance(b.ffn, MoE)]
+    moe_index = [i for i, b in enumerate(model.layers) if moe_of(b.ffn) is not None]
     if not moe_index:
         raise OffloadConfigError(f"OffloadConfig: {directory} has no MoE layers to offload")
     slots_L, frequency_LE = offload.resolve(len(moe_index), cfg.moe.num_experts)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import numpy as np
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from moejax import dispatch as dispatch_lib
+from moejax.memory.kinds import MemoryBeside
 from moejax.moe import MoE
 from serve.offload import pieces
 from serve.offload.policies import make_policy
@@ -35,8 +37,23 @@ from serve.offload.store import ExpertStore
 from serve.offload.trace import RoutingTrace
 
 
-def counts_E(experts_TK: np.ndarray, valid_T: np.ndarray, num_experts: int) -> np.ndarray:
-    return np.bincount(experts_TK[valid_T].reshape(-1), minlength=num_experts)
+def counts_E(experts_TK: np.ndarray, valid: np.ndarray, num_experts: int) -> np.ndarray:
+    """Pairs per expert; ``valid``: [T] (tokens) or [T, K] (pairs) mask."""
+    return np.bincount(experts_TK[valid].reshape(-1), minlength=num_experts)
+
+
+def moe_of(ffn) -> tuple[MoE, object] | None:
+    """(the MoE block, the memory beside it or None) of a layer's FFN; None for a layer
+    without routed experts. 'moe' is the block itself; 'engram+moe' / 'pkm+moe'
+    (``MemoryBeside``) hold it beside a memory, whose output is added to the MoE's."""
+    if isinstance(ffn, MoE):
+        return ffn, None
+    if isinstance(ffn, MemoryBeside) and isinstance(ffn.ffn, MoE):
+        return ffn.ffn, ffn.memory
+    if any(isinstance(m, MoE) for _, m in nnx.iter_graph(ffn)):
+        raise ValueError(f"offload: FFN kind {type(ffn).__name__} holds an MoE block the expert "
+                         "store cannot drive (supported: 'moe', and a memory beside an MoE)")
+    return None
 
 
 class OffloadedModel:
@@ -53,28 +70,34 @@ class OffloadedModel:
                  record: bool = False):
         self.cfg, self.store, self.prefetch = model.cfg, store, prefetch
         blocks = self._blocks = list(model.layers)
-        self.moe_index = [i for i, b in enumerate(blocks) if isinstance(b.ffn, MoE)]
+        moes = [moe_of(b.ffn) for b in blocks]
+        self.moe_index = [i for i, m in enumerate(moes) if m is not None]
         if len(slots_L) != len(self.moe_index):
             raise ValueError(f"slots: {len(slots_L)} budgets for {len(self.moe_index)} MoE layers")
         if store.num_layers != len(self.moe_index):
             raise ValueError(f"store holds {store.num_layers} MoE layers, the model has "
                              f"{len(self.moe_index)}")
-        moe0 = blocks[self.moe_index[0]].ffn
+        moe0 = moes[self.moe_index[0]][0]
         self.num_experts, self.top_k = moe0.cfg.num_experts, moe0.cfg.top_k
         self.dtype = moe0.dtype
         backend = moe0.backend
+        # 'capacity' dispatch drops the pairs past each expert's capacity: so must we
+        self.capacity_factor = moe0.cfg.capacity_factor if backend == "capacity" else None
         self.gmm_backend = dispatch_lib.GMM_BACKENDS.get(backend, "xla")
         self.embed_VD = model.embed[...]
         self.head_parts = pieces.split(model.final_norm, getattr(model, "lm_head", None), model.embed)
         self.attn_parts = [pieces.split(b.attn_norm, b.attn, b.ffn_norm) for b in blocks]
         self.ffn_parts = []
-        for b in blocks:
-            if isinstance(b.ffn, MoE):
-                self.ffn_parts.append((pieces.split(b.ffn.router),
-                                       pieces.split(b.ffn.shared, b.ffn.shared_gate),
-                                       pieces.split(b.ffn_norm, b.ffn.router)))
+        for b, parts in zip(blocks, moes):
+            if parts is not None:
+                moe, side = parts
+                self.ffn_parts.append((pieces.split(moe.router), pieces.split(moe.shared, moe.shared_gate),
+                                       pieces.split(b.ffn_norm, moe.router),
+                                       None if side is None else pieces.split(side)))
             else:
                 self.ffn_parts.append(pieces.split(b.ffn))
+        # decode state of the FFN kinds (memory layers): previous ids, per-layer state
+        self.token_lookback = max((getattr(b.ffn, "token_lookback", 0) for b in blocks), default=0)
         self.tables, self.pools = [], []
         shapes = store.shapes()
         for layer, slots in enumerate(slots_L):
@@ -116,23 +139,44 @@ class OffloadedModel:
         return pred_E
 
     # ------------------------------------------------------------------ forward
-    def init_caches(self, batch_size: int, max_len: int) -> list:
-        """Per-layer attention caches (the layers' own ``init_cache``)."""
-        return [b.attn.init_cache(batch_size, max_len) for b in self._blocks]
+    def init_caches(self, batch_size: int, max_len: int) -> dict:
+        """Per-layer decode caches (the layers' own): attention caches, the FFN kinds'
+        decode states (None for stateless kinds) and the token history (when a kind
+        looks back at previous ids), as ``Transformer.init_cache`` keeps them."""
+        return {"attn": [b.attn.init_cache(batch_size, max_len) for b in self._blocks],
+                "ffn": [self._fresh_state(b, batch_size, max_len) for b in self._blocks],
+                "tokens_BT": (jnp.full((batch_size, max_len), -1, jnp.int32) if self.token_lookback
+                              else None),
+                "max_len": max_len}
+
+    @staticmethod
+    def _fresh_state(block, batch_size: int, max_len: int):
+        init_state = getattr(block.ffn, "init_state", None)
+        return None if init_state is None else init_state(batch_size, max_len)
 
     def forward(self, tokens_BS, positions_BS=None, valid_BS=None, caches=None):
         """(logits [B, S, V], caches) of one step: a full forward when ``caches`` is None,
-        else the S new tokens of each row appended to the per-layer attention caches
-        (``valid_BS`` False on padding, which is neither cached nor fetched for)."""
+        else the S new tokens of each row appended to the per-layer caches of
+        :meth:`init_caches` (``valid_BS`` False on padding, which is neither cached nor
+        fetched for; a row whose first position is 0 starts afresh)."""
         tokens_BS = jnp.asarray(tokens_BS, jnp.int32)
         batch, seq = tokens_BS.shape
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        positions_BS = jnp.asarray(positions_BS, jnp.int32)
         valid_T = (np.ones(batch * seq, bool) if valid_BS is None
                    else np.asarray(valid_BS, bool).reshape(-1))
         valid_BS = None if valid_BS is None else jnp.asarray(valid_BS)
         valid_mask_BS = jnp.asarray(valid_T.reshape(batch, seq))
-        caches = [None] * len(self.attn_parts) if caches is None else list(caches)
+        decoding = caches is not None
+        if decoding:
+            caches = {**caches, "attn": list(caches["attn"]), "ffn": list(caches["ffn"])}
+            attn_caches, ffn_states = caches["attn"], caches["ffn"]
+        else:
+            attn_caches = ffn_states = [None] * len(self.attn_parts)
+        prev_BN = None
+        if decoding and self.token_lookback:
+            prev_BN = pieces.previous_tokens(caches["tokens_BT"], positions_BS, self.token_lookback)
         num_layers = len(self.tables)
         need_LE = np.zeros((num_layers, self.num_experts), np.int32)
         pred_LE = np.zeros_like(need_LE)
@@ -143,22 +187,37 @@ class OffloadedModel:
             if is_moe:      # copies start now and overlap this block's attention
                 pred_LE[layer] = self._prefetch(layer, x_BSD, positions_BS, valid_mask_BS)
             x_in_BSD = x_BSD
-            x_BSD, h_BSD, caches[i] = pieces.attention(gdef, state, x_BSD, positions_BS,
-                                                       cache=caches[i], valid_BS=valid_BS)
+            x_BSD, h_BSD, attn_caches[i] = pieces.attention(gdef, state, x_BSD, positions_BS,
+                                                            cache=attn_caches[i], valid_BS=valid_BS)
             if is_moe and self.predicting:
                 self._carry[layer] = pieces.next_carry(self._carry[layer], x_in_BSD, x_BSD,
                                                        valid_mask_BS)
+            ffn_state = ffn_states[i]
+            if ffn_state is not None:     # a row starting at position 0 gets a fresh state
+                ffn_state = pieces.restart_rows(ffn_state, self._fresh_state(
+                    self._blocks[i], batch, caches["max_len"]), positions_BS)
+            ffn_inputs = (tokens_BS, positions_BS, valid_BS, prev_BN, ffn_state)
             if not is_moe:
-                x_BSD = pieces.dense_ffn(*self.ffn_parts[i], x_BSD, h_BSD, tokens_BS, positions_BS,
-                                         valid_BS)
+                x_BSD, ffn_states[i] = pieces.dense_ffn(*self.ffn_parts[i], x_BSD, h_BSD, *ffn_inputs)
                 continue
-            (router, shared, _) = self.ffn_parts[i]
+            (router, shared, _, side) = self.ffn_parts[i]
+            side_BSD = None
+            if side is not None:          # the memory beside the MoE
+                side_BSD, ffn_states[i] = pieces.side_ffn(*side, h_BSD, *ffn_inputs)
             gates_TK, experts_TK = pieces.route(*router, h_BSD)
-            need_LE[layer] = counts_E(np.asarray(experts_TK), valid_T, self.num_experts)
+            pairs = valid_T
+            if self.capacity_factor is not None:     # as moejax.dispatch.capacity_dispatch
+                keep_TK = pieces.capacity_keep(experts_TK, self.num_experts, self.capacity_factor)
+                gates_TK = jnp.where(keep_TK, gates_TK, 0.0)
+                pairs = valid_T[:, None] & np.asarray(keep_TK)
+            need_LE[layer] = counts_E(np.asarray(experts_TK), pairs, self.num_experts)
             y_TKD = self._experts(layer, h_BSD, experts_TK, valid_T, need_LE[layer])
-            x_BSD = pieces.moe_output(*shared, x_BSD, h_BSD, y_TKD, gates_TK)
+            x_BSD = pieces.moe_output(*shared, x_BSD, h_BSD, y_TKD, gates_TK, side_BSD)
             layer += 1
         logits_BSV = pieces.head(*self.head_parts, x_BSD)
+        if decoding and self.token_lookback:
+            caches["tokens_BT"] = pieces.record_tokens(caches["tokens_BT"], tokens_BS, positions_BS,
+                                                       valid_mask_BS)
         n_valid = int(valid_T.sum())
         for table in self.tables:
             table.stats.tokens += n_valid

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import decode_cache
+from moejax import dispatch as dispatch_lib
 from moejax.layers import LayerContext
 
 
@@ -32,13 +34,34 @@ def attention(gdef, state, x_BSD, positions_BS, cache=None, valid_BS=None):
     return x_BSD, ffn_norm(x_BSD), cache
 
 
-@partial(jax.jit, static_argnums=0)
-def dense_ffn(gdef, state, x_BSD, h_BSD, tokens_BS, positions_BS, valid_BS=None):
-    """A non-MoE FFN kind under the FFN protocol (stateless kinds), plus the residual."""
-    (ffn,) = nnx.merge(gdef, state)
-    ctx = LayerContext(tokens_BS=tokens_BS, positions_BS=positions_BS, valid_BS=valid_BS)
+def _ffn_call(ffn, h_BSD, tokens_BS, positions_BS, valid_BS, prev_tokens_BN, ffn_state):
+    """An FFN kind under the FFN protocol -> (y, its decode state after the call)."""
+    ctx = LayerContext(tokens_BS=tokens_BS, positions_BS=positions_BS, valid_BS=valid_BS,
+                       prev_tokens_BN=prev_tokens_BN, state=ffn_state)
     y_BSD, _ = ffn(h_BSD, ctx)
-    return x_BSD + y_BSD.astype(x_BSD.dtype)
+    return y_BSD, ffn_state if ctx.new_state is None else ctx.new_state
+
+
+@partial(jax.jit, static_argnums=0)
+def dense_ffn(gdef, state, x_BSD, h_BSD, tokens_BS, positions_BS, valid_BS=None,
+              prev_tokens_BN=None, ffn_state=None):
+    """A non-MoE FFN kind (memory layers too) plus the residual -> (x, its decode state).
+
+    ``prev_tokens_BN`` / ``ffn_state``: what ``Transformer.extend`` hands the kind in
+    decoding (the ids before the chunk, the kind's own state); None in a full forward."""
+    (ffn,) = nnx.merge(gdef, state)
+    y_BSD, ffn_state = _ffn_call(ffn, h_BSD, tokens_BS, positions_BS, valid_BS, prev_tokens_BN,
+                                 ffn_state)
+    return x_BSD + y_BSD.astype(x_BSD.dtype), ffn_state
+
+
+@partial(jax.jit, static_argnums=0)
+def side_ffn(gdef, state, h_BSD, tokens_BS, positions_BS, valid_BS=None, prev_tokens_BN=None,
+             ffn_state=None):
+    """The memory beside an MoE ('engram+moe', 'pkm+moe') -> (its output, its decode state);
+    :func:`moe_output` adds it to the MoE's as ``MemoryBeside`` does."""
+    (ffn,) = nnx.merge(gdef, state)
+    return _ffn_call(ffn, h_BSD, tokens_BS, positions_BS, valid_BS, prev_tokens_BN, ffn_state)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -48,6 +71,15 @@ def route(gdef, state, h_BSD):
     batch, seq, d_model = h_BSD.shape
     gates_TK, experts_TK, _ = router(h_BSD.reshape(batch * seq, d_model), num_sequences=batch)
     return gates_TK, experts_TK
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def capacity_keep(experts_TK, num_experts: int, capacity_factor: float):
+    """[T, K] bool: the pairs 'capacity' dispatch keeps (``moejax.dispatch.capacity_dispatch``:
+    the step's T tokens, padding included, fill per-expert buffers slot-major)."""
+    num_tokens, top_k = experts_TK.shape
+    capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    return dispatch_lib.capacity_positions(experts_TK, num_experts) < capacity
 
 
 def pick_probability(ffn_norm, router, x_BSD):
@@ -109,8 +141,9 @@ def next_carry(carry_BD, x_in_BSD, x_mid_BSD, valid_BS):
 
 
 @partial(jax.jit, static_argnums=0)
-def moe_output(gdef, state, x_BSD, h_BSD, y_TKD, gates_TK):
-    """Combine the routed outputs with the gates, add the shared experts, add the residual."""
+def moe_output(gdef, state, x_BSD, h_BSD, y_TKD, gates_TK, side_BSD=None):
+    """Combine the routed outputs with the gates, add the shared experts (and ``side_BSD``,
+    the output of a memory beside the MoE), add the residual."""
     shared, shared_gate = nnx.merge(gdef, state)
     batch, seq, d_model = h_BSD.shape
     x_TD = h_BSD.reshape(batch * seq, d_model)
@@ -124,6 +157,8 @@ def moe_output(gdef, state, x_BSD, h_BSD, y_TKD, gates_TK):
             shared_TD = (shared_TD.astype(jnp.float32) * gate_T1).astype(y_TKD.dtype)
         out_TD = out_TD + shared_TD
     y_BSD = out_TD.reshape(batch, seq, d_model).astype(h_BSD.dtype)
+    if side_BSD is not None:          # moejax.memory.kinds.MemoryBeside: memory + MoE
+        y_BSD = side_BSD + y_BSD.astype(side_BSD.dtype)
     return x_BSD + y_BSD.astype(x_BSD.dtype)
 
 
@@ -139,3 +174,25 @@ def head(gdef, state, x_BSD):
 @jax.jit
 def embed(embed_VD, tokens_BS):
     return jnp.take(embed_VD, tokens_BS, axis=0)
+
+
+@partial(jax.jit, static_argnums=2)
+def previous_tokens(tokens_BT, positions_BS, num: int):
+    """The ``num`` ids before each row's first position of the step, -1 where the row has
+    none (a row restarting at position 0 sees none of the request the slot held before)."""
+    return decode_cache.previous_tokens(tokens_BT, positions_BS[:, 0], num)
+
+
+@jax.jit
+def record_tokens(tokens_BT, tokens_BS, positions_BS, valid_BS):
+    """The token history with the step's valid ids written at their positions."""
+    slot_BS = jnp.where(valid_BS, positions_BS, tokens_BT.shape[1])
+    return tokens_BT.at[jnp.arange(tokens_BS.shape[0])[:, None], slot_BS].set(tokens_BS, mode="drop")
+
+
+@jax.jit
+def restart_rows(ffn_state, fresh_state, positions_BS):
+    """An FFN kind's decode state [B, ...] with rows that start at position 0 set fresh."""
+    start_B = positions_BS[:, 0] == 0
+    return jax.tree.map(lambda s, f: jnp.where(start_B.reshape((-1,) + (1,) * (s.ndim - 1)), f, s),
+                        ffn_state, fresh_state)

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from moejax.layers import LayerContext
-from moejax.moe import MoE
 from serve.offload import pieces
+from serve.offload.offloaded import moe_of
 from serve.offload.trace import RoutingTrace
 
 
@@ -35,21 +35,22 @@ def _routing(model, tokens_BT, carry_from_BT):
     x = jnp.take(model.embed[...], tokens_BT, axis=0)
     blocks = list(model.layers)
 
-    def top(block, x_BTD):
+    def top(block, moe, x_BTD):
         h = block.ffn_norm(x_BTD).reshape(batch * seq, -1)
-        return block.ffn.router(h, num_sequences=batch)[1].reshape(batch, seq, -1)
+        return moe.router(h, num_sequences=batch)[1].reshape(batch, seq, -1)
 
     chosen, predicted = [], []
     for block in blocks:
         attn_BTD = block.attn(block.attn_norm(x), positions_BT)[0].astype(x.dtype)
-        if isinstance(block.ffn, MoE):      # the prefetch guess: from the block's input
+        parts = moe_of(block.ffn)
+        if parts is not None:      # the prefetch guess: from the block's input
             carry_BTD = jnp.take_along_axis(attn_BTD, jnp.maximum(carry_from_BT, 0)[..., None], axis=1)
             carry_BTD = jnp.where((carry_from_BT >= 0)[..., None], carry_BTD, 0.0)
-            predicted.append(pieces.pick_probability(block.ffn_norm, block.ffn.router, x + carry_BTD))
+            predicted.append(pieces.pick_probability(block.ffn_norm, parts[0].router, x + carry_BTD))
         x = x + attn_BTD
         h = block.ffn_norm(x)
-        if isinstance(block.ffn, MoE):
-            chosen.append(top(block, x))
+        if parts is not None:
+            chosen.append(top(block, parts[0], x))
         y, _ = block.ffn(h, LayerContext(tokens_BS=tokens_BT, positions_BS=positions_BT))
         x = x + y.astype(x.dtype)
     x = model.final_norm(x)
@@ -103,8 +104,8 @@ def carry_sources(steps: list[list[tuple[int, int]]], shape) -> np.ndarray:
 def record(model, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 4,
            chunk: int = 64) -> RoutingTrace:
     """Generate for ``prompts`` in static batches and return the routing trace of those steps."""
-    num_experts = next(b.ffn for b in model.layers if isinstance(b.ffn, MoE)).cfg.num_experts
-    top_k = next(b.ffn for b in model.layers if isinstance(b.ffn, MoE)).cfg.top_k
+    moe = next(moe_of(b.ffn)[0] for b in model.layers if moe_of(b.ffn) is not None)
+    num_experts, top_k = moe.cfg.num_experts, moe.cfg.top_k
     need, pred, tokens_N = [], [], []
     for first in range(0, len(prompts), batch_size):
         batch = prompts[first:first + batch_size]

@@ -25,10 +25,13 @@ def read_prompts(path: str | None) -> list[str]:
     """One prompt per line (a .json file: a list of strings); the built-in set when None."""
     if path is None:
         return list(DEFAULT_PROMPTS)
+    from serve.export import ExportError
     text = Path(path).read_text()
-    prompts = json.loads(text) if path.endswith(".json") else [ln for ln in text.splitlines() if ln]
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        from serve.export import ExportError
+    try:
+        prompts = json.loads(text) if path.endswith(".json") else [ln for ln in text.splitlines() if ln]
+    except json.JSONDecodeError as err:
+        raise ExportError(f"--prompts {path}: not valid JSON ({err})") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise ExportError(f"--prompts {path}: need a non-empty list of non-empty prompts")
     return prompts
 
@@ -74,17 +77,38 @@ def load_model(directory: str | Path):
         from serve.export import ExportError
         raise ExportError(f"--model {directory}: neither a serving checkpoint (manifest.json) nor a "
                           f"model directory (config.json + model/)")
-    model, _ = mckpt.load_model(directory)
+    model, cfg = mckpt.load_model(directory)
+    if cfg.scan_layers:     # python -m train's default: unroll (model.layers), as export does
+        model = _unrolled(model, cfg)
     return model, lambda text: list(text.encode("utf-8"))
 
 
+def _unrolled(model, cfg):
+    """The same model with one Block per layer (``model.layers``) instead of scanned groups."""
+    from flax import nnx
+
+    from moejax.layer_stack import unstack_layers
+    from moejax.model import Transformer
+    flat = cfg.replace(scan_layers=False, remat="none")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(flat, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, unstack_layers(nnx.to_pure_dict(nnx.state(model)), cfg))
+    return nnx.merge(graphdef, state)
+
+
 def main(args: argparse.Namespace) -> int:
+    from serve.export import ExportError
+    from serve.offload.offloaded import moe_of
+    texts = read_prompts(args.prompts)          # before the model loads: bad prompts fail fast
     model, encode = load_model(args.model)
-    if not any(getattr(b.ffn, "router", None) is not None for b in model.layers):
-        from serve.export import ExportError
+    moes = [moe_of(b.ffn) for b in model.layers]
+    if not any(moes):
         raise ExportError(f"--model {args.model}: no MoE layers to simulate")
-    prompts = [encode(p) for p in read_prompts(args.prompts)]
-    moe = next(b.ffn for b in model.layers if getattr(b.ffn, "router", None) is not None)
+    prompts = [encode(p) for p in texts]
+    longest, context = max(len(p) for p in prompts), model.cfg.max_seq_len
+    if longest + args.max_new_tokens > context:
+        raise ExportError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt has {longest} "
+                          f"tokens, together past the model's context of {context} tokens")
+    moe = next(m[0] for m in moes if m is not None)
     c = moe.cfg
     expert_bytes = 3 * c.d_model * c.d_ff * moe.dtype.itemsize
     table = run(model, prompts, Path(args.out), max_new_tokens=args.max_new_tokens,

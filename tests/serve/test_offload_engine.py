@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import moejax
 import serve
 from moejax import checkpoint as mckpt
 from serve.metrics import prometheus_text
@@ -25,7 +26,9 @@ NEW = 5
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("offload")
-    model = small_model(num_experts=6, top_k=2, shared=1)
+    # a dense layer, an MoE, and an MoE beside an n-gram memory (token look-back, decode state)
+    model = small_model(num_experts=6, top_k=2, shared=1, kinds=("dense", "moe", "engram+moe"),
+                        memory=moejax.MemoryConfig(ngram_table_rows=256, ngram_d_row=8, ngram_heads=2))
     mckpt.save_model(root / "run", model, model.cfg)
     serve.export(root / "run", root / "serving")
     resident = serve.Engine.load(root / "serving", **ENGINE)

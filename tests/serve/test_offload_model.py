@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import moejax
 from moejax import dispatch as dispatch_lib
 from moejax.experts import FloatExpertWeights
 from serve.offload.offloaded import OffloadedModel
@@ -123,3 +124,38 @@ def test_fetch_every_time_baseline_never_hits(setup):
     for _ in range(2):
         np.testing.assert_array_equal(om.forward(tokens)[0], resident)
     assert all(s.hits == 0 and s.demand_loads == s.accesses for s in om.layer_stats())
+
+
+def test_memory_layers_decode_with_their_state_and_lookback():
+    """Engram (token look-back, conv window as decode state) alone and beside an MoE: the
+    cached offloaded decode in chunks equals the model's full forward, also for a row that
+    restarts at position 0 in a slot that held another sequence."""
+    mem = moejax.MemoryConfig(ngram_table_rows=256, ngram_d_row=8, ngram_heads=2, num_slots=64,
+                              d_key=16, top_k=4, num_heads=2)
+    model = small_model(num_experts=4, n_layers=2, kinds=("engram+moe", "engram"), memory=mem)
+    for b in model.layers:         # conv starts at zero; make the window count
+        conv = b.ffn.memory.conv if hasattr(b.ffn, "memory") else b.ffn.conv
+        conv[...] = jax.random.normal(jax.random.key(3), conv.shape)
+    full = nnx.jit(lambda m, t: m(t)[0])
+    om = OffloadedModel(model, host_store(model), [1], prefetch=False)
+    caches = om.init_caches(1, 16)
+    for tokens in ([3, 9, 4, 1, 7, 2], [5, 6, 5, 6, 1, 1]):   # the second restarts the row
+        tokens = np.array([tokens], np.int32)
+        steps = []
+        for t in range(0, 6, 2):
+            logits, caches = om.forward(tokens[:, t:t + 2], jnp.arange(t, t + 2)[None],
+                                        np.ones((1, 2), bool), caches)
+            steps.append(logits)
+        np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full(model, jnp.asarray(tokens)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_dispatch_drops_the_same_pairs():
+    """With a capacity factor the resident MoE drops the pairs past each expert's capacity;
+    the offloaded forward drops the same ones (and fetches no expert only they need)."""
+    model = small_model(num_experts=4, n_layers=2, capacity_factor=0.5)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+    ref, aux = nnx.jit(lambda m, t: m(t))(model, tokens)
+    assert float(aux["dropped_fraction"]) > 0
+    om = OffloadedModel(model, host_store(model), [1, 1], prefetch=False)
+    np.testing.assert_allclose(om.forward(tokens)[0], ref, rtol=1e-5, atol=1e-5)

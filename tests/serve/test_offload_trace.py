@@ -1,5 +1,6 @@
 """Recording routing from generations, the trace-sim driver, and OffloadConfig validation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,7 +105,9 @@ def test_offload_config_errors_name_the_field(tmp_path):
                           (dict(budgets="trace"), "trace"),
                           (dict(trace=str(tmp_path / "none.npz")), "trace"),
                           (dict(store="disk", path=str(tmp_path / "nowhere")), "path"),
-                          (dict(prefetch="yes"), "prefetch")]:
+                          (dict(prefetch="yes"), "prefetch"),
+                          (dict(lfru_decay="0.5"), "lfru_decay"),
+                          (dict(policy="lru", trace=123), "trace")]:
         with pytest.raises(OffloadConfigError, match=f"OffloadConfig.{field}"):
             OffloadConfig(**kwargs)
     with pytest.raises(OffloadConfigError, match="slots_per_layer.*only 6 experts"):
@@ -122,3 +125,33 @@ def test_offload_config_budgets_from_trace():
     assert freq.shape == (2, 6)
     with pytest.raises(OffloadConfigError, match="trace"):
         OffloadConfig(trace=trace).resolve(3, 6)
+
+
+def test_trace_sim_bad_input_is_one_error_line(micro_serving, tmp_path, capsys):
+    from serve import cli
+    from tests.serve.test_serve_cli_errors import assert_one_line_error
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "dict.json").write_text('{"a": "b"}')
+    out = tmp_path / "out"
+    for extra, needles in ((["--prompts", str(tmp_path / "bad.json")], ["bad.json", "not valid JSON"]),
+                           (["--prompts", str(tmp_path / "dict.json")], ["dict.json", "list"]),
+                           (["--max-new-tokens", "60"], ["--max-new-tokens", "context of 64"])):
+        code = cli.main(["trace-sim", "--model", str(micro_serving), "--out", str(out), *extra])
+        assert_one_line_error(code, capsys.readouterr().err, *needles)
+        assert not out.exists()
+
+
+def test_trace_sim_reads_a_scanned_model_directory(model, tmp_path):
+    """python -m train writes scanned layers; trace-sim walks model.layers: it unrolls them."""
+    from moejax import checkpoint as mckpt
+    from moejax.layer_stack import stack_layers
+    from moejax.model import Transformer
+    from serve.offload.tracesim_cli import load_model
+    cfg = model.cfg.replace(scan_layers=True)           # the fixture's weights, stacked
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, stack_layers(nnx.to_pure_dict(nnx.state(model)), cfg))
+    mckpt.save_model(tmp_path / "run", nnx.merge(graphdef, state), cfg)
+    unrolled, encode = load_model(tmp_path / "run")
+    assert encode("ab") == [97, 98] and unrolled.cfg == model.cfg
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(unrolled)),
+                 nnx.to_pure_dict(nnx.state(model)))
