@@ -146,8 +146,7 @@ class OffloadedModel:
         return {"attn": [b.attn.init_cache(batch_size, max_len) for b in self._blocks],
                 "ffn": [self._fresh_state(b, batch_size, max_len) for b in self._blocks],
                 "tokens_BT": (jnp.full((batch_size, max_len), -1, jnp.int32) if self.token_lookback
-                              else None),
-                "max_len": max_len}
+                              else None)}
 
     @staticmethod
     def _fresh_state(block, batch_size: int, max_len: int):
@@ -192,11 +191,8 @@ class OffloadedModel:
             if is_moe and self.predicting:
                 self._carry[layer] = pieces.next_carry(self._carry[layer], x_in_BSD, x_BSD,
                                                        valid_mask_BS)
-            ffn_state = ffn_states[i]
-            if ffn_state is not None:     # a row starting at position 0 gets a fresh state
-                ffn_state = pieces.restart_rows(ffn_state, self._fresh_state(
-                    self._blocks[i], batch, caches["max_len"]), positions_BS)
-            ffn_inputs = (tokens_BS, positions_BS, valid_BS, prev_BN, ffn_state)
+            # a kind ignores the state of a row starting at position 0 (moejax.layers)
+            ffn_inputs = (tokens_BS, positions_BS, valid_BS, prev_BN, ffn_states[i])
             if not is_moe:
                 x_BSD, ffn_states[i] = pieces.dense_ffn(*self.ffn_parts[i], x_BSD, h_BSD, *ffn_inputs)
                 continue

@@ -189,10 +189,3 @@ def record_tokens(tokens_BT, tokens_BS, positions_BS, valid_BS):
     slot_BS = jnp.where(valid_BS, positions_BS, tokens_BT.shape[1])
     return tokens_BT.at[jnp.arange(tokens_BS.shape[0])[:, None], slot_BS].set(tokens_BS, mode="drop")
 
-
-@jax.jit
-def restart_rows(ffn_state, fresh_state, positions_BS):
-    """An FFN kind's decode state [B, ...] with rows that start at position 0 set fresh."""
-    start_B = positions_BS[:, 0] == 0
-    return jax.tree.map(lambda s, f: jnp.where(start_B.reshape((-1,) + (1,) * (s.ndim - 1)), f, s),
-                        ffn_state, fresh_state)
