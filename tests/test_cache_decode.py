@@ -8,6 +8,7 @@ from flax import nnx
 
 from moejax import ModelConfig, Transformer
 from moejax.attention import MLAttention
+from moejax.decode_cache import valid_mask
 from moejax.layers import FFN_KINDS, LayerAux, register_ffn_kind
 from tests.decode_helpers import (TOL, assert_dropless, check_prefill_then_steps, check_ragged_batch,
                                   decode_in_chunks, extend_all, forward, rel_err)
@@ -108,6 +109,18 @@ def test_bad_sizes_are_clear_errors():
         model.extend(jnp.zeros((2, 2), jnp.int32), cache)
     with pytest.raises(ValueError, match="lengths_B must have shape"):
         model.extend(jnp.zeros((2, 1), jnp.int32), cache, jnp.ones((3,), jnp.int32))
+
+
+def test_lengths_outside_the_chunk_are_refused_or_clipped_under_jit():
+    """lengths_B counts the real tokens among the S given: outside [0, S] the cache would
+    count tokens it never received (or lose some)."""
+    for lengths in ([4, 1], [-1, 2]):   # (what extend checks first, before any layer runs)
+        with pytest.raises(ValueError, match=r"lengths_B\[0\]=-?\d is outside \[0, 3\]"):
+            valid_mask(jnp.asarray(lengths, jnp.int32), 2, 3)
+    # under jit the values cannot be checked: clipped, so the count matches what was written
+    valid, added = jax.jit(lambda n: valid_mask(n, 2, 3))(jnp.asarray([5, -2], jnp.int32))
+    np.testing.assert_array_equal(added, [3, 0])
+    np.testing.assert_array_equal(valid, [[True] * 3, [False] * 3])
 
 
 @pytest.mark.parametrize("name", ["tiny", "deepseek-mini"])
