@@ -13,7 +13,7 @@ from moejax import sharding, validate
 from moejax.attention import Attention, MLAttention, RMSNorm
 from moejax.config import ModelConfig
 from moejax.decode_cache import Cache, check_room, previous_tokens, valid_mask
-from moejax.layers import LayerAux, LayerContext, build_ffn
+from moejax.layers import LayerAux, LayerContext, build_ffn, model_build
 from moejax.memory import kinds as _memory_kinds  # noqa: F401  (registers 'pkm', 'engram', ...)
 from moejax.layer_stack import ScannedBlocks, layer_groups, unstack_tree
 from moejax.moe import MoE
@@ -93,11 +93,12 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.embed = nnx.Param(nnx.initializers.normal(stddev=1.0)(
             rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32), logical_axes=("vocab", "embed"))
-        if cfg.scan_layers:
-            self.stacks = nnx.List([ScannedBlocks(Block, cfg, start, count, rngs=rngs)
-                                    for start, count in layer_groups(cfg)])
-        else:
-            self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        with model_build():   # what the layers share (shared_in_model) is this model's own
+            if cfg.scan_layers:
+                self.stacks = nnx.List([ScannedBlocks(Block, cfg, start, count, rngs=rngs)
+                                        for start, count in layer_groups(cfg)])
+            else:
+                self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Param(nnx.initializers.normal(stddev=cfg.d_model ** -0.5)(
