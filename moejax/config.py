@@ -382,8 +382,8 @@ class ModelConfig:
         _require(self.mla is not None or self.head_dim is not None or self.d_model % self.n_heads == 0,
                  name, "head_dim",
                  f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
-        _require(self.head_dim is None or (isinstance(self.head_dim, int) and not isinstance(self.head_dim, bool)
-                                           and self.head_dim > 0 and self.head_dim % 2 == 0),
+        _require(self.head_dim is None or (isinstance(self.head_dim, int) and not isinstance(
+                     self.head_dim, bool) and self.head_dim > 0 and self.head_dim % 2 == 0),
                  name, "head_dim", f"must be a positive even int (RoPE), got {self.head_dim!r}")
         _require(self.mla is not None or self.resolved_head_dim % 2 == 0, name, "head_dim",
                  f"head_dim {self.resolved_head_dim} must be even for RoPE")
