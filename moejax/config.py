@@ -10,13 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 ROUTERS = ("softmax", "sigmoid")
 DISPATCHES = ("auto", "dense", "capacity", "ragged", "gmm")
@@ -43,25 +40,26 @@ def _positive_ints(obj, *names: str) -> None:
                  type(obj).__name__, name, f"must be a positive int, got {value!r}")
 
 
-def _is_number(value) -> bool:
-    """A real number that is not a bool (numpy scalars included)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def _finite_numbers(obj, *names: str, positive: bool) -> None:
-    """Each field is a finite real number, > 0 (``positive``) or >= 0."""
-    for name in names:
-        value = getattr(obj, name)
-        ok = _is_number(value) and math.isfinite(value) and (value > 0 if positive else value >= 0)
-        _require(ok, type(obj).__name__, name,
-                 f"must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-
-
 def _bools(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, (bool, np.bool_)), type(obj).__name__, name,
-                 f"must be True or False, got {value!r}")
+        _require(isinstance(value, bool), type(obj).__name__, name, f"must be a bool, got {value!r}")
+
+
+def _number(obj, name: str, *, above: float | None = None, at_least: float | None = None,
+            optional: bool = False) -> None:
+    """A finite int or float (not a bool, not a string) that is > ``above`` / >= ``at_least``."""
+    value = getattr(obj, name)
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    bound = ""
+    if above is not None:
+        ok, bound = ok and value > above, f" > {above}"
+    if at_least is not None:
+        ok, bound = ok and value >= at_least, f" >= {at_least}"
+    _require(ok, type(obj).__name__, name,
+             f"must be {'None or ' if optional else ''}a finite number{bound}, got {value!r}")
 
 
 def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
@@ -108,6 +106,7 @@ class MoEConfig:
     def __post_init__(self):
         name = "MoEConfig"
         _positive_ints(self, "d_model", "d_ff", "num_experts", "top_k", "n_group", "topk_group")
+        _bools(self, "shared_expert_gate", "norm_topk_prob")
         _choice(self, "router", ROUTERS)
         _choice(self, "dispatch", DISPATCHES)
         _choice(self, "ep_exchange", EP_EXCHANGES)
@@ -130,13 +129,12 @@ class MoEConfig:
                  name, "shared_d_ff", f"must be None or a positive int, got {self.shared_d_ff!r}")
         _require(not self.shared_expert_gate or self.num_shared_experts > 0, name,
                  "shared_expert_gate", "needs num_shared_experts > 0")
-        _bools(self, "norm_topk_prob", "shared_expert_gate")
-        if self.capacity_factor is not None:
-            _finite_numbers(self, "capacity_factor", positive=True)
+        _number(self, "capacity_factor", above=0, optional=True)   # None: dropless
         _require(self.dispatch != "capacity" or self.capacity_factor is not None, name,
                  "capacity_factor", "dispatch='capacity' needs a capacity_factor")
-        _finite_numbers(self, "routed_scaling_factor", positive=True)
-        _finite_numbers(self, "aux_loss_coef", "z_loss_coef", "bias_update_rate", positive=False)
+        _number(self, "routed_scaling_factor", above=0)
+        for coef in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            _number(self, coef, at_least=0)
 
     @property
     def shared_hidden(self) -> int:
@@ -203,7 +201,9 @@ class MemoryConfig:
                  f"top_k={self.top_k} exceeds the n={n} sub-keys per half (num_slots={self.num_slots})")
         _require(self.d_key % 2 == 0, name, "d_key",
                  f"must be even (two halves of the query), got {self.d_key}")
-        _require(self.d_value is None or (isinstance(self.d_value, int) and self.d_value > 0),
+        _bools(self, "share_values")
+        _require(self.d_value is None or (isinstance(self.d_value, int) and not isinstance(self.d_value, bool)
+                                          and self.d_value > 0),
                  name, "d_value", f"must be None (d_model) or a positive int, got {self.d_value!r}")
         orders = self.ngram_orders
         _require(isinstance(orders, tuple) and len(orders) > 0
@@ -282,10 +282,12 @@ class YarnConfig:
     truncate: bool = True
 
     def __post_init__(self):
-        _require(self.factor >= 1.0, "YarnConfig", "factor", f"must be >= 1, got {self.factor!r}")
+        _number(self, "factor", at_least=1)
         _positive_ints(self, "original_max_position_embeddings")
-        _require(self.attention_factor > 0, "YarnConfig", "attention_factor",
-                 f"must be > 0, got {self.attention_factor!r}")
+        _number(self, "beta_fast", above=0)   # rotations: the correction bounds take their log
+        _number(self, "beta_slow", above=0)
+        _number(self, "attention_factor", above=0)
+        _bools(self, "truncate")
 
 
 @dataclass(frozen=True)
@@ -317,10 +319,8 @@ class MLAConfig:
                  "MLAConfig", "q_lora_rank", f"must be None or a positive int, got {self.q_lora_rank!r}")
         _require(self.qk_rope_head_dim % 2 == 0, "MLAConfig", "qk_rope_head_dim",
                  f"must be even (RoPE), got {self.qk_rope_head_dim}")
-        _require(self.latent_norm_eps > 0, "MLAConfig", "latent_norm_eps",
-                 f"must be > 0, got {self.latent_norm_eps!r}")
-        _require(self.softmax_mscale > 0, "MLAConfig", "softmax_mscale",
-                 f"must be > 0, got {self.softmax_mscale!r}")
+        _number(self, "latent_norm_eps", above=0)
+        _number(self, "softmax_mscale", above=0)
 
     @property
     def qk_head_dim(self) -> int:
@@ -371,8 +371,9 @@ class ModelConfig:
     def __post_init__(self):
         name = "ModelConfig"
         _choice(self, "remat", REMATS)
-        _require(isinstance(self.scan_layers, bool), name, "scan_layers",
-                 f"must be a bool, got {self.scan_layers!r}")
+        _bools(self, "scan_layers", "tie_embeddings", "attention_bias")
+        _number(self, "rope_theta", above=0)
+        _number(self, "rms_norm_eps", above=0)
         _positive_ints(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                        "d_ff", "max_seq_len")
         _choice(self, "dtype", DTYPES)
@@ -382,7 +383,8 @@ class ModelConfig:
         _require(self.mla is not None or self.head_dim is not None or self.d_model % self.n_heads == 0,
                  name, "head_dim",
                  f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
-        _require(self.head_dim is None or (self.head_dim > 0 and self.head_dim % 2 == 0),
+        _require(self.head_dim is None or (isinstance(self.head_dim, int) and not isinstance(
+                     self.head_dim, bool) and self.head_dim > 0 and self.head_dim % 2 == 0),
                  name, "head_dim", f"must be a positive even int (RoPE), got {self.head_dim!r}")
         _require(self.mla is not None or self.resolved_head_dim % 2 == 0, name, "head_dim",
                  f"head_dim {self.resolved_head_dim} must be even for RoPE")

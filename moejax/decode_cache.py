@@ -67,10 +67,20 @@ def check_room(cache: Cache, added_B: Int[Array, "B"]) -> None:
 
 def valid_mask(lengths_B: Int[Array, "B"] | None, batch: int, seq: int
                ) -> tuple[Bool[Array, "B S"] | None, Int[Array, "B"]]:
-    """(valid_BS or None when every token is real, how many tokens each row adds)."""
+    """(valid_BS or None when every token is real, how many tokens each row adds).
+
+    ``lengths_B`` must lie in [0, seq]: outside ``jit`` anything else is a ValueError
+    naming the row; under ``jit`` it is clipped to that range."""
     if lengths_B is None:
         return None, jnp.full((batch,), seq, jnp.int32)
     lengths_B = jnp.asarray(lengths_B, jnp.int32)
     if lengths_B.shape != (batch,):
         raise ValueError(f"extend: lengths_B must have shape ({batch},), got {lengths_B.shape}")
+    if not isinstance(lengths_B, jax.core.Tracer):
+        bad = [(b, int(n)) for b, n in enumerate(jax.device_get(lengths_B)) if not 0 <= n <= seq]
+        if bad:
+            raise ValueError(f"extend: lengths_B[{bad[0][0]}]={bad[0][1]} is outside [0, {seq}] "
+                             f"(the number of real tokens among the S={seq} given)")
+    # under jit values cannot be checked: clip, so a row never counts tokens it did not get
+    lengths_B = jnp.clip(lengths_B, 0, seq)
     return jnp.arange(seq, dtype=jnp.int32)[None, :] < lengths_B[:, None], lengths_B

@@ -11,10 +11,15 @@ it needs in ``ctx.prev_tokens_BN``) and ``init_state(batch_size, max_len)``
 (its decode state; default None). A row whose chunk starts at position 0 has no
 history: a kind must then ignore the state it is handed for that row (serving
 reuses a cache row for a new request by setting its length to 0, nothing else).
+A builder that shares one object between the layers of a model (a memory value
+table) gets it from :func:`shared_in_model`, scoped to one model's construction
+by :func:`model_build`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -152,6 +157,33 @@ def register_ffn_kind(name: str, build: Callable[..., nnx.Module], *,
 def build_ffn(cfg: "ModelConfig", layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
     """The FFN module of layer ``layer`` (kind ``cfg.ffn_kinds[layer]``)."""
     return FFN_KINDS[cfg.ffn_kinds[layer]].build(cfg, layer, rngs=rngs)
+
+
+_MODEL_BUILD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("moejax_model_build",
+                                                                         default=None)
+
+
+@contextlib.contextmanager
+def model_build():
+    """The construction of one model's layers: what they share (:func:`shared_in_model`)
+    is made once inside it and never reaches another model."""
+    token = _MODEL_BUILD.set({})
+    try:
+        yield
+    finally:
+        _MODEL_BUILD.reset(token)
+
+
+def shared_in_model(key: Any, make: Callable[[], Any]) -> Any:
+    """The object ``key`` of the model being built: ``make()`` for the first layer that asks,
+    the same object for the others. Outside :func:`model_build` (a layer built on its own)
+    every call makes a new one."""
+    scope = _MODEL_BUILD.get()
+    if scope is None:
+        return make()
+    if key not in scope:
+        scope[key] = make()
+    return scope[key]
 
 
 def _build_dense(cfg: "ModelConfig", layer: int, *, rngs: nnx.Rngs) -> nnx.Module:

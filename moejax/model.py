@@ -13,7 +13,7 @@ from moejax import sharding, validate
 from moejax.attention import Attention, MLAttention, RMSNorm
 from moejax.config import ModelConfig
 from moejax.decode_cache import Cache, check_room, previous_tokens, valid_mask
-from moejax.layers import LayerAux, LayerContext, build_ffn
+from moejax.layers import LayerAux, LayerContext, build_ffn, model_build
 from moejax.memory import kinds as _memory_kinds  # noqa: F401  (registers 'pkm', 'engram', ...)
 from moejax.layer_stack import ScannedBlocks, layer_groups, unstack_tree
 from moejax.moe import MoE
@@ -93,11 +93,12 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.embed = nnx.Param(nnx.initializers.normal(stddev=1.0)(
             rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32), logical_axes=("vocab", "embed"))
-        if cfg.scan_layers:
-            self.stacks = nnx.List([ScannedBlocks(Block, cfg, start, count, rngs=rngs)
-                                    for start, count in layer_groups(cfg)])
-        else:
-            self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        with model_build():   # what the layers share (shared_in_model) is this model's own
+            if cfg.scan_layers:
+                self.stacks = nnx.List([ScannedBlocks(Block, cfg, start, count, rngs=rngs)
+                                        for start, count in layer_groups(cfg)])
+            else:
+                self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Param(nnx.initializers.normal(stddev=cfg.d_model ** -0.5)(
@@ -171,6 +172,8 @@ class Transformer(nnx.Module):
         rest is padding: it never enters the cache and its logits mean nothing.
         Shapes are fixed, so a jitted ``extend`` compiles once per S. Real ids are
         checked as in ``__call__`` (outside ``jit``: a ValueError naming a bad id).
+        Tokens past the cache's ``max_len`` are a ValueError outside ``jit``; under
+        ``jit`` they are not stored and their logits (and every later step's) are NaN.
         """
         b, s = tokens_BS.shape
         if b != cache.batch_size:
@@ -188,7 +191,13 @@ class Transformer(nnx.Module):
         x_BSD, _, layers = self._run_layers(self._embed(tokens_BS), ctx, cache.layers)
         slot_BS = positions_BS if valid_BS is None else jnp.where(valid_BS, positions_BS, cache.max_len)
         tokens_BT = cache.tokens_BT.at[jnp.arange(b)[:, None], slot_BS].set(tokens_BS, mode="drop")
-        return self._head(x_BSD), Cache(cache.lengths_B + added_B, tokens_BT, layers)
+        # past the cache's end (only possible under jit, where check_room cannot raise) a token
+        # is dropped from the cache: NaN logits there and at every later step, not silent garbage
+        over_BS = positions_BS >= cache.max_len
+        if valid_BS is not None:   # padding logits mean nothing either way
+            over_BS = over_BS & valid_BS
+        logits_BSV = jnp.where(over_BS[:, :, None], jnp.nan, self._head(x_BSD))
+        return logits_BSV, Cache(cache.lengths_B + added_B, tokens_BT, layers)
 
     def _ffns(self) -> list[tuple[nnx.Module, int]]:
         """(FFN module, how many layers it serves): 1 unrolled; a group's count when scanned,

@@ -8,9 +8,11 @@ from flax import nnx
 
 from moejax import ModelConfig, Transformer
 from moejax.attention import MLAttention
+from moejax.decode_cache import valid_mask
 from moejax.layers import FFN_KINDS, LayerAux, register_ffn_kind
 from tests.decode_helpers import (TOL, assert_dropless, check_prefill_then_steps, check_ragged_batch,
-                                  decode_in_chunks, extend_all, forward, rel_err)
+                                  decode_in_chunks, extend, extend_all, forward,
+                                  rel_err)
 
 VOCAB = 128
 
@@ -108,6 +110,34 @@ def test_bad_sizes_are_clear_errors():
         model.extend(jnp.zeros((2, 2), jnp.int32), cache)
     with pytest.raises(ValueError, match="lengths_B must have shape"):
         model.extend(jnp.zeros((2, 1), jnp.int32), cache, jnp.ones((3,), jnp.int32))
+
+
+def test_lengths_outside_the_chunk_are_refused_or_clipped_under_jit():
+    """lengths_B counts the real tokens among the S given: outside [0, S] the cache would
+    count tokens it never received (or lose some)."""
+    for lengths in ([4, 1], [-1, 2]):   # (what extend checks first, before any layer runs)
+        with pytest.raises(ValueError, match=r"lengths_B\[0\]=-?\d is outside \[0, 3\]"):
+            valid_mask(jnp.asarray(lengths, jnp.int32), 2, 3)
+    # under jit the values cannot be checked: clipped, so the count matches what was written
+    valid, added = jax.jit(lambda n: valid_mask(n, 2, 3))(jnp.asarray([5, -2], jnp.int32))
+    np.testing.assert_array_equal(added, [3, 0])
+    np.testing.assert_array_equal(valid, [[True] * 3, [False] * 3])
+
+
+def test_jitted_extend_past_max_len_gives_nan_logits_not_garbage():
+    """Under jit check_room cannot raise: tokens that do not fit are dropped from the cache,
+    so their logits (and every later step's) are NaN; the tokens that fit are unchanged."""
+    model = build(small("dense-tiny"))
+    tokens = np.random.default_rng(5).integers(0, VOCAB, size=(2, 8)).astype(np.int32)
+    want = np.asarray(forward(model, jnp.asarray(tokens)))
+    cache = model.init_cache(2, 7)
+    first, cache = extend(model, jnp.asarray(tokens[:, :5]), cache, jnp.asarray([5, 3], jnp.int32))
+    step, cache = extend(model, jnp.asarray(tokens[:, 5:8]), cache, jnp.asarray([3, 3], jnp.int32))
+    assert rel_err(step[0, :2], want[0, 5:7]) <= TOL         # positions 5, 6 fit in 7 slots
+    assert np.isnan(np.asarray(step[0, 2])).all()             # position 7 does not
+    assert np.isfinite(np.asarray(step[1])).all()             # row 1: 3 + 3 tokens fit
+    late, _ = extend(model, jnp.asarray(tokens[:, :3]), cache, jnp.asarray([1, 1], jnp.int32))
+    assert np.isnan(np.asarray(late[0, 0])).all() and np.isfinite(np.asarray(late[1, 0])).all()
 
 
 @pytest.mark.parametrize("name", ["tiny", "deepseek-mini"])

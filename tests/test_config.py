@@ -4,7 +4,8 @@ import pytest
 from flax import nnx
 
 import moejax
-from moejax.config import ConfigError, config_from_dict, config_to_dict
+from moejax.config import (ConfigError, MemoryConfig, MLAConfig, YarnConfig, config_from_dict,
+                           config_to_dict)
 
 BASE = dict(d_model=16, d_ff=32, num_experts=8, top_k=2)
 
@@ -52,11 +53,34 @@ def test_bad_moe_config_names_the_field(changes, field):
     (dict(moe=None, ffn_kinds=("dense", "moe", "dense", "dense")), "ffn_kinds"),  # moe without MoEConfig
     (dict(qk_norm="layer"), "qk_norm"),
     (dict(moe=moejax.MoEConfig(**{**BASE, "d_model": 32})), "moe"),
+    (dict(head_dim="32"), "head_dim"),                     # not a number (no TypeError)
+    (dict(rope_theta=-1.0), "rope_theta"),                 # NaN angles
+    (dict(rope_theta=0), "rope_theta"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
+    (dict(tie_embeddings="no"), "tie_embeddings"),
+    (dict(attention_bias=1), "attention_bias"),
 ])
 def test_bad_model_config_names_the_field(changes, field):
     base = moejax.ModelConfig.preset("tiny")
     with pytest.raises(ConfigError, match=rf"ModelConfig\.{field}\b"):
         base.replace(**changes)
+
+
+@pytest.mark.parametrize("cls, changes, field", [
+    (YarnConfig, dict(beta_fast=-1.0), "beta_fast"),       # the correction bounds take its log
+    (YarnConfig, dict(beta_slow=0.0), "beta_slow"),
+    (YarnConfig, dict(factor="2"), "factor"),
+    (YarnConfig, dict(truncate="yes"), "truncate"),
+    (MLAConfig, dict(softmax_mscale="1"), "softmax_mscale"),
+    (MemoryConfig, dict(share_values="no"), "share_values"),
+    (MemoryConfig, dict(d_value=True), "d_value"),
+])
+def test_bad_nested_config_names_the_field(cls, changes, field):
+    base = {YarnConfig: dict(factor=4.0, original_max_position_embeddings=64),
+            MLAConfig: dict(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4),
+            MemoryConfig: {}}[cls]
+    with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{field}\b"):
+        cls(**{**base, **changes})
 
 
 def test_unknown_preset_lists_the_known_ones():

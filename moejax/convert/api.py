@@ -70,7 +70,9 @@ def load_hf(path: str | Path, *, dtype: str = "float32", scan_layers: bool = Fal
     (parameters stacked per group; see moejax.layer_stack).
     """
     cfg, family, raw = read_hf_config(path)
-    cfg = cfg.replace(dtype=dtype, scan_layers=scan_layers)
+    # the compute dtype of every block, the MoE layers' own config included
+    cfg = cfg.replace(dtype=dtype, moe=None if cfg.moe is None else cfg.moe.replace(dtype=dtype),
+                      scan_layers=scan_layers)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     pure = unstack_layers(nnx.to_pure_dict(state), cfg)   # HF names layers by index
     with TensorReader(path, fp8_block=read_fp8_block(HFConfig(raw))) as reader:
@@ -116,6 +118,26 @@ def _fill_variables(pure: dict, reader: TensorReader, cfg: ModelConfig, family: 
         raise KeyError(f"moejax variables not found in the checkpoint: {missing[:8]}")
 
 
+def _check_model_fits(pure: dict, cfg: ModelConfig) -> None:
+    """The model's variables are those of a float model of ``cfg`` (names and shapes), or a
+    ValueError naming the first that differ (before anything is written)."""
+    def shapes(tree):
+        return {jax.tree_util.keystr(p): tuple(leaf.shape)
+                for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have = shapes(pure)
+    want = shapes(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))))
+    if have == want:
+        return
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    reshaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    detail = "; ".join(f"{what} {keys[0]}" + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
+                       for what, keys in (("missing", missing), ("unexpected", extra),
+                                          ("shape differs:", reshaped)) if keys)
+    raise ValueError(f"save_hf: the model's variables do not fit a float model of this config ({detail}); "
+                     "pass the config the model was built with, and save before quantize_experts "
+                     "(Hugging Face checkpoints hold float experts)")
+
+
 def save_hf(model: Transformer, cfg: ModelConfig, path: str | Path, *, expert_layout: str = "per_expert",
             max_shard_bytes: int = 2 * 1024 ** 3) -> str:
     """Write ``model`` as a Hugging Face checkpoint directory; returns its model_type.
@@ -131,7 +153,9 @@ def save_hf(model: Transformer, cfg: ModelConfig, path: str | Path, *, expert_la
     hf_config = family.write(cfg)
     fused = expert_layout == "fused"
     prefix = "mlp" if fused else family.moe_prefixes[0]
-    pure = unstack_layers(nnx.to_pure_dict(nnx.state(model)), cfg)
+    pure = nnx.to_pure_dict(nnx.state(model))
+    _check_model_fits(pure, cfg)
+    pure = unstack_layers(pure, cfg)
 
     def tensors():
         for entry in model_entries(cfg, family, moe_prefix=prefix, fused=fused):

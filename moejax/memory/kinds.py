@@ -8,20 +8,13 @@ in DeepSeek's models). All need ``ModelConfig.memory``.
 
 from __future__ import annotations
 
-import weakref
-
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ConfigError
-from moejax.layers import FFN_KINDS, LayerAux, register_ffn_kind
+from moejax.layers import FFN_KINDS, LayerAux, register_ffn_kind, shared_in_model
 from moejax.memory.ngram import NGramMemory
 from moejax.memory.product_key import MemoryValues, ProductKeyMemory
-
-# share_values: the value table of the model being built, keyed by the Rngs that every
-# layer of one Transformer construction receives (weak: it goes when the build is done).
-_SHARED_VALUES: "weakref.WeakKeyDictionary[nnx.Rngs, MemoryValues]" = weakref.WeakKeyDictionary()
-
 
 def build_pkm(cfg, layer: int, *, rngs: nnx.Rngs) -> ProductKeyMemory:
     mem = cfg.memory
@@ -29,11 +22,9 @@ def build_pkm(cfg, layer: int, *, rngs: nnx.Rngs) -> ProductKeyMemory:
     if mem.share_values and cfg.scan_layers:
         raise ConfigError("MemoryConfig.share_values: one table for several layers needs "
                           "ModelConfig.scan_layers=False (scanned layers stack their variables)")
-    if mem.share_values:
-        values = _SHARED_VALUES.get(rngs)
-        if values is None:
-            values = _SHARED_VALUES.setdefault(
-                rngs, MemoryValues(mem.num_slots, mem.d_value or cfg.d_model, rngs=rngs))
+    if mem.share_values:   # one table per model (not per Rngs: two models built from one must not share)
+        values = shared_in_model("pkm_values", lambda: MemoryValues(mem.num_slots, mem.d_value or cfg.d_model,
+                                                                    rngs=rngs))
     return ProductKeyMemory(mem, cfg.d_model, rngs=rngs, values=values, dtype=jnp.dtype(cfg.dtype))
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from moejax import quantize_experts
 from moejax.config import ConfigError, MLAConfig, MoEConfig, ModelConfig
 from moejax.convert import SUPPORTED_MODEL_TYPES, UnsupportedConfigError, load_hf, save_hf
 from test_convert_io import family_configs, random_model, rewrite_config
@@ -118,6 +119,18 @@ def test_save_hf_refuses_configs_no_family_expresses(tmp_path):
         save_hf(random_model(cfg), cfg, tmp_path)
     with pytest.raises(ValueError, match="expert_layout"):
         save_hf(random_model(cfg), cfg, tmp_path, expert_layout="columns")
+
+
+def test_save_hf_refuses_a_model_that_does_not_fit_its_config(tmp_path):
+    """Int8 experts, or a config other than the model's: a ValueError naming a variable,
+    before anything is written (it was a bare KeyError from inside the writer)."""
+    cfg = family_configs()["mixtral"]
+    model = random_model(cfg)
+    with pytest.raises(ValueError, match=r"missing \['layers'\]\[2\]"):
+        save_hf(model, cfg.replace(n_layers=3), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"unexpected \['layers'\]\[0\]\['ffn'\]\['experts'\]\['q_"):
+        save_hf(quantize_experts(model), cfg, tmp_path / "b")
+    assert not any(tmp_path.iterdir())
 
 
 def test_model_config_validates_new_fields():

@@ -88,6 +88,14 @@ def test_save_then_load_is_exact(family, layout, tmp_path):
     assert_same_variables(model, loaded)
 
 
+def test_load_dtype_is_the_compute_dtype_of_the_moe_layers_too(tmp_path):
+    cfg = family_configs()["qwen2_moe"]
+    save_hf(random_model(cfg), cfg, tmp_path)
+    loaded, loaded_cfg = load_hf(tmp_path, dtype="bfloat16")
+    assert loaded_cfg.dtype == loaded_cfg.moe.dtype == "bfloat16"
+    assert {moe.dtype for moe in loaded.moe_layers} == {jax.numpy.dtype("bfloat16")}
+
+
 def model_fields(cfg: ModelConfig) -> dict:
     """The config minus its name and the training-only loss settings."""
     data = config_to_dict(cfg)

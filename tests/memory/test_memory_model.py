@@ -54,9 +54,11 @@ def test_shared_value_table_is_one_parameter():
     shared = cfg.replace(memory=MEMORY.replace(share_values=True))
     count = lambda c: len(jax.tree.leaves(nnx.state(build(c), nnx.Param)))  # noqa: E731
     assert count(cfg) - count(shared) == 1
-    model = build(shared)
+    rngs = nnx.Rngs(0)   # two models from one Rngs: each has its own table
+    model, other = Transformer(shared, rngs=rngs), Transformer(shared, rngs=rngs)
     a, b = memory_modules(model, ProductKeyMemory)
     assert a.values is b.values
+    assert all(m.values is not a.values for m in memory_modules(other, ProductKeyMemory))
     with pytest.raises(ConfigError, match=r"MemoryConfig\.share_values"):
         build(shared.replace(scan_layers=True))
 
