@@ -49,7 +49,7 @@ class OffloadConfig:
         s = self.slots_per_layer
         _need(isinstance(s, int) and not isinstance(s, bool) and s >= 1, "slots_per_layer",
               f"must be an int >= 1 (device slots per MoE layer), got {s!r}")
-        _need(self.policy in POLICIES, "policy", f"must be one of {tuple(POLICIES)}, got {self.policy!r}")
+        _need(isinstance(self.policy, str) and self.policy in POLICIES, "policy", f"must be one of {tuple(POLICIES)}, got {self.policy!r}")
         _need(isinstance(self.prefetch, bool), "prefetch", f"must be True or False, got {self.prefetch!r}")
         _need(self.store in STORES, "store", f"must be one of {STORES}, got {self.store!r}")
         _need(self.budgets in BUDGETS, "budgets", f"must be one of {BUDGETS}, got {self.budgets!r}")

@@ -9,7 +9,6 @@ are unchanged; only its step runs layer by layer (:class:`OffloadRunner`).
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
@@ -18,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.config import config_from_dict
 from moejax.model import Transformer
 from serve import tensorfile
-from serve.export import ExportError, expert_split, key_of, read_manifest
+from serve.export import ExportError, expert_split, key_of, read_config, read_manifest
 from serve.offload.config import OffloadConfig, OffloadConfigError
 from serve.offload.offloaded import OffloadedModel, moe_of
 from serve.offload.slots import LayerStats
@@ -153,7 +151,7 @@ def load_offloaded(engine_cls, directory: str | Path, offload: OffloadConfig, **
     if manifest.get("quantize"):
         raise OffloadConfigError(f"OffloadConfig.store: {directory} holds {manifest['quantize']} experts; "
                                  "the expert store serves float experts only (export without --quantize)")
-    cfg = config_from_dict(json.loads((directory / manifest["config"]).read_text()))
+    cfg = read_config(directory, manifest)
     model = _model_without_experts(cfg, tensorfile.MappedFile(directory / manifest["files"]["model"]),
                                    directory)
     moe_index = [i for i, b in enumerate(model.layers) if moe_of(b.ffn) is not None]

@@ -100,6 +100,7 @@ def test_trace_sim_run_writes_table_png_and_trace(model, tmp_path):
 def test_offload_config_errors_name_the_field(tmp_path):
     for kwargs, field in [(dict(slots_per_layer=0), "slots_per_layer"),
                           (dict(policy="fifo"), "policy"),
+                          (dict(policy=["lru"]), "policy"),
                           (dict(store="gpu"), "store"),
                           (dict(policy="static"), "trace"),
                           (dict(budgets="trace"), "trace"),

@@ -153,3 +153,13 @@ def test_damaged_serving_checkpoint(case, micro_serving, tmp_path, capsys):
     damage(model)
     code = cli.main(["generate", "--model", str(model), "--prompt", "x", "--slots", "1", "--chunk", "4"])
     assert_one_line_error(code, capsys.readouterr().err, *needles)
+
+
+def test_damaged_config_with_offload(micro_serving, tmp_path, capsys):
+    """The offloaded engine reads the same config through the same checks."""
+    import shutil
+    model = tmp_path / "serving"
+    shutil.copytree(micro_serving, model)
+    (model / "config.json").write_text("[1]")
+    code = cli.main(["generate", "--model", str(model), "--prompt", "x", "--offload", "--slots-per-layer", "1"])
+    assert_one_line_error(code, capsys.readouterr().err, "config.json")
