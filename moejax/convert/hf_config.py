@@ -100,12 +100,12 @@ def read_common(hf: HFConfig, *, rope_theta: float = 10000.0, rms_norm_eps: floa
         d_model=hf.require("hidden_size"),
         n_layers=hf.require("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        n_kv_heads=hf.get("num_key_value_heads", n_heads),   # 0 is refused by ModelConfig, not defaulted
         rope_theta=theta,
         rope_yarn=yarn,
         rms_norm_eps=float(hf.get("rms_norm_eps", rms_norm_eps)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=int(hf.data.get("max_position_embeddings") or 2048),
+        tie_embeddings=hf.get("tie_word_embeddings", False),   # ModelConfig checks the types
+        max_seq_len=hf.get("max_position_embeddings", 2048),
     )
 
 
@@ -185,7 +185,7 @@ def read_head_dim(hf: HFConfig, d_model: int, n_heads: int) -> int | None:
     head_dim = hf.get("head_dim")
     if head_dim is None or head_dim * n_heads == d_model and d_model % n_heads == 0:
         return None
-    return int(head_dim)
+    return head_dim
 
 
 def write_common(cfg, model_type: str, architecture: str) -> dict[str, Any]:

@@ -77,6 +77,18 @@ def test_unsupported_option_is_named(saved, tmp_path, family, changes, named):
         load_hf(path)
 
 
+@pytest.mark.parametrize("changes,field", [
+    ({"num_key_value_heads": 0}, "n_kv_heads"),          # was read as 'absent': n_heads
+    ({"max_position_embeddings": 0}, "max_seq_len"),     # was read as 'absent': 2048
+    ({"tie_word_embeddings": "false"}, "tie_embeddings"),  # a truthy string was True
+    ({"head_dim": 6.5}, "head_dim"),                      # was truncated to 6
+])
+def test_bad_values_are_named_not_defaulted(saved, tmp_path, changes, field):
+    path = with_config(saved["mixtral"], tmp_path / "x", **changes)
+    with pytest.raises(UnsupportedConfigError, match=rf"config.json: ModelConfig\.{field}\b"):
+        load_hf(path)
+
+
 def test_inert_metadata_is_accepted(saved, tmp_path):
     path = with_config(saved["olmoe"], tmp_path / "x", bos_token_id=1, eos_token_id=2,
                        initializer_range=0.02, use_cache=False, auto_map={"AutoConfig": "x.Y"})
