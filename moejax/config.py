@@ -135,6 +135,9 @@ class MoEConfig:
         _number(self, "routed_scaling_factor", above=0)
         for coef in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             _number(self, coef, at_least=0)
+        _require(self.bias_update_rate == 0 or self.uses_router_bias, name, "bias_update_rate",
+                 f"balances through the selection bias of router='sigmoid' only (router="
+                 f"{self.router!r} has none); set it to 0 or use the sigmoid router")
 
     @property
     def shared_hidden(self) -> int:

@@ -35,6 +35,7 @@ BASE = dict(d_model=16, d_ff=32, num_experts=8, top_k=2)
     (dict(aux_loss_coef=None), "aux_loss_coef"),
     (dict(z_loss_coef=float("inf")), "z_loss_coef"),
     (dict(bias_update_rate="0.001"), "bias_update_rate"),
+    (dict(bias_update_rate=0.001), "bias_update_rate"),     # softmax: no bias, it did nothing
     (dict(norm_topk_prob="false"), "norm_topk_prob"),
     (dict(num_shared_experts=True), "num_shared_experts"),
 ])
