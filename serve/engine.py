@@ -277,8 +277,7 @@ class Engine:
                     self.scheduler.release(request)
             self.metrics.step(plan, len(updated), time.perf_counter() - start)
         for request in updated:
-            if request.on_update is not None:
-                request.on_update(request)
+            self._notify(request)
         for hook in self.step_hooks:
             hook(self, plan)
         return True
@@ -307,8 +306,23 @@ class Engine:
             self.scheduler.release(request)   # still waiting: leave the queue
         request.finished.set()
         # 'stop' / 'length' arrive with the step's token update; these end without one
-        if reason in ("cancelled", "error") and request.on_update is not None:
+        if reason in ("cancelled", "error"):
+            self._notify(request)
+
+    def _notify(self, request: Request) -> None:
+        """Call ``request.on_update``. One that raises (its listener is gone: a closed event
+        loop) cancels its own request and is not called again; the batch and the loop go on."""
+        if request.on_update is None:
+            return
+        try:
             request.on_update(request)
+        except Exception as err:
+            self.metrics.error(err)
+            request.on_update = None
+            with self._lock:
+                if not request.done:
+                    self._finish(request, "cancelled")
+                self.scheduler.release(request)
 
     # ------------------------------------------------------------------ background loop
     @property

@@ -192,3 +192,25 @@ def test_a_failed_step_in_generate_leaves_the_engine_clean(micro_model):
         engine.generate([[5], [7, 200, 3], [9]], max_new_tokens=3)
     assert not engine.scheduler.has_work()
     assert engine.generate([[5]], max_new_tokens=3)[0].tokens == reference_greedy(model, [5], 3)
+
+
+def test_a_raising_on_update_cancels_only_its_own_request(micro_model):
+    """A listener that is gone (HTTP: its event loop closed) must not fail the batch or the loop."""
+    model, _ = micro_model
+    engine = Engine(model, ByteTokenizer(), num_slots=2, max_len=8, max_chunk=4)
+
+    def gone(_request):
+        raise RuntimeError("Event loop is closed")
+
+    bad = engine.make_request([5], SamplingParams(max_new_tokens=3), on_update=gone)
+    good = engine.make_request([5], SamplingParams(max_new_tokens=3))
+    engine.start()
+    try:
+        engine.submit(bad)
+        engine.submit(good)
+        assert good.finished.wait(60) and bad.finished.wait(60)
+        assert (bad.finish_reason, good.finish_reason) == ("cancelled", "length")
+        assert good.generated == reference_greedy(model, [5], 3)
+        assert engine.running and engine.generate([[5]], max_new_tokens=3)[0].tokens == good.generated
+    finally:
+        engine.stop()
