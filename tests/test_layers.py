@@ -96,7 +96,7 @@ def test_a_registered_kind_plugs_in_without_touching_the_block():
         cfg = moejax.ModelConfig.preset("tiny").replace(n_layers=3, ffn_kinds=kinds)
         model = moejax.Transformer(cfg, rngs=nnx.Rngs(0))
         tokens = jnp.arange(6, dtype=jnp.int32).reshape(1, 6)
-        _, aux = model(tokens)
+        _, aux = nnx.jit(lambda m, t: m(t))(model, tokens)
         assert float(model.layers[0].ffn.seen_tokens[...]) == 15
         moe_aux = model.layers[1].ffn(jnp.zeros((1, 1, cfg.d_model)))[1]
         assert float(aux["aux_loss"]) > 10.0 and moe_aux["aux_loss"] is not None
