@@ -33,10 +33,14 @@ def _require(ok: bool, cls: str, field_name: str, message: str) -> None:
         raise ConfigError(f"{cls}.{field_name}: {message}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_ints(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        _require(_is_int(value) and value > 0,
                  type(obj).__name__, name, f"must be a positive int, got {value!r}")
 
 
@@ -52,7 +56,7 @@ def _number(obj, name: str, *, above: float | None = None, at_least: float | Non
     value = getattr(obj, name)
     if optional and value is None:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
     bound = ""
     if above is not None:
         ok, bound = ok and value > above, f" > {above}"
@@ -122,8 +126,7 @@ class MoEConfig:
         _require(self.topk_group * per_group >= self.top_k, name, "topk_group",
                  f"topk_group={self.topk_group} groups of {per_group} experts hold fewer "
                  f"than top_k={self.top_k} experts")
-        _require(isinstance(self.num_shared_experts, int) and not isinstance(self.num_shared_experts, bool)
-                 and self.num_shared_experts >= 0,
+        _require(_is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
                  name, "num_shared_experts", f"must be an int >= 0, got {self.num_shared_experts!r}")
         _require(self.shared_d_ff is None or (isinstance(self.shared_d_ff, int) and self.shared_d_ff > 0),
                  name, "shared_d_ff", f"must be None or a positive int, got {self.shared_d_ff!r}")
@@ -205,12 +208,11 @@ class MemoryConfig:
         _require(self.d_key % 2 == 0, name, "d_key",
                  f"must be even (two halves of the query), got {self.d_key}")
         _bools(self, "share_values")
-        _require(self.d_value is None or (isinstance(self.d_value, int) and not isinstance(self.d_value, bool)
-                                          and self.d_value > 0),
+        _require(self.d_value is None or (_is_int(self.d_value) and self.d_value > 0),
                  name, "d_value", f"must be None (d_model) or a positive int, got {self.d_value!r}")
         orders = self.ngram_orders
         _require(isinstance(orders, tuple) and len(orders) > 0
-                 and all(isinstance(o, int) and not isinstance(o, bool) and o >= 1 for o in orders)
+                 and all(_is_int(o) and o >= 1 for o in orders)
                  and list(orders) == sorted(set(orders)), name, "ngram_orders",
                  f"must be a non-empty sorted tuple of distinct ints >= 1, got {orders!r}")
         _choice(self, "ngram_id_map", NGRAM_ID_MAPS)
@@ -386,8 +388,8 @@ class ModelConfig:
         _require(self.mla is not None or self.head_dim is not None or self.d_model % self.n_heads == 0,
                  name, "head_dim",
                  f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
-        _require(self.head_dim is None or (isinstance(self.head_dim, int) and not isinstance(
-                     self.head_dim, bool) and self.head_dim > 0 and self.head_dim % 2 == 0),
+        _require(self.head_dim is None or (_is_int(self.head_dim) and self.head_dim > 0
+                                           and self.head_dim % 2 == 0),
                  name, "head_dim", f"must be a positive even int (RoPE), got {self.head_dim!r}")
         _require(self.mla is not None or self.resolved_head_dim % 2 == 0, name, "head_dim",
                  f"head_dim {self.resolved_head_dim} must be even for RoPE")

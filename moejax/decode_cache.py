@@ -50,6 +50,14 @@ def previous_tokens(tokens_BT: Int[Array, "B T"], lengths_B: Int[Array, "B"], n:
     return jnp.where(index_BN >= 0, ids_BN, -1)
 
 
+def record_tokens(tokens_BT: Int[Array, "B T"], tokens_BS: Int[Array, "B S"], positions_BS: Int[Array, "B S"],
+                  valid_BS: Bool[Array, "B S"] | None = None) -> Int[Array, "B T"]:
+    """The token history with the chunk's real ids written at their positions (padding and
+    positions past the end are dropped)."""
+    slot_BS = positions_BS if valid_BS is None else jnp.where(valid_BS, positions_BS, tokens_BT.shape[1])
+    return tokens_BT.at[jnp.arange(tokens_BS.shape[0])[:, None], slot_BS].set(tokens_BS, mode="drop")
+
+
 def check_room(cache: Cache, added_B: Int[Array, "B"]) -> None:
     """Clear error when the new tokens would overflow the cache (only when values are concrete;
     under jit, writes past the end are dropped: callers that trace must check themselves)."""

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, Int
 from moejax import sharding, validate
 from moejax.attention import Attention, MLAttention, RMSNorm
 from moejax.config import ModelConfig
-from moejax.decode_cache import Cache, check_room, previous_tokens, valid_mask
+from moejax.decode_cache import Cache, check_room, previous_tokens, record_tokens, valid_mask
 from moejax.layers import LayerAux, LayerContext, build_ffn, model_build
 from moejax.memory import kinds as _memory_kinds  # noqa: F401  (registers 'pkm', 'engram', ...)
 from moejax.layer_stack import ScannedBlocks, layer_groups, unstack_tree
@@ -189,8 +189,7 @@ class Transformer(nnx.Module):
         ctx = LayerContext(tokens_BS=tokens_BS, positions_BS=positions_BS, valid_BS=valid_BS,
                            prev_tokens_BN=prev_BN)
         x_BSD, _, layers = self._run_layers(self._embed(tokens_BS), ctx, cache.layers)
-        slot_BS = positions_BS if valid_BS is None else jnp.where(valid_BS, positions_BS, cache.max_len)
-        tokens_BT = cache.tokens_BT.at[jnp.arange(b)[:, None], slot_BS].set(tokens_BS, mode="drop")
+        tokens_BT = record_tokens(cache.tokens_BT, tokens_BS, positions_BS, valid_BS)
         # past the cache's end (only possible under jit, where check_room cannot raise) a token
         # is dropped from the cache: NaN logits there and at every later step, not silent garbage
         over_BS = positions_BS >= cache.max_len

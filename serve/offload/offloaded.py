@@ -143,15 +143,10 @@ class OffloadedModel:
         """Per-layer decode caches (the layers' own): attention caches, the FFN kinds'
         decode states (None for stateless kinds) and the token history (when a kind
         looks back at previous ids), as ``Transformer.init_cache`` keeps them."""
-        return {"attn": [b.attn.init_cache(batch_size, max_len) for b in self._blocks],
-                "ffn": [self._fresh_state(b, batch_size, max_len) for b in self._blocks],
+        layers = [b.init_cache(batch_size, max_len) for b in self._blocks]
+        return {"attn": [c["attn"] for c in layers], "ffn": [c["ffn"] for c in layers],
                 "tokens_BT": (jnp.full((batch_size, max_len), -1, jnp.int32) if self.token_lookback
                               else None)}
-
-    @staticmethod
-    def _fresh_state(block, batch_size: int, max_len: int):
-        init_state = getattr(block.ffn, "init_state", None)
-        return None if init_state is None else init_state(batch_size, max_len)
 
     def forward(self, tokens_BS, positions_BS=None, valid_BS=None, caches=None):
         """(logits [B, S, V], caches) of one step: a full forward when ``caches`` is None,

@@ -183,9 +183,4 @@ def previous_tokens(tokens_BT, positions_BS, num: int):
     return decode_cache.previous_tokens(tokens_BT, positions_BS[:, 0], num)
 
 
-@jax.jit
-def record_tokens(tokens_BT, tokens_BS, positions_BS, valid_BS):
-    """The token history with the step's valid ids written at their positions."""
-    slot_BS = jnp.where(valid_BS, positions_BS, tokens_BT.shape[1])
-    return tokens_BT.at[jnp.arange(tokens_BS.shape[0])[:, None], slot_BS].set(tokens_BS, mode="drop")
-
+record_tokens = jax.jit(decode_cache.record_tokens)   # the step's valid ids into the history

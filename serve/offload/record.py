@@ -104,7 +104,7 @@ def carry_sources(steps: list[list[tuple[int, int]]], shape) -> np.ndarray:
 def record(model, prompts: list[list[int]], *, max_new_tokens: int = 32, batch_size: int = 4,
            chunk: int = 64) -> RoutingTrace:
     """Generate for ``prompts`` in static batches and return the routing trace of those steps."""
-    moe = next(moe_of(b.ffn)[0] for b in model.layers if moe_of(b.ffn) is not None)
+    moe = next(parts[0] for parts in map(moe_of, (b.ffn for b in model.layers)) if parts is not None)
     num_experts, top_k = moe.cfg.num_experts, moe.cfg.top_k
     need, pred, tokens_N = [], [], []
     for first in range(0, len(prompts), batch_size):
