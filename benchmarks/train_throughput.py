@@ -22,7 +22,7 @@ from flax import nnx
 
 import moejax
 from train import data as data_lib
-from train.config import TrainConfig, with_compute_dtype
+from train.config import TrainConfig
 from train.optim import make_optimizer
 from train.state import parameter_counts
 from train.step import split_model, train_step_fn
@@ -31,7 +31,7 @@ from train.step import split_model, train_step_fn
 def build(preset: str, cfg: TrainConfig):
     model_cfg = moejax.ModelConfig.preset(preset)
     if cfg.dtype:
-        model_cfg = with_compute_dtype(model_cfg, cfg.dtype)
+        model_cfg = model_cfg.with_compute_dtype(cfg.dtype)
     graphdef, params, nonparam = split_model(moejax.Transformer(model_cfg, rngs=nnx.Rngs(0)))
     tx = make_optimizer(cfg, params)
     step = jax.jit(train_step_fn(graphdef, tx), donate_argnums=(0, 1, 2))

@@ -170,7 +170,7 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> tuple[Tran
     directory = Path(directory).absolute()
     cfg = load_config(directory)
     if dtype is not None:
-        cfg = cfg.replace(dtype=dtype)
+        cfg = cfg.with_compute_dtype(dtype)
     # An abstract model: building a real one first would run (and compile) every
     # initializer only to overwrite the result.
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))

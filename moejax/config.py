@@ -448,6 +448,11 @@ class ModelConfig:
             changes["ffn_kinds"] = None
         return dataclasses.replace(self, **changes)
 
+    def with_compute_dtype(self, dtype: str) -> "ModelConfig":
+        """This config computing in ``dtype`` in every block, the MoE layers' own config
+        included (parameters are built float32 either way)."""
+        return self.replace(dtype=dtype, moe=None if self.moe is None else self.moe.replace(dtype=dtype))
+
     @staticmethod
     def preset(name: str, **overrides: Any) -> "ModelConfig":
         """A named preset (:mod:`moejax.presets`); ``overrides`` replace top-level fields."""

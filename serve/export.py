@@ -157,8 +157,7 @@ def export(run: str | Path, out: str | Path, *, dtype: str = "float32", quantize
         model = quantize_experts(model)
     pure = unstack_layers(nnx.to_pure_dict(nnx.state(model)), cfg)
     # serving runs unrolled layers (one experts object per layer, swappable), no remat
-    cfg = cfg.replace(dtype=dtype, moe=cfg.moe.replace(dtype=dtype) if cfg.moe else None,
-                      scan_layers=False, remat="none")
+    cfg = cfg.with_compute_dtype(dtype).replace(scan_layers=False, remat="none")
     leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
     arrays = {key_of(p): _serving_array(key_of(p), leaf, dtype, quantize is not None) for p, leaf in leaves}
 

@@ -208,3 +208,13 @@ def test_model_dir_round_trip_verifies(model_dir):
     model, cfg = mckpt.load_model(model_dir)
     assert cfg == MICRO
     assert json.loads((model_dir / "model" / mckpt.MANIFEST).read_text())["files"]
+
+
+def test_load_model_dtype_reaches_the_moe_layers(model_dir):
+    # the compute dtype of every block, the MoE layers' own config included (it used to
+    # set ModelConfig.dtype only: the MoE layers kept computing in float32)
+    model, cfg = mckpt.load_model(model_dir, dtype="bfloat16")
+    assert cfg.dtype == "bfloat16" and cfg.moe.dtype == "bfloat16"
+    moe_dtypes = {block.ffn.cfg.dtype for block in model.layers if isinstance(block.ffn, moejax.MoE)}
+    assert moe_dtypes == {"bfloat16"}
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -159,12 +159,6 @@ def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig
         raise TrainError(f"--set: {err}") from None
 
 
-def with_compute_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
-    """Parameters stay float32; ``dtype`` is the compute dtype of every block."""
-    moe = cfg.moe.replace(dtype=dtype) if cfg.moe is not None else None
-    return cfg.replace(dtype=dtype, moe=moe)
-
-
 def training_preset(name: str) -> ModelConfig:
     """A preset as training builds it: layers scanned (compile time flat in depth);
     ``--set scan_layers=false`` unrolls them."""

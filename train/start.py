@@ -28,8 +28,7 @@ from pathlib import Path
 
 from moejax.config import ConfigError, ModelConfig, config_to_dict, read_config_file
 from moejax.validate import check_writable_dir
-from train.config import (DEFAULT_PRESET, TrainConfig, TrainError, requested_model, training_preset,
-                          with_compute_dtype)
+from train.config import DEFAULT_PRESET, TrainConfig, TrainError, requested_model, training_preset
 
 CHECKPOINT_DIR = "checkpoints"
 # compute choices may change between runs; scan_layers is the saved model's layout
@@ -148,7 +147,7 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
         raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model_cfg.max_seq_len}; pass --set max_seq_len={cfg.seq_len} or a shorter --seq-len")
     if cfg.dtype is not None:
-        model_cfg = with_compute_dtype(model_cfg, cfg.dtype)
+        model_cfg = model_cfg.with_compute_dtype(cfg.dtype)
     if cfg.remat is not None:
         model_cfg = model_cfg.replace(remat=cfg.remat)
     return StartPoint(kind, model_cfg, step or 0)

@@ -70,9 +70,7 @@ def load_hf(path: str | Path, *, dtype: str = "float32", scan_layers: bool = Fal
     (parameters stacked per group; see moejax.layer_stack).
     """
     cfg, family, raw = read_hf_config(path)
-    # the compute dtype of every block, the MoE layers' own config included
-    cfg = cfg.replace(dtype=dtype, moe=None if cfg.moe is None else cfg.moe.replace(dtype=dtype),
-                      scan_layers=scan_layers)
+    cfg = cfg.with_compute_dtype(dtype).replace(scan_layers=scan_layers)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     pure = unstack_layers(nnx.to_pure_dict(state), cfg)   # HF names layers by index
     with TensorReader(path, fp8_block=read_fp8_block(HFConfig(raw))) as reader:

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import moejax
-from train.config import TrainConfig, with_compute_dtype
+from train.config import TrainConfig
 from train.optim import make_optimizer
 from train.step import lm_loss, merge_model, split_model, train_step_fn
 
@@ -74,7 +74,7 @@ def test_bfloat16_compute_keeps_float32_state(setup):
     """--dtype bfloat16: same step, bf16 matmuls; parameters and Adam moments stay float32."""
     graphdef, params, nonparam, tx, step, batch = setup
     model = merge_model(graphdef, params, nonparam)
-    bf16_cfg = with_compute_dtype(model.cfg, "bfloat16")
+    bf16_cfg = model.cfg.with_compute_dtype("bfloat16")
     bf16_graphdef, bf16_params, bf16_nonparam = split_model(moejax.Transformer(bf16_cfg, rngs=nnx.Rngs(0)))
     for a, b in zip(jax.tree.leaves(bf16_params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)  # same float32 parameters, only compute differs
