@@ -30,8 +30,9 @@ printed as it falls.
     optimizer at step 0;
   * otherwise: a fresh model from --preset (default tiny) and --set.
 --resume insists on one of the first two. When DIR already holds a model,
---preset/--set must match it (they may be omitted), and so must the data's
-token ids (< vocab_size). A DIR that is not empty and holds no run is only
+--preset/--set must match it (they may be omitted; --set dtype, moe.dtype and
+remat may change it, scan_layers may not), and so must the data's token ids
+(< vocab_size). A DIR that is not empty and holds no run is only
 written into with --force. A damaged newest checkpoint is reported, renamed
 <step>.damaged (kept) and the run resumes from the one before.
 

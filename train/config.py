@@ -140,8 +140,10 @@ def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig
     if unknown:
         raise TrainError(f"--set: unknown model field(s) {unknown}; allowed: {sorted(known)} "
                          f"and moe.FIELD, memory.FIELD")
-    if "d_model" in top and cfg.moe is not None:
-        nested["moe"].setdefault("d_model", top["d_model"])  # the MoE block follows the model width
+    if cfg.moe is not None:  # the MoE block follows the model's width and compute dtype
+        for name in ("d_model", "dtype"):
+            if name in top:
+                nested["moe"].setdefault(name, top[name])
     try:
         for section, changes in nested.items():
             if not changes:
@@ -157,6 +159,11 @@ def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig
         return cfg.replace(**top) if top else cfg
     except (ConfigError, TypeError) as err:
         raise TrainError(f"--set: {err}") from None
+
+
+def override_keys(overrides: tuple[str, ...]) -> set[str]:
+    """The fields ``--set`` names: ``('dtype=bfloat16', 'moe.top_k=1')`` -> {'dtype', 'moe.top_k'}."""
+    return {item.partition("=")[0].strip() for item in overrides}
 
 
 def with_compute_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:

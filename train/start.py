@@ -28,11 +28,12 @@ from pathlib import Path
 
 from moejax.config import ConfigError, ModelConfig, config_to_dict, read_config_file
 from moejax.validate import check_writable_dir
-from train.config import (DEFAULT_PRESET, TrainConfig, TrainError, requested_model, training_preset,
-                          with_compute_dtype)
+from train.config import (DEFAULT_PRESET, TrainConfig, TrainError, override_keys, requested_model,
+                          training_preset, with_compute_dtype)
 
 CHECKPOINT_DIR = "checkpoints"
-# compute choices may change between runs; scan_layers is the saved model's layout
+# compute choices may change between runs (a --set of one applies to the saved model);
+# scan_layers is the saved model's layout (a --set that changes it is refused)
 IGNORED_FIELDS = ("dtype", "moe.dtype", "remat", "scan_layers")
 # What a run writes into OUT (and convert's tokenizer/): a directory holding only
 # these is a run, not someone else's files.
@@ -138,6 +139,8 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
             raise TrainError(f"{out} holds a {what} of a different model shape ({diffs[0]}"
                              f"{f'; {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
                              f"use another --out, or drop --preset/--set to continue it")
+    if saved is not None and asked is not None:
+        saved = _with_named_compute_fields(saved, asked, cfg)
     model_cfg = saved or asked or training_preset(DEFAULT_PRESET)
     _check_vocab(cfg, model_cfg, data_vocab, saved is not None)
     if not saved and not asked and data_vocab > model_cfg.vocab_size:
@@ -152,6 +155,21 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
     if cfg.remat is not None:
         model_cfg = model_cfg.replace(remat=cfg.remat)
     return StartPoint(kind, model_cfg, step or 0)
+
+
+def _with_named_compute_fields(saved: ModelConfig, asked: ModelConfig, cfg: TrainConfig) -> ModelConfig:
+    """The saved model with the compute fields ``--set`` names (dtype, moe.dtype, remat):
+    they may change between runs, and a --set of one is never silently dropped. The
+    layer layout (scan_layers) is that of the stored arrays and cannot change."""
+    named = override_keys(cfg.model_overrides)
+    if "scan_layers" in named and asked.scan_layers != saved.scan_layers:
+        raise TrainError(f"--set scan_layers={str(asked.scan_layers).lower()}: the run in {cfg.out} "
+                         f"stores its layers with scan_layers={str(saved.scan_layers).lower()}, which "
+                         f"it keeps; drop this --set, or use another --out")
+    changes = {name: getattr(asked, name) for name in ("dtype", "remat") if name in named}
+    if saved.moe is not None and named & {"dtype", "moe.dtype"}:
+        changes["moe"] = saved.moe.replace(dtype=asked.moe.dtype)
+    return saved.replace(**changes) if changes else saved
 
 
 def _check_vocab(cfg: TrainConfig, model_cfg: ModelConfig, data_vocab: int, existing: bool) -> None:

@@ -147,6 +147,9 @@ CASES = {
         ["different model shape", "n_layers"]),
     "out holds a damaged model": (lambda d: ["--data", text(d), "--out", damaged_model(d), *SHAPE],
                                   ["is damaged", "has 7 bytes"]),
+    "out holds a run of another layer layout": (
+        lambda d: ["--data", text(d), "--out", fake_run(d, model=True), "--set", "scan_layers=true"],
+        ["--set scan_layers=true", "scan_layers=false, which it keeps", "another --out"]),
     "steps below the run's step": (lambda d: ["--data", text(d), "--out", fake_run(d, step=40),
                                               "--steps", "10"], ["--steps 10 is below step 40"]),
     "resume with nothing to resume": (lambda d: ["--data", text(d), "--resume"], ["--resume", "neither"]),
@@ -265,3 +268,16 @@ def test_checkpoint_of_other_shape(tmp_path):
     assert_one_line_error(result.returncode, result.stderr, "does not match", "(4, 32, 32)", "(4, 48, 32)")
     assert tree_digest(out) == before
     shutil.rmtree(out)
+
+
+def test_set_of_a_compute_field_applies_to_an_existing_run(tmp_path):
+    """dtype / moe.dtype / remat may change between runs: a --set of one reaches the saved
+    model (it used to be dropped silently), and dtype carries the MoE block along."""
+    from train.config import TrainConfig
+    from train.start import plan_start
+    out = fake_run(tmp_path, model=True)
+    start = plan_start(TrainConfig(out=out, model_overrides=("dtype=bfloat16", "remat=full")), 256)
+    cfg = start.model_cfg
+    assert (start.kind, cfg.dtype, cfg.moe.dtype, cfg.remat) == ("model", "bfloat16", "bfloat16", "full")
+    cfg = plan_start(TrainConfig(out=out, model_overrides=("moe.dtype=bfloat16",)), 256).model_cfg
+    assert (cfg.dtype, cfg.moe.dtype, cfg.remat, cfg.scan_layers) == ("float32", "bfloat16", "none", False)
