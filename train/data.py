@@ -5,7 +5,8 @@
    ``tokenizer.json`` when one is given.
 2. Files are split deterministically into train and validation by a hash of
    their path (``crc32 % 20 == 0`` -> validation, about 5%); a single file or
-   array is split at its last 5% instead.
+   array, or files whose validation share is shorter than one window, is
+   split at its last 5% instead.
 3. Batches are random windows whose offsets are a pure function of
    ``(seed, step)``: a resumed run draws exactly the batches it would have
    drawn, and each host of a multi-host run takes its own rows of the global
@@ -148,14 +149,18 @@ def _read(files: list[Path]) -> list[bytes]:
     return blobs
 
 
-def load_text(files: list[Path], encoder: _TextEncoder, description: str) -> Corpus:
+def load_text(files: list[Path], encoder: _TextEncoder, description: str,
+              min_val_tokens: int = 1) -> Corpus:
     train_files, val_files = split_files(files)
     train_blobs, val_blobs = _read(train_files), _read(val_files)
     if sum(map(len, train_blobs)) + sum(map(len, val_blobs)) == 0:
         raise TrainError(f"--data {description!r} is empty (0 bytes)")
     train, val = encoder.encode(train_blobs), encoder.encode(val_blobs)
-    if len(val) == 0:  # one file, or a hash split that left one side empty
-        total_bytes, total_tokens = sum(map(len, train_blobs)), len(train)
+    if len(val) < max(min_val_tokens, 1):
+        # one file, a hash split that left one side empty, or validation files too short
+        # for one window: the tail of the training files then those is the validation split
+        train = np.concatenate([train, val]).astype(train.dtype)
+        total_bytes, total_tokens = sum(map(len, train_blobs)) + sum(map(len, val_blobs)), len(train)
         train, val = _tail_split(train)
     else:
         total_bytes, total_tokens = sum(map(len, val_blobs)), len(val)
@@ -185,11 +190,14 @@ def load_array(path: Path) -> Corpus:
     return Corpus(train, val, int(tokens.max()) + 1, None, str(path))
 
 
-def load_corpus(data: str | None, tokenizer: str | None = None) -> Corpus:
-    """The training corpus named by ``--data`` (default: the Python standard library)."""
+def load_corpus(data: str | None, tokenizer: str | None = None, min_val_tokens: int = 1) -> Corpus:
+    """The training corpus named by ``--data`` (default: the Python standard library).
+    Text whose hash-split validation files hold fewer than ``min_val_tokens`` tokens
+    (``--seq-len + 2``: one window) is split at its tail instead."""
     if data is None:
         encoder = _TextEncoder(tokenizer)
-        return load_text(stdlib_files(), encoder, f"Python standard library ({stdlib_root()})")
+        return load_text(stdlib_files(), encoder, f"Python standard library ({stdlib_root()})",
+                         min_val_tokens)
     if not data.strip():
         raise TrainError("--data is empty; give a file, a directory or a glob")
     files = resolve_data_files(data)
@@ -197,7 +205,7 @@ def load_corpus(data: str | None, tokenizer: str | None = None) -> Corpus:
         if tokenizer is not None:
             raise TrainError("--tokenizer applies to text; a .npy/.bin array is already tokenized")
         return load_array(files[0])
-    return load_text(files, _TextEncoder(tokenizer), data)
+    return load_text(files, _TextEncoder(tokenizer), data, min_val_tokens)
 
 
 class BatchSampler:

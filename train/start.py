@@ -192,7 +192,7 @@ def preflight(cfg: TrainConfig):
     from train import data as data_lib
 
     start_kind(cfg)  # a bad --out or a --resume with nothing to resume fails before the data is read
-    corpus = data_lib.load_corpus(cfg.data, cfg.tokenizer)
+    corpus = data_lib.load_corpus(cfg.data, cfg.tokenizer, min_val_tokens=cfg.seq_len + 2)
     start = plan_start(cfg, corpus.vocab_size)
     data_lib.BatchSampler(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)  # long enough?
     data_lib.eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, 1)
