@@ -17,6 +17,7 @@ from moejax.config import REMATS, ConfigError, ModelConfig
 
 DEFAULT_PRESET = "tiny"
 COMPUTE_DTYPES = ("float32", "bfloat16")
+MAX_SEED = 2**32 - 1
 
 
 class TrainError(Exception):
@@ -75,9 +76,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "seed"):
-            if getattr(self, name) < 0:
-                raise TrainError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0:
+            raise TrainError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        if not 0 <= self.seed <= MAX_SEED:  # a jax PRNG key holds 32 bits of it (larger ones alias)
+            raise TrainError(f"--seed must be in [0, {MAX_SEED}], got {self.seed!r}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip_norm"):
             if not math.isfinite(getattr(self, name)):
                 raise TrainError(f"--{_flag(name)} must be a finite number, got {getattr(self, name)!r}")

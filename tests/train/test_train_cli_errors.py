@@ -171,6 +171,7 @@ CASES = {
     "clip norm inf": (lambda d: ["--clip-norm", "inf"], ["--clip-norm must be a finite number"]),
     "beta2 above one": (lambda d: ["--beta2", "1.5"], ["--beta2 must be in [0, 1]"]),
     "warmup negative": (lambda d: ["--warmup-steps", "-3"], ["--warmup-steps must be >= 0"]),
+    "seed beyond 32 bits": (lambda d: ["--seed", str(2**64)], ["--seed must be in [0, 4294967295]"]),
     "dtype unknown": (lambda d: ["--dtype", "int8"], ["--dtype", "invalid choice"]),
     "unknown flag": (lambda d: ["--stpes", "3"], ["unrecognized arguments"]),
     "set unknown field": (lambda d: ["--set", "n_layerz=2"], ["unknown model field", "n_layerz"]),
