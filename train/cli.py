@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", help="text file, directory or glob; or a token array (.npy, or "
                                      ".bin = raw uint16). Default: the Python standard library")
-    data.add_argument("--tokenizer", help="Hugging Face tokenizer.json for text data (default: bytes)")
+    data.add_argument("--tokenizer", help="Hugging Face tokenizer.json for text data (default: the "
+                                          "tokenizer of the model in --out, as its last run named "
+                                          "it or convert copied it to DIR/tokenizer/; else bytes)")
     data.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (sequences)")
     data.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     opt = p.add_argument_group("optimizer (AdamW, linear warmup + cosine decay)")

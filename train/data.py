@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import sysconfig
 import zlib
@@ -38,6 +39,7 @@ class Corpus:
     vocab_size: int                 # smallest vocabulary that covers the ids
     bytes_per_token: float | None   # validation bytes per token (None: unknown)
     description: str
+    tokenizer: str | None = None    # absolute path of the tokenizer.json of the ids (None: bytes/unknown)
 
     def fingerprint(self) -> str:
         head = zlib.crc32(np.ascontiguousarray(self.train[:1 << 20]).tobytes())
@@ -108,7 +110,7 @@ class _TextEncoder:
     """Bytes -> token ids: identity over bytes, or a Hugging Face tokenizer."""
 
     def __init__(self, tokenizer_path: str | None):
-        self.tokenizer = None
+        self.tokenizer, self.path = None, None
         if tokenizer_path is not None:
             path = Path(tokenizer_path)
             if not path.is_file():
@@ -120,7 +122,7 @@ class _TextEncoder:
                 raise TrainError("--tokenizer needs the 'tokenizers' package: "
                                  "pip install 'moejax[train]'") from None
             try:
-                self.tokenizer = Tokenizer.from_file(str(path))
+                self.tokenizer, self.path = Tokenizer.from_file(str(path)), str(path.absolute())
             except Exception as err:  # the tokenizers library raises plain Exception
                 reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 raise TrainError(f"--tokenizer {tokenizer_path!r}: not a tokenizer.json ({reason})") from None
@@ -164,7 +166,8 @@ def load_text(files: list[Path], encoder: _TextEncoder, description: str,
         train, val = _tail_split(train)
     else:
         total_bytes, total_tokens = sum(map(len, val_blobs)), len(val)
-    return Corpus(train, val, encoder.vocab_size, total_bytes / max(total_tokens, 1), description)
+    return Corpus(train, val, encoder.vocab_size, total_bytes / max(total_tokens, 1), description,
+                  encoder.path)
 
 
 def load_array(path: Path) -> Corpus:
@@ -190,22 +193,24 @@ def load_array(path: Path) -> Corpus:
     return Corpus(train, val, int(tokens.max()) + 1, None, str(path))
 
 
-def load_corpus(data: str | None, tokenizer: str | None = None, min_val_tokens: int = 1) -> Corpus:
+def load_corpus(data: str | None, tokenizer: str | None = None, min_val_tokens: int = 1,
+                run_tokenizer: str | None = None) -> Corpus:
     """The training corpus named by ``--data`` (default: the Python standard library).
     Text whose hash-split validation files hold fewer than ``min_val_tokens`` tokens
-    (``--seq-len + 2``: one window) is split at its tail instead."""
+    (``--seq-len + 2``: one window) is split at its tail instead. ``run_tokenizer``
+    (the model's own) reads text when ``tokenizer`` (--tokenizer) is None; token
+    arrays are taken to be in its vocabulary."""
     if data is None:
-        encoder = _TextEncoder(tokenizer)
-        return load_text(stdlib_files(), encoder, f"Python standard library ({stdlib_root()})",
-                         min_val_tokens)
-    if not data.strip():
-        raise TrainError("--data is empty; give a file, a directory or a glob")
-    files = resolve_data_files(data)
-    if len(files) == 1 and files[0].suffix in ARRAY_SUFFIXES:
-        if tokenizer is not None:
-            raise TrainError("--tokenizer applies to text; a .npy/.bin array is already tokenized")
-        return load_array(files[0])
-    return load_text(files, _TextEncoder(tokenizer), data, min_val_tokens)
+        files, description = stdlib_files(), f"Python standard library ({stdlib_root()})"
+    else:
+        if not data.strip():
+            raise TrainError("--data is empty; give a file, a directory or a glob")
+        files, description = resolve_data_files(data), data
+        if len(files) == 1 and files[0].suffix in ARRAY_SUFFIXES:
+            if tokenizer is not None:
+                raise TrainError("--tokenizer applies to text; a .npy/.bin array is already tokenized")
+            return dataclasses.replace(load_array(files[0]), tokenizer=run_tokenizer)
+    return load_text(files, _TextEncoder(tokenizer or run_tokenizer), description, min_val_tokens)
 
 
 class BatchSampler:

@@ -282,3 +282,32 @@ def test_set_of_a_compute_field_applies_to_an_existing_run(tmp_path):
     assert (start.kind, cfg.dtype, cfg.moe.dtype, cfg.remat) == ("model", "bfloat16", "bfloat16", "full")
     cfg = plan_start(TrainConfig(out=out, model_overrides=("moe.dtype=bfloat16",)), 256).model_cfg
     assert (cfg.dtype, cfg.moe.dtype, cfg.remat, cfg.scan_layers) == ("float32", "bfloat16", "none", False)
+
+
+def word_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer.json over TEXT's words (ids 0..8: far from the bytes)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {w: i for i, w in enumerate(["[UNK]", "def", "f", "(", "x", "):", "return", "*", "2"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def test_text_for_a_run_with_a_tokenizer_is_read_with_it(tmp_path):
+    """A converted model keeps its tokenizer in RUN/tokenizer/: text for it must be its token
+    ids, not bytes (which it silently was), and train_config.json records the file by
+    absolute path for `serve export`; a recorded tokenizer that is gone is an error."""
+    from train.config import TrainConfig
+    from train.start import preflight
+    out = Path(fake_run(tmp_path, model=True))
+    tokenizer = word_tokenizer(out / "tokenizer" / "tokenizer.json")
+    cfg = TrainConfig(out=str(out), data=text(tmp_path), batch_size=2, seq_len=8)
+    corpus, start = preflight(cfg)
+    assert start.kind == "model" and corpus.tokenizer == str(tokenizer.absolute())
+    assert set(np.unique(corpus.train)) == set(range(1, 9))  # word ids, not bytes
+    assert len(corpus.train) + len(corpus.val) == 9 * 300
+    (out / "train_config.json").write_text(json.dumps({"tokenizer": str(tmp_path / "gone.json")}))
+    with pytest.raises(Exception, match="gone.json.*which is gone; pass --tokenizer"):
+        preflight(cfg)
