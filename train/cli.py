@@ -30,8 +30,9 @@ printed as it falls.
     optimizer at step 0;
   * otherwise: a fresh model from --preset (default tiny) and --set.
 --resume insists on one of the first two. When DIR already holds a model,
---preset/--set must match it (they may be omitted), and so must the data's
-token ids (< vocab_size). A DIR that is not empty and holds no run is only
+--preset/--set must match it (they may be omitted; --set dtype, moe.dtype and
+remat may change it, scan_layers may not), and so must the data's token ids
+(< vocab_size). A DIR that is not empty and holds no run is only
 written into with --force. A damaged newest checkpoint is reported, renamed
 <step>.damaged (kept) and the run resumes from the one before.
 
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", help="text file, directory or glob; or a token array (.npy, or "
                                      ".bin = raw uint16). Default: the Python standard library")
-    data.add_argument("--tokenizer", help="Hugging Face tokenizer.json for text data (default: bytes)")
+    data.add_argument("--tokenizer", help="Hugging Face tokenizer.json for text data (default: the "
+                                          "tokenizer of the model in --out, as its last run named "
+                                          "it or convert copied it to DIR/tokenizer/; else bytes)")
     data.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (sequences)")
     data.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     opt = p.add_argument_group("optimizer (AdamW, linear warmup + cosine decay)")

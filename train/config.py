@@ -17,6 +17,7 @@ from moejax.config import REMATS, ConfigError, ModelConfig
 
 DEFAULT_PRESET = "tiny"
 COMPUTE_DTYPES = ("float32", "bfloat16")
+MAX_SEED = 2**32 - 1
 
 
 class TrainError(Exception):
@@ -75,9 +76,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainError(f"--{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "seed"):
-            if getattr(self, name) < 0:
-                raise TrainError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0:
+            raise TrainError(f"--warmup-steps must be >= 0, got {self.warmup_steps!r}")
+        if not 0 <= self.seed <= MAX_SEED:  # a jax PRNG key holds 32 bits of it (larger ones alias)
+            raise TrainError(f"--seed must be in [0, {MAX_SEED}], got {self.seed!r}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip_norm"):
             if not math.isfinite(getattr(self, name)):
                 raise TrainError(f"--{_flag(name)} must be a finite number, got {getattr(self, name)!r}")
@@ -140,8 +142,10 @@ def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig
     if unknown:
         raise TrainError(f"--set: unknown model field(s) {unknown}; allowed: {sorted(known)} "
                          f"and moe.FIELD, memory.FIELD")
-    if "d_model" in top and cfg.moe is not None:
-        nested["moe"].setdefault("d_model", top["d_model"])  # the MoE block follows the model width
+    if cfg.moe is not None:  # the MoE block follows the model's width and compute dtype
+        for name in ("d_model", "dtype"):
+            if name in top:
+                nested["moe"].setdefault(name, top[name])
     try:
         for section, changes in nested.items():
             if not changes:
@@ -157,6 +161,11 @@ def apply_overrides(cfg: ModelConfig, overrides: tuple[str, ...]) -> ModelConfig
         return cfg.replace(**top) if top else cfg
     except (ConfigError, TypeError) as err:
         raise TrainError(f"--set: {err}") from None
+
+
+def override_keys(overrides: tuple[str, ...]) -> set[str]:
+    """The fields ``--set`` names: ``('dtype=bfloat16', 'moe.top_k=1')`` -> {'dtype', 'moe.top_k'}."""
+    return {item.partition("=")[0].strip() for item in overrides}
 
 
 def training_preset(name: str) -> ModelConfig:

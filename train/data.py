@@ -5,7 +5,8 @@
    ``tokenizer.json`` when one is given.
 2. Files are split deterministically into train and validation by a hash of
    their path (``crc32 % 20 == 0`` -> validation, about 5%); a single file or
-   array is split at its last 5% instead.
+   array, or files whose validation share is shorter than one window, is
+   split at its last 5% instead.
 3. Batches are random windows whose offsets are a pure function of
    ``(seed, step)``: a resumed run draws exactly the batches it would have
    drawn, and each host of a multi-host run takes its own rows of the global
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import sysconfig
 import zlib
@@ -37,6 +39,7 @@ class Corpus:
     vocab_size: int                 # smallest vocabulary that covers the ids
     bytes_per_token: float | None   # validation bytes per token (None: unknown)
     description: str
+    tokenizer: str | None = None    # absolute path of the tokenizer.json of the ids (None: bytes/unknown)
 
     def fingerprint(self) -> str:
         head = zlib.crc32(np.ascontiguousarray(self.train[:1 << 20]).tobytes())
@@ -107,7 +110,7 @@ class _TextEncoder:
     """Bytes -> token ids: identity over bytes, or a Hugging Face tokenizer."""
 
     def __init__(self, tokenizer_path: str | None):
-        self.tokenizer = None
+        self.tokenizer, self.path = None, None
         if tokenizer_path is not None:
             path = Path(tokenizer_path)
             if not path.is_file():
@@ -119,7 +122,7 @@ class _TextEncoder:
                 raise TrainError("--tokenizer needs the 'tokenizers' package: "
                                  "pip install 'moejax[train]'") from None
             try:
-                self.tokenizer = Tokenizer.from_file(str(path))
+                self.tokenizer, self.path = Tokenizer.from_file(str(path)), str(path.absolute())
             except Exception as err:  # the tokenizers library raises plain Exception
                 reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
                 raise TrainError(f"--tokenizer {tokenizer_path!r}: not a tokenizer.json ({reason})") from None
@@ -148,18 +151,23 @@ def _read(files: list[Path]) -> list[bytes]:
     return blobs
 
 
-def load_text(files: list[Path], encoder: _TextEncoder, description: str) -> Corpus:
+def load_text(files: list[Path], encoder: _TextEncoder, description: str,
+              min_val_tokens: int = 1) -> Corpus:
     train_files, val_files = split_files(files)
     train_blobs, val_blobs = _read(train_files), _read(val_files)
     if sum(map(len, train_blobs)) + sum(map(len, val_blobs)) == 0:
         raise TrainError(f"--data {description!r} is empty (0 bytes)")
     train, val = encoder.encode(train_blobs), encoder.encode(val_blobs)
-    if len(val) == 0:  # one file, or a hash split that left one side empty
-        total_bytes, total_tokens = sum(map(len, train_blobs)), len(train)
+    if len(val) < max(min_val_tokens, 1):
+        # one file, a hash split that left one side empty, or validation files too short
+        # for one window: the tail of the training files then those is the validation split
+        train = np.concatenate([train, val]).astype(train.dtype)
+        total_bytes, total_tokens = sum(map(len, train_blobs)) + sum(map(len, val_blobs)), len(train)
         train, val = _tail_split(train)
     else:
         total_bytes, total_tokens = sum(map(len, val_blobs)), len(val)
-    return Corpus(train, val, encoder.vocab_size, total_bytes / max(total_tokens, 1), description)
+    return Corpus(train, val, encoder.vocab_size, total_bytes / max(total_tokens, 1), description,
+                  encoder.path)
 
 
 def load_array(path: Path) -> Corpus:
@@ -185,19 +193,24 @@ def load_array(path: Path) -> Corpus:
     return Corpus(train, val, int(tokens.max()) + 1, None, str(path))
 
 
-def load_corpus(data: str | None, tokenizer: str | None = None) -> Corpus:
-    """The training corpus named by ``--data`` (default: the Python standard library)."""
+def load_corpus(data: str | None, tokenizer: str | None = None, min_val_tokens: int = 1,
+                run_tokenizer: str | None = None) -> Corpus:
+    """The training corpus named by ``--data`` (default: the Python standard library).
+    Text whose hash-split validation files hold fewer than ``min_val_tokens`` tokens
+    (``--seq-len + 2``: one window) is split at its tail instead. ``run_tokenizer``
+    (the model's own) reads text when ``tokenizer`` (--tokenizer) is None; token
+    arrays are taken to be in its vocabulary."""
     if data is None:
-        encoder = _TextEncoder(tokenizer)
-        return load_text(stdlib_files(), encoder, f"Python standard library ({stdlib_root()})")
-    if not data.strip():
-        raise TrainError("--data is empty; give a file, a directory or a glob")
-    files = resolve_data_files(data)
-    if len(files) == 1 and files[0].suffix in ARRAY_SUFFIXES:
-        if tokenizer is not None:
-            raise TrainError("--tokenizer applies to text; a .npy/.bin array is already tokenized")
-        return load_array(files[0])
-    return load_text(files, _TextEncoder(tokenizer), data)
+        files, description = stdlib_files(), f"Python standard library ({stdlib_root()})"
+    else:
+        if not data.strip():
+            raise TrainError("--data is empty; give a file, a directory or a glob")
+        files, description = resolve_data_files(data), data
+        if len(files) == 1 and files[0].suffix in ARRAY_SUFFIXES:
+            if tokenizer is not None:
+                raise TrainError("--tokenizer applies to text; a .npy/.bin array is already tokenized")
+            return dataclasses.replace(load_array(files[0]), tokenizer=run_tokenizer)
+    return load_text(files, _TextEncoder(tokenizer or run_tokenizer), description, min_val_tokens)
 
 
 class BatchSampler:

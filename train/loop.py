@@ -71,8 +71,10 @@ class Trainer:
         self.train_step = jit_train_step(self.state.graphdef, self.state.tx, self.state.shardings)
         self.eval_step = jit_eval_step(self.state.graphdef, self.state.shardings)
         self.schedule = jax.jit(lr_schedule(cfg))  # one compile, not one per jnp op
-        if self.primary:
-            (self.out / "train_config.json").write_text(cfg.to_json())
+        if self.primary:  # its tokenizer is the model's (serve export reads it): the resolved one
+            tmp = self.out / "train_config.json.tmp"  # atomic: a torn file would lose the tokenizer
+            tmp.write_text(cfg.replace(tokenizer=self.corpus.tokenizer).to_json())
+            tmp.replace(self.out / "train_config.json")
         self.log = MetricsLog(self.out, self.state.step, cfg.tensorboard, self.primary)
         self.progress = Progress(cfg.steps, self.state.step, enabled=self.primary)
 

@@ -94,12 +94,12 @@ def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     decay_mask = jax.tree_util.tree_map_with_path(
         lambda path, p: (p.ndim - (param_path(path).startswith("stacks/")) >= 2
                          and not is_memory_value(path)), params)
-    parts = []
-    if cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts += [optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=1e-8),
-              optax.add_decayed_weights(cfg.weight_decay, decay_mask),
-              optax.scale_by_learning_rate(lr_schedule(cfg))]
+    # A fixed chain whatever the flags: the optimizer state's tree paths (opt_state/1/mu/...)
+    # then stay the same, so a run may resume with another --clip-norm (0 included).
+    parts = [optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
+             optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=1e-8),
+             optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+             optax.scale_by_learning_rate(lr_schedule(cfg))]
     has_memory = any(is_memory_value(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
     if cfg.param_groups or (has_memory and cfg.memory_lr_mult != 1.0):
         parts.append(scale_by_tree(lr_multipliers(params, cfg.param_groups, cfg.memory_lr_mult)))

@@ -11,7 +11,9 @@ files::
 
 Start rules: a checkpoint in OUT -> resume it exactly (step, optimizer, data
 order); else a model in OUT -> start from its weights with a fresh optimizer
-at step 0; else a fresh model (``--resume`` then is an error).
+at step 0; else a fresh model (``--resume`` then is an error). Text for a
+model in OUT is read with that model's tokenizer (:func:`run_tokenizer`)
+unless ``--tokenizer`` names one.
 
 Everything here is plain Python and numpy (no jax, no orbax): :func:`preflight`
 checks the run directory, reads the data and plans the start, so bad input is
@@ -23,21 +25,24 @@ that names the flag to change.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from moejax.config import ConfigError, ModelConfig, config_to_dict, read_config_file
 from moejax.validate import check_writable_dir
-from train.config import DEFAULT_PRESET, TrainConfig, TrainError, requested_model, training_preset
+from train.config import (DEFAULT_PRESET, TrainConfig, TrainError, override_keys, requested_model,
+                          training_preset)
 
 CHECKPOINT_DIR = "checkpoints"
-# compute choices may change between runs; scan_layers is the saved model's layout
+# compute choices may change between runs (a --set of one applies to the saved model);
+# scan_layers is the saved model's layout (a --set that changes it is refused)
 IGNORED_FIELDS = ("dtype", "moe.dtype", "remat", "scan_layers")
 # What a run writes into OUT (and convert's tokenizer/): a directory holding only
 # these is a run, not someone else's files.
 RUN_FILES = frozenset({"config.json", "model", CHECKPOINT_DIR, "train_config.json", "metrics.jsonl",
                        "metrics.tmp", "tb", "training.png", "summary.json", "tokenizer",
-                       "config.json.tmp"})
+                       "config.json.tmp", "train_config.json.tmp"})
 RUN_DIRS = frozenset({"model", CHECKPOINT_DIR, "tb", "tokenizer"})
 
 
@@ -122,14 +127,40 @@ def start_kind(cfg: TrainConfig) -> tuple[str, int | None]:
     return kind, step
 
 
+def holds_run(cfg: TrainConfig, kind: str) -> bool:
+    """--out holds a model to continue: a checkpoint, a model directory, or the config.json
+    of a run killed before its first checkpoint (which --force replaces)."""
+    return kind != "fresh" or ((Path(cfg.out) / "config.json").is_file() and not cfg.force)
+
+
+def run_tokenizer(cfg: TrainConfig, kind: str) -> str | None:
+    """The tokenizer.json of the model in --out, absolute: the one its last training named
+    (train_config.json), else the one convert copied (tokenizer/tokenizer.json); None: bytes."""
+    out = Path(cfg.out)
+    if not holds_run(cfg, kind):
+        return None
+    previous = out / "train_config.json"
+    if previous.is_file():
+        try:
+            named = json.loads(previous.read_text()).get("tokenizer")
+        except (OSError, ValueError, AttributeError) as err:
+            raise TrainError(f"{previous} is unreadable ({type(err).__name__}); it names the run's "
+                             f"tokenizer: fix or remove it, or pass --tokenizer") from None
+        if named:
+            if not Path(named).is_file():
+                raise TrainError(f"the run in {out} was trained with tokenizer {named!r} "
+                                 f"({previous.name}), which is gone; pass --tokenizer")
+            return str(Path(named).absolute())
+    converted = out / "tokenizer" / "tokenizer.json"
+    return str(converted.absolute()) if converted.is_file() else None
+
+
 def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
     """Decide fresh / resume / start-from-model and the model config (see module doc)."""
     out = Path(cfg.out)
     kind, step = start_kind(cfg)
     asked = requested_model(cfg)
-    saved = None
-    if kind != "fresh" or ((out / "config.json").is_file() and not cfg.force):
-        saved = _read_saved_config(out, kind)  # a run (perhaps killed before its first checkpoint)
+    saved = _read_saved_config(out, kind) if holds_run(cfg, kind) else None
     if saved is not None and asked is not None:
         diffs = config_differences(saved, asked)
         if diffs:
@@ -137,6 +168,8 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
             raise TrainError(f"{out} holds a {what} of a different model shape ({diffs[0]}"
                              f"{f'; {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
                              f"use another --out, or drop --preset/--set to continue it")
+    if saved is not None and asked is not None:
+        saved = _with_named_compute_fields(saved, asked, cfg)
     model_cfg = saved or asked or training_preset(DEFAULT_PRESET)
     _check_vocab(cfg, model_cfg, data_vocab, saved is not None)
     if not saved and not asked and data_vocab > model_cfg.vocab_size:
@@ -151,6 +184,21 @@ def plan_start(cfg: TrainConfig, data_vocab: int) -> StartPoint:
     if cfg.remat is not None:
         model_cfg = model_cfg.replace(remat=cfg.remat)
     return StartPoint(kind, model_cfg, step or 0)
+
+
+def _with_named_compute_fields(saved: ModelConfig, asked: ModelConfig, cfg: TrainConfig) -> ModelConfig:
+    """The saved model with the compute fields ``--set`` names (dtype, moe.dtype, remat):
+    they may change between runs, and a --set of one is never silently dropped. The
+    layer layout (scan_layers) is that of the stored arrays and cannot change."""
+    named = override_keys(cfg.model_overrides)
+    if "scan_layers" in named and asked.scan_layers != saved.scan_layers:
+        raise TrainError(f"--set scan_layers={str(asked.scan_layers).lower()}: the run in {cfg.out} "
+                         f"stores its layers with scan_layers={str(saved.scan_layers).lower()}, which "
+                         f"it keeps; drop this --set, or use another --out")
+    changes = {name: getattr(asked, name) for name in ("dtype", "remat") if name in named}
+    if saved.moe is not None and named & {"dtype", "moe.dtype"}:
+        changes["moe"] = saved.moe.replace(dtype=asked.moe.dtype)
+    return saved.replace(**changes) if changes else saved
 
 
 def _check_vocab(cfg: TrainConfig, model_cfg: ModelConfig, data_vocab: int, existing: bool) -> None:
@@ -172,8 +220,13 @@ def preflight(cfg: TrainConfig):
     """Check --out, read the corpus and plan the start -> (corpus, StartPoint); no jax."""
     from train import data as data_lib
 
-    start_kind(cfg)  # a bad --out or a --resume with nothing to resume fails before the data is read
-    corpus = data_lib.load_corpus(cfg.data, cfg.tokenizer)
+    kind, _ = start_kind(cfg)  # a bad --out or a --resume with nothing to resume fails before the data is read
+    # text for a model that has a tokenizer is read with it, never silently as bytes
+    own = run_tokenizer(cfg, kind)
+    corpus = data_lib.load_corpus(cfg.data, cfg.tokenizer, min_val_tokens=cfg.seq_len + 2,
+                                  run_tokenizer=own)
+    if cfg.tokenizer is None and own is not None and corpus.bytes_per_token is not None:
+        print(f"note: tokenizing the text with the run's tokenizer {own}; --tokenizer names another")
     start = plan_start(cfg, corpus.vocab_size)
     data_lib.BatchSampler(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed)  # long enough?
     data_lib.eval_batches(corpus.val, cfg.batch_size, cfg.seq_len, 1)

@@ -16,7 +16,7 @@ from moejax.model import Transformer
 from train.checkpointing import Checkpoints, restore_model_dir
 from train.start import StartPoint
 from train.config import TrainConfig
-from train.optim import make_optimizer
+from train.optim import is_memory_value, make_optimizer
 from train.step import Shardings, abstract_like, make_shardings, split_model, variable_shardings
 
 
@@ -76,11 +76,27 @@ def _from_model_dir(out: Path, abstract_model: Transformer, mesh: Mesh) -> tuple
 
 
 def parameter_counts(model_cfg: ModelConfig, params: dict) -> tuple[int, int]:
-    """(total, active per token): routed experts count top_k / num_experts of their size."""
-    total = routed = 0
+    """(total, active per token): routed experts count top_k / num_experts of their size,
+    memory value tables the rows a token reads (product keys: num_heads * top_k; Engram:
+    one per n-gram order and hash head) out of their rows."""
+    total = routed = idle_memory = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         total += leaf.size
         if any(getattr(k, "key", None) == "experts" for k in path):
             routed += leaf.size
+        elif is_memory_value(path):
+            rows = leaf.shape[-2]
+            idle_memory += leaf.size * (1 - min(_rows_read(path, model_cfg), rows) / rows)
     share = model_cfg.moe.top_k / model_cfg.moe.num_experts if model_cfg.moe else 1.0
-    return total, int(total - routed * (1 - share))
+    return total, int(total - routed * (1 - share) - idle_memory)
+
+
+def _rows_read(path, model_cfg: ModelConfig) -> int:
+    """Rows of a value table one token reads: a product-key table sits in a ``values``
+    module (MemoryValues; with share_values every 'pkm' layer reads the one table), an
+    Engram table directly in its layer."""
+    mem = model_cfg.memory
+    if getattr(path[-2], "key", None) == "values":
+        readers = sum(kind.startswith("pkm") for kind in model_cfg.ffn_kinds) if mem.share_values else 1
+        return mem.num_heads * mem.top_k * readers
+    return len(mem.ngram_orders) * mem.ngram_heads

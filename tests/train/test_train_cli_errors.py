@@ -147,6 +147,9 @@ CASES = {
         ["different model shape", "n_layers"]),
     "out holds a damaged model": (lambda d: ["--data", text(d), "--out", damaged_model(d), *SHAPE],
                                   ["is damaged", "has 7 bytes"]),
+    "out holds a run of another layer layout": (
+        lambda d: ["--data", text(d), "--out", fake_run(d, model=True), "--set", "scan_layers=true"],
+        ["--set scan_layers=true", "scan_layers=false, which it keeps", "another --out"]),
     "steps below the run's step": (lambda d: ["--data", text(d), "--out", fake_run(d, step=40),
                                               "--steps", "10"], ["--steps 10 is below step 40"]),
     "resume with nothing to resume": (lambda d: ["--data", text(d), "--resume"], ["--resume", "neither"]),
@@ -168,6 +171,7 @@ CASES = {
     "clip norm inf": (lambda d: ["--clip-norm", "inf"], ["--clip-norm must be a finite number"]),
     "beta2 above one": (lambda d: ["--beta2", "1.5"], ["--beta2 must be in [0, 1]"]),
     "warmup negative": (lambda d: ["--warmup-steps", "-3"], ["--warmup-steps must be >= 0"]),
+    "seed beyond 32 bits": (lambda d: ["--seed", str(2**64)], ["--seed must be in [0, 4294967295]"]),
     "dtype unknown": (lambda d: ["--dtype", "int8"], ["--dtype", "invalid choice"]),
     "unknown flag": (lambda d: ["--stpes", "3"], ["unrecognized arguments"]),
     "set unknown field": (lambda d: ["--set", "n_layerz=2"], ["unknown model field", "n_layerz"]),
@@ -265,3 +269,45 @@ def test_checkpoint_of_other_shape(tmp_path):
     assert_one_line_error(result.returncode, result.stderr, "does not match", "(4, 32, 32)", "(4, 48, 32)")
     assert tree_digest(out) == before
     shutil.rmtree(out)
+
+
+def test_set_of_a_compute_field_applies_to_an_existing_run(tmp_path):
+    """dtype / moe.dtype / remat may change between runs: a --set of one reaches the saved
+    model (it used to be dropped silently), and dtype carries the MoE block along."""
+    from train.config import TrainConfig
+    from train.start import plan_start
+    out = fake_run(tmp_path, model=True)
+    start = plan_start(TrainConfig(out=out, model_overrides=("dtype=bfloat16", "remat=full")), 256)
+    cfg = start.model_cfg
+    assert (start.kind, cfg.dtype, cfg.moe.dtype, cfg.remat) == ("model", "bfloat16", "bfloat16", "full")
+    cfg = plan_start(TrainConfig(out=out, model_overrides=("moe.dtype=bfloat16",)), 256).model_cfg
+    assert (cfg.dtype, cfg.moe.dtype, cfg.remat, cfg.scan_layers) == ("float32", "bfloat16", "none", False)
+
+
+def word_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer.json over TEXT's words (ids 0..8: far from the bytes)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {w: i for i, w in enumerate(["[UNK]", "def", "f", "(", "x", "):", "return", "*", "2"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def test_text_for_a_run_with_a_tokenizer_is_read_with_it(tmp_path):
+    """A converted model keeps its tokenizer in RUN/tokenizer/: text for it must be its token
+    ids, not bytes (which it silently was), and train_config.json records the file by
+    absolute path for `serve export`; a recorded tokenizer that is gone is an error."""
+    from train.config import TrainConfig
+    from train.start import preflight
+    out = Path(fake_run(tmp_path, model=True))
+    tokenizer = word_tokenizer(out / "tokenizer" / "tokenizer.json")
+    cfg = TrainConfig(out=str(out), data=text(tmp_path), batch_size=2, seq_len=8)
+    corpus, start = preflight(cfg)
+    assert start.kind == "model" and corpus.tokenizer == str(tokenizer.absolute())
+    assert set(np.unique(corpus.train)) == set(range(1, 9))  # word ids, not bytes
+    assert len(corpus.train) + len(corpus.val) == 9 * 300
+    (out / "train_config.json").write_text(json.dumps({"tokenizer": str(tmp_path / "gone.json")}))
+    with pytest.raises(Exception, match="gone.json.*which is gone; pass --tokenizer"):
+        preflight(cfg)

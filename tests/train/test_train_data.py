@@ -46,6 +46,12 @@ def test_directory_and_glob_split_by_file_hash(tmp_path):
     assert corpus.train.tobytes() == train and corpus.val.tobytes() == val
     whole = data_lib.load_corpus(str(tmp_path / "src"))  # the directory adds notes.md
     assert len(whole.train) + len(whole.val) == len(train) + len(val) + len("not python\n")
+    # validation files shorter than one window (--seq-len + 2): the tail split instead
+    short = data_lib.load_corpus(str(tmp_path / "src" / "*.txt"), min_val_tokens=len(val) + 1)
+    everything = train + val
+    cut = len(everything) - int(len(everything) * 0.05)
+    assert short.train.tobytes() == everything[:cut] and short.val.tobytes() == everything[cut:]
+    assert short.bytes_per_token == 1.0
 
 
 def test_npy_and_bin_token_arrays(tmp_path):

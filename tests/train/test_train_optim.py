@@ -94,3 +94,19 @@ def test_memory_values_get_their_own_lr_and_no_weight_decay_by_default():
     np.testing.assert_allclose(ruled["ffn"]["values"]["mem_values"], -0.1 * 3, rtol=1e-5)
     with pytest.raises(TrainError, match="memory-lr-mult"):
         TrainConfig(memory_lr_mult=-1.0)
+
+
+def test_optimizer_state_layout_does_not_depend_on_the_flags():
+    """A checkpoint's optimizer state is restored by tree path: flags a resumed run may
+    change (clip norm, weight decay, groups, betas) must not move or add any leaf."""
+    params = {"w": jnp.full((2, 3), 2.0), "ffn": {"values": {"mem_values": jnp.full((4, 3), 2.0)}}}
+
+    def leaf_paths(**flags):
+        tx = make_optimizer(TrainConfig(**flags), params)
+        leaves = jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, params))[0]
+        return [(jax.tree_util.keystr(path), leaf.shape) for path, leaf in leaves]
+
+    reference = leaf_paths()
+    for flags in (dict(clip_norm=0.0), dict(weight_decay=0.0), dict(param_groups=("w=0.5",)),
+                  dict(memory_lr_mult=1.0), dict(beta1=0.0, warmup_steps=0)):
+        assert leaf_paths(**flags) == reference, flags

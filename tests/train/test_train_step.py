@@ -84,3 +84,22 @@ def test_bfloat16_compute_keeps_float32_state(setup):
     assert {str(x.dtype) for x in jax.tree.leaves((new_params, new_opt))} == {"float32", "int32"}
     # bf16 keeps 8 mantissa bits (eps 2^-8 ~ 0.4%); a few roundings through one block
     np.testing.assert_allclose(float(m["loss"]), float(ref["loss"]), rtol=2e-2)
+
+
+def test_active_parameter_count_reads_memory_rows_not_tables():
+    """The banner's active count: top_k of the routed experts and, of a memory value table,
+    the rows one token reads (it counted whole tables, 3x the truth for tiny-mem)."""
+    from train.state import parameter_counts
+    mem = moejax.MemoryConfig(num_slots=64, top_k=2, num_heads=2, d_key=8, ngram_heads=2,
+                              ngram_table_rows=64, ngram_d_row=4)
+    moe = moejax.MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=1)
+    cfg = moejax.ModelConfig(vocab_size=32, d_model=8, n_layers=3, n_heads=2, n_kv_heads=1, d_ff=16,
+                             moe=moe, memory=mem, ffn_kinds=("pkm", "engram", "moe"))
+    params = split_model(nnx.eval_shape(lambda: moejax.Transformer(cfg, rngs=nnx.Rngs(0))))[1]
+    flat = {"/".join(str(k.key) for k in path): leaf.size
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    pkm, engram = flat["layers/0/ffn/values/mem_values"], flat["layers/1/ffn/mem_values"]
+    experts = sum(size for name, size in flat.items() if "/experts/" in name)
+    total = sum(flat.values())
+    want = total - pkm - engram - experts * 3 // 4 + (2 * 2) * 8 + (2 * 2) * 4  # rows read x width
+    assert parameter_counts(cfg, params) == (total, want)
