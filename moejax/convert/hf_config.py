@@ -122,17 +122,15 @@ def read_rope(hf: HFConfig, default_theta: float = 10000.0) -> tuple[float, Yarn
     """(rope_theta, YaRN config or None, DeepSeek softmax mscale) from config.json.
 
     transformers 5 writes ``rope_parameters``; 4.x writes ``rope_theta`` and
-    ``rope_scaling``. Plain RoPE and YaRN are supported; other scalings
-    (linear, dynamic, llama3, longrope, ...) change the frequencies in ways
-    moejax does not implement and are rejected by name.
+    ``rope_scaling``. When both are present, ``rope_scaling`` is the one that
+    counts, as in transformers (4.x knows no other; 5.x lets it replace
+    ``rope_parameters`` whole). Plain RoPE and YaRN are supported; other
+    scalings (linear, dynamic, llama3, longrope, ...) change the frequencies
+    in ways moejax does not implement and are rejected by name.
     """
     params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
     hf.used.add("rope_theta")
-    source, entry = "rope_parameters", params
-    for name, candidate in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if candidate.get("rope_type", candidate.get("type", "default")) != "default":
-            source, entry = name, candidate
-            break
+    source, entry = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
     kind = entry.get("rope_type", entry.get("type", "default"))
     if kind not in ("default", "yarn"):
         raise UnsupportedConfigError(f"{hf.model_type} config.json: {source} rope_type={kind!r} is not "
@@ -142,7 +140,7 @@ def read_rope(hf: HFConfig, default_theta: float = 10000.0) -> tuple[float, Yarn
     if extra:
         raise UnsupportedConfigError(f"{hf.model_type} config.json: {source} option(s) {', '.join(extra)} "
                                      f"are not supported with rope_type={kind!r}")
-    theta = float(params.get("rope_theta") or hf.data.get("rope_theta") or default_theta)
+    theta = float(entry.get("rope_theta") or hf.data.get("rope_theta") or default_theta)
     if kind == "default":
         return theta, None, 1.0
     original = entry.get("original_max_position_embeddings")
@@ -176,7 +174,11 @@ def write_rope(cfg, softmax_mscale: float = 1.0) -> dict[str, Any]:
     if softmax_mscale != 1.0:  # the mscale_all_dim that reproduces it (DeepSeek)
         params["mscale_all_dim"] = (math.sqrt(softmax_mscale) - 1.0) / (0.1 * math.log(yarn.factor))
     out["rope_parameters"] = params
-    out["rope_scaling"] = {k: v for k, v in params.items() if k not in ("rope_theta", "truncate")}
+    # transformers 4.x reads only rope_scaling, and 5.x lets it override rope_parameters, so it
+    # must carry every parameter that changes the frequencies; truncate=True is the default
+    # (and a key older 4.x releases warn about), so it is written only when it is False.
+    out["rope_scaling"] = {k: v for k, v in params.items()
+                           if k != "rope_theta" and (k != "truncate" or not yarn.truncate)}
     return out
 
 

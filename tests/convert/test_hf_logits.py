@@ -142,3 +142,31 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     assert cfg.rope_theta == defaults.rope_parameters["rope_theta"]
     assert cfg.tie_embeddings == defaults.tie_word_embeddings
     assert cfg.moe.norm_topk_prob == getattr(defaults, "norm_topk_prob", True)
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16},
+    {"rope_type": "default"},
+], ids=["yarn", "default"])
+def test_rope_scaling_overrides_rope_parameters_as_in_transformers(rope_scaling, references, workdir):
+    # transformers (4.x knows only rope_scaling; 5.x lets it replace rope_parameters whole)
+    # builds its RoPE from rope_scaling when config.json has both: so must moejax.
+    import json
+    from moejax.convert import read_hf_config
+    ref = references("qwen3_moe-yarn")
+    config = json.loads((ref.path / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn"
+    config["rope_scaling"] = rope_scaling
+    path = workdir / f"qwen3_moe-both-ropes-{rope_scaling['rope_type']}"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, _, _ = read_hf_config(path)
+    theirs = transformers.AutoConfig.from_pretrained(path).rope_parameters
+    assert theirs["rope_type"] == rope_scaling["rope_type"]
+    assert cfg.rope_theta == theirs["rope_theta"]
+    if theirs["rope_type"] == "default":
+        assert cfg.rope_yarn is None
+    else:
+        assert (cfg.rope_yarn.factor, cfg.rope_yarn.original_max_position_embeddings, cfg.rope_yarn.beta_fast,
+                cfg.rope_yarn.truncate) == (theirs["factor"], theirs["original_max_position_embeddings"],
+                                            theirs["beta_fast"], theirs.get("truncate", True))
