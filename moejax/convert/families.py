@@ -217,24 +217,30 @@ def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
             f"deepseek_v3 config.json: num_key_value_heads={common['n_kv_heads']} differs from "
             f"num_attention_heads={common['n_heads']} (MLA expands its latent to every head)")
     _, _, softmax_mscale = read_rope(hf)  # YaRN's mscale_all_dim also scales MLA's softmax
-    mla = MLAConfig(kv_lora_rank=hf.require("kv_lora_rank"), q_lora_rank=hf.get("q_lora_rank"),
+    # Keys config.json leaves out take transformers' DeepseekV3Config defaults (2.5, 8, 4, ...),
+    # not neutral values: a missing routed_scaling_factor scales the routed experts by 2.5 there.
+    mla = MLAConfig(kv_lora_rank=hf.require("kv_lora_rank"),
+                    q_lora_rank=hf.written("q_lora_rank", 1536),   # null: a full query projection
                     qk_nope_head_dim=hf.require("qk_nope_head_dim"),
                     qk_rope_head_dim=hf.require("qk_rope_head_dim"), v_head_dim=hf.require("v_head_dim"),
                     softmax_mscale=softmax_mscale)
     expert_width = hf.require("moe_intermediate_size")
-    n_shared = hf.get("n_shared_experts", 0) or 0
+    n_shared = hf.written("n_shared_experts", 1) or 0   # null: none (DeepSeek's own modeling code)
     moe = MoEConfig(d_model=common["d_model"], d_ff=expert_width,
                     num_experts=hf.require("n_routed_experts"), top_k=hf.require("num_experts_per_tok"),
                     num_shared_experts=n_shared, shared_d_ff=expert_width * n_shared or None,
                     router="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                    n_group=hf.get("n_group", 1), topk_group=hf.get("topk_group", 1),
+                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5)),
+                    n_group=hf.get("n_group", 8), topk_group=hf.get("topk_group", 4),
                     aux_loss_type="sequence", aux_loss_coef=float(hf.data.get("aux_loss_alpha") or 0.0),
                     z_loss_coef=0.0)
-    first_dense = hf.get("first_k_dense_replace", 0)
-    if not isinstance(first_dense, int) or not 0 <= first_dense <= common["n_layers"]:
+    first_dense = hf.get("first_k_dense_replace", 3)
+    if not isinstance(first_dense, int) or isinstance(first_dense, bool) or first_dense < 0:
         raise UnsupportedConfigError(f"deepseek_v3 config.json: first_k_dense_replace={first_dense!r} "
-                                     f"must be an int in [0, num_hidden_layers={common['n_layers']}]")
+                                     "must be an int >= 0")
+    # transformers makes layer i an MoE layer when i >= first_k_dense_replace, so a value past
+    # num_hidden_layers (the default 3 in a 2-layer test model) means every layer is dense.
+    first_dense = min(first_dense, common["n_layers"])
     return ModelConfig(name="deepseek_v3", d_ff=hf.require("intermediate_size"), moe=moe, mla=mla,
                        ffn_kinds=ffn_kinds_from_rule(common["n_layers"], moe, first_k_dense=first_dense),
                        **common)

@@ -41,6 +41,12 @@ class HFConfig:
         value = self.data.get(key, default)
         return default if value is None and default is not None else value
 
+    def written(self, key: str, absent: Any) -> Any:
+        """The value of ``key`` as written, null included; ``absent`` when config.json leaves the
+        key out (for keys whose null means something other than the default)."""
+        self.used.add(key)
+        return self.data[key] if key in self.data else absent
+
     def require(self, key: str) -> Any:
         self.used.add(key)
         if self.data.get(key) is None:

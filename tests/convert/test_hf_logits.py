@@ -131,7 +131,10 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     from moejax.convert import read_hf_config
     ref = references(f"{model_type}-a")
     config = json.loads((ref.path / "config.json").read_text())
-    for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "norm_topk_prob", "tie_word_embeddings"):
+    deepseek_keys = ("routed_scaling_factor", "n_group", "topk_group", "n_shared_experts",
+                     "first_k_dense_replace", "q_lora_rank")
+    for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "norm_topk_prob", "tie_word_embeddings",
+                *(deepseek_keys if model_type == "deepseek_v3" else ())):
         config.pop(key, None)
     path = workdir / f"{model_type}-defaults"
     path.mkdir()
@@ -142,6 +145,13 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     assert cfg.rope_theta == defaults.rope_parameters["rope_theta"]
     assert cfg.tie_embeddings == defaults.tie_word_embeddings
     assert cfg.moe.norm_topk_prob == getattr(defaults, "norm_topk_prob", True)
+    if model_type == "deepseek_v3":   # not neutral values: transformers scales by 2.5, routes in 8 groups
+        assert (cfg.moe.routed_scaling_factor, cfg.moe.n_group, cfg.moe.topk_group, cfg.moe.num_shared_experts,
+                cfg.mla.q_lora_rank) == (defaults.routed_scaling_factor, defaults.n_group, defaults.topk_group,
+                                         defaults.n_shared_experts, defaults.q_lora_rank)
+        # first_k_dense_replace=3 in a 2-layer model: every layer dense, as in transformers
+        assert cfg.ffn_kinds == tuple("dense" if i < defaults.first_k_dense_replace else "moe"
+                                      for i in range(cfg.n_layers))
 
 
 @pytest.mark.parametrize("rope_scaling", [
