@@ -41,6 +41,23 @@ class HFConfig:
         value = self.data.get(key, default)
         return default if value is None and default is not None else value
 
+    def flag(self, key: str, default: bool) -> bool:
+        """A JSON true/false (absent or null: ``default``); anything else is refused, since
+        ``bool()`` would read the string "false" as True."""
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise UnsupportedConfigError(f"{self.model_type} config.json: {key}={value!r} must be "
+                                         "true or false")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        """A JSON object (absent or null: {}); anything else is refused by name."""
+        value = self.get(key) or {}
+        if not isinstance(value, dict):
+            raise UnsupportedConfigError(f"{self.model_type} config.json: {key}={value!r} must be "
+                                         "an object (or null)")
+        return value
+
     def written(self, key: str, absent: Any) -> Any:
         """The value of ``key`` as written, null included; ``absent`` when config.json leaves the
         key out (for keys whose null means something other than the default)."""
@@ -79,8 +96,8 @@ def read_fp8_block(hf: HFConfig) -> tuple[int, int] | None:
     represents the stored weights exactly. Other quantization methods are
     rejected by name.
     """
-    quant = hf.get("quantization_config")
-    if quant is None:
+    quant = hf.mapping("quantization_config")
+    if not quant:
         return None
     method, block = quant.get("quant_method"), quant.get("weight_block_size")
     if method != "fp8" or not (isinstance(block, list) and len(block) == 2):
@@ -134,7 +151,7 @@ def read_rope(hf: HFConfig, default_theta: float = 10000.0) -> tuple[float, Yarn
     scalings (linear, dynamic, llama3, longrope, ...) change the frequencies
     in ways moejax does not implement and are rejected by name.
     """
-    params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    params, scaling = hf.mapping("rope_parameters"), hf.mapping("rope_scaling")
     hf.used.add("rope_theta")
     source, entry = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
     kind = entry.get("rope_type", entry.get("type", "default"))
