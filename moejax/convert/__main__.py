@@ -4,7 +4,7 @@
     python -m moejax.convert --to-hf RUN --out HF_DIR [--expert-layout fused]
 
 RUN is the directory format of ``moejax.checkpoint.save_model``: ``train``
-starts from it (and the serving export, still to come, will read it). Tokenizer files found beside
+starts from it and ``python -m serve export --ckpt RUN`` reads it. Tokenizer files found beside
 the HF weights are copied to ``RUN/tokenizer/`` (and back with --to-hf), so a
 converted model keeps its vocabulary.
 

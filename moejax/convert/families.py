@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from moejax.config import MLAConfig, MoEConfig, ModelConfig, ffn_kinds_from_rule
+from moejax.config import MLAConfig, MoEConfig, ModelConfig, _is_int, ffn_kinds_from_rule
 from moejax.convert.hf_config import (HFConfig, UnsupportedConfigError, read_common, read_head_dim,
                                       read_rope, write_common)
 
@@ -99,8 +99,11 @@ def _write_mixtral(cfg: ModelConfig) -> dict[str, Any]:
 # --------------------------------------------------------- Qwen2-MoE / Qwen3-MoE
 def _qwen_moe_layers(hf: HFConfig, n_layers: int) -> tuple[int, ...]:
     step = hf.get("decoder_sparse_step", 1)
-    mlp_only = set(hf.get("mlp_only_layers") or [])
-    if not isinstance(step, int) or step < 1:
+    mlp_only = hf.get("mlp_only_layers") or []
+    if not isinstance(mlp_only, list) or not all(_is_int(i) for i in mlp_only):
+        raise UnsupportedConfigError(f"{hf.model_type} config.json: mlp_only_layers={mlp_only!r} "
+                                     "must be a list of layer indices")
+    if not _is_int(step) or step < 1:
         raise UnsupportedConfigError(f"{hf.model_type} config.json: decoder_sparse_step={step!r} "
                                      "must be a positive int")
     return tuple(i for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0)
@@ -108,7 +111,7 @@ def _qwen_moe_layers(hf: HFConfig, n_layers: int) -> tuple[int, ...]:
 
 def _read_qwen(hf: HFConfig, *, qwen3: bool) -> ModelConfig:
     common = read_common(hf)
-    if hf.get("use_sliding_window", False):
+    if hf.flag("use_sliding_window", False):
         raise UnsupportedConfigError(f"{hf.model_type} config.json: use_sliding_window=True is not "
                                      "supported (moejax attention is full causal)")
     hf.used.update({"sliding_window", "max_window_layers", "layer_types"})
@@ -132,7 +135,7 @@ def _read_qwen(hf: HFConfig, *, qwen3: bool) -> ModelConfig:
         shared = dict(num_shared_experts=1, shared_d_ff=shared_width, shared_expert_gate=True)
     moe = MoEConfig(d_model=common["d_model"], d_ff=hf.require("moe_intermediate_size"),
                     num_experts=num_experts, top_k=hf.require("num_experts_per_tok"),
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                    norm_topk_prob=hf.flag("norm_topk_prob", False),
                     aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_coef=0.0,
                     **shared)
     return ModelConfig(
@@ -140,7 +143,7 @@ def _read_qwen(hf: HFConfig, *, qwen3: bool) -> ModelConfig:
         ffn_kinds=ffn_kinds_from_rule(common["n_layers"], moe, moe_layers=layers),
         head_dim=read_head_dim(hf, common["d_model"], common["n_heads"]),
         qk_norm="head" if qwen3 else "none",
-        attention_bias=False if qwen3 else bool(hf.get("qkv_bias", True)), **common)
+        attention_bias=False if qwen3 else hf.flag("qkv_bias", True), **common)
 
 
 def _write_qwen(cfg: ModelConfig, *, qwen3: bool) -> dict[str, Any]:
@@ -181,7 +184,7 @@ def _read_olmoe(hf: HFConfig) -> ModelConfig:
     d_ff = hf.require("intermediate_size")
     moe = MoEConfig(d_model=common["d_model"], d_ff=d_ff, num_experts=hf.require("num_experts"),
                     top_k=hf.require("num_experts_per_tok"),
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                    norm_topk_prob=hf.flag("norm_topk_prob", False),
                     aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)), z_loss_coef=0.0)
     return ModelConfig(name="olmoe", d_ff=d_ff, moe=moe, qk_norm="proj", **common)
 
@@ -217,24 +220,30 @@ def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
             f"deepseek_v3 config.json: num_key_value_heads={common['n_kv_heads']} differs from "
             f"num_attention_heads={common['n_heads']} (MLA expands its latent to every head)")
     _, _, softmax_mscale = read_rope(hf)  # YaRN's mscale_all_dim also scales MLA's softmax
-    mla = MLAConfig(kv_lora_rank=hf.require("kv_lora_rank"), q_lora_rank=hf.get("q_lora_rank"),
+    # Keys config.json leaves out take transformers' DeepseekV3Config defaults (2.5, 8, 4, ...),
+    # not neutral values: a missing routed_scaling_factor scales the routed experts by 2.5 there.
+    mla = MLAConfig(kv_lora_rank=hf.require("kv_lora_rank"),
+                    q_lora_rank=hf.written("q_lora_rank", 1536),   # null: a full query projection
                     qk_nope_head_dim=hf.require("qk_nope_head_dim"),
                     qk_rope_head_dim=hf.require("qk_rope_head_dim"), v_head_dim=hf.require("v_head_dim"),
                     softmax_mscale=softmax_mscale)
     expert_width = hf.require("moe_intermediate_size")
-    n_shared = hf.get("n_shared_experts", 0) or 0
+    n_shared = hf.written("n_shared_experts", 1) or 0   # null: none (DeepSeek's own modeling code)
     moe = MoEConfig(d_model=common["d_model"], d_ff=expert_width,
                     num_experts=hf.require("n_routed_experts"), top_k=hf.require("num_experts_per_tok"),
                     num_shared_experts=n_shared, shared_d_ff=expert_width * n_shared or None,
-                    router="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                    n_group=hf.get("n_group", 1), topk_group=hf.get("topk_group", 1),
+                    router="sigmoid", norm_topk_prob=hf.flag("norm_topk_prob", True),
+                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5)),
+                    n_group=hf.get("n_group", 8), topk_group=hf.get("topk_group", 4),
                     aux_loss_type="sequence", aux_loss_coef=float(hf.data.get("aux_loss_alpha") or 0.0),
                     z_loss_coef=0.0)
-    first_dense = hf.get("first_k_dense_replace", 0)
-    if not isinstance(first_dense, int) or not 0 <= first_dense <= common["n_layers"]:
+    first_dense = hf.get("first_k_dense_replace", 3)
+    if not _is_int(first_dense) or first_dense < 0:
         raise UnsupportedConfigError(f"deepseek_v3 config.json: first_k_dense_replace={first_dense!r} "
-                                     f"must be an int in [0, num_hidden_layers={common['n_layers']}]")
+                                     "must be an int >= 0")
+    # transformers makes layer i an MoE layer when i >= first_k_dense_replace, so a value past
+    # num_hidden_layers (the default 3 in a 2-layer test model) means every layer is dense.
+    first_dense = min(first_dense, common["n_layers"])
     return ModelConfig(name="deepseek_v3", d_ff=hf.require("intermediate_size"), moe=moe, mla=mla,
                        ffn_kinds=ffn_kinds_from_rule(common["n_layers"], moe, first_k_dense=first_dense),
                        **common)

@@ -41,6 +41,29 @@ class HFConfig:
         value = self.data.get(key, default)
         return default if value is None and default is not None else value
 
+    def flag(self, key: str, default: bool) -> bool:
+        """A JSON true/false (absent or null: ``default``); anything else is refused, since
+        ``bool()`` would read the string "false" as True."""
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise UnsupportedConfigError(f"{self.model_type} config.json: {key}={value!r} must be "
+                                         "true or false")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        """A JSON object (absent or null: {}); anything else is refused by name."""
+        value = self.get(key) or {}
+        if not isinstance(value, dict):
+            raise UnsupportedConfigError(f"{self.model_type} config.json: {key}={value!r} must be "
+                                         "an object (or null)")
+        return value
+
+    def written(self, key: str, absent: Any) -> Any:
+        """The value of ``key`` as written, null included; ``absent`` when config.json leaves the
+        key out (for keys whose null means something other than the default)."""
+        self.used.add(key)
+        return self.data[key] if key in self.data else absent
+
     def require(self, key: str) -> Any:
         self.used.add(key)
         if self.data.get(key) is None:
@@ -73,8 +96,8 @@ def read_fp8_block(hf: HFConfig) -> tuple[int, int] | None:
     represents the stored weights exactly. Other quantization methods are
     rejected by name.
     """
-    quant = hf.get("quantization_config")
-    if quant is None:
+    quant = hf.mapping("quantization_config")
+    if not quant:
         return None
     method, block = quant.get("quant_method"), quant.get("weight_block_size")
     if method != "fp8" or not (isinstance(block, list) and len(block) == 2):
@@ -122,17 +145,15 @@ def read_rope(hf: HFConfig, default_theta: float = 10000.0) -> tuple[float, Yarn
     """(rope_theta, YaRN config or None, DeepSeek softmax mscale) from config.json.
 
     transformers 5 writes ``rope_parameters``; 4.x writes ``rope_theta`` and
-    ``rope_scaling``. Plain RoPE and YaRN are supported; other scalings
-    (linear, dynamic, llama3, longrope, ...) change the frequencies in ways
-    moejax does not implement and are rejected by name.
+    ``rope_scaling``. When both are present, ``rope_scaling`` is the one that
+    counts, as in transformers (4.x knows no other; 5.x lets it replace
+    ``rope_parameters`` whole). Plain RoPE and YaRN are supported; other
+    scalings (linear, dynamic, llama3, longrope, ...) change the frequencies
+    in ways moejax does not implement and are rejected by name.
     """
-    params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    params, scaling = hf.mapping("rope_parameters"), hf.mapping("rope_scaling")
     hf.used.add("rope_theta")
-    source, entry = "rope_parameters", params
-    for name, candidate in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if candidate.get("rope_type", candidate.get("type", "default")) != "default":
-            source, entry = name, candidate
-            break
+    source, entry = ("rope_scaling", scaling) if scaling else ("rope_parameters", params)
     kind = entry.get("rope_type", entry.get("type", "default"))
     if kind not in ("default", "yarn"):
         raise UnsupportedConfigError(f"{hf.model_type} config.json: {source} rope_type={kind!r} is not "
@@ -142,7 +163,7 @@ def read_rope(hf: HFConfig, default_theta: float = 10000.0) -> tuple[float, Yarn
     if extra:
         raise UnsupportedConfigError(f"{hf.model_type} config.json: {source} option(s) {', '.join(extra)} "
                                      f"are not supported with rope_type={kind!r}")
-    theta = float(params.get("rope_theta") or hf.data.get("rope_theta") or default_theta)
+    theta = float(entry.get("rope_theta") or hf.data.get("rope_theta") or default_theta)
     if kind == "default":
         return theta, None, 1.0
     original = entry.get("original_max_position_embeddings")
@@ -176,7 +197,11 @@ def write_rope(cfg, softmax_mscale: float = 1.0) -> dict[str, Any]:
     if softmax_mscale != 1.0:  # the mscale_all_dim that reproduces it (DeepSeek)
         params["mscale_all_dim"] = (math.sqrt(softmax_mscale) - 1.0) / (0.1 * math.log(yarn.factor))
     out["rope_parameters"] = params
-    out["rope_scaling"] = {k: v for k, v in params.items() if k not in ("rope_theta", "truncate")}
+    # transformers 4.x reads only rope_scaling, and 5.x lets it override rope_parameters, so it
+    # must carry every parameter that changes the frequencies; truncate=True is the default
+    # (and a key older 4.x releases warn about), so it is written only when it is False.
+    out["rope_scaling"] = {k: v for k, v in params.items()
+                           if k != "rope_theta" and (k != "truncate" or not yarn.truncate)}
     return out
 
 

@@ -68,7 +68,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                           q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=6,
                                           v_head_dim=10, routed_scaling_factor=1.5, norm_topk_prob=False,
                                           rope_interleave=False)),
-    # YaRN: blended frequencies, cos/sin magnitude, and (DeepSeek) the softmax mscale.
+    # YaRN: blended frequencies, cos/sin magnitude, (DeepSeek) the softmax mscale, (Qwen3)
+    # untruncated correction range with non-default betas.
     "deepseek_v3-yarn": ("deepseek_v3", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                                              num_hidden_layers=2, num_attention_heads=4,
                                              num_key_value_heads=4, n_routed_experts=4,
@@ -85,7 +86,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                          head_dim=16, num_experts=4, num_experts_per_tok=2,
                                          max_position_embeddings=64,
                                          rope_parameters=dict(rope_type="yarn", rope_theta=1000.0, factor=2.0,
-                                                              original_max_position_embeddings=32))),
+                                                              original_max_position_embeddings=32,
+                                                              beta_fast=8.0, beta_slow=0.5, truncate=False))),
 }
 
 CONFIG_CLASSES = {

@@ -67,6 +67,13 @@ REJECTED = [
     ("deepseek_v3", {"num_key_value_heads": 2}, "num_key_value_heads"),
     ("deepseek_v3", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}},
      "dynamic"),
+    # wrongly typed values: bool("false") was True (routing silently renormalised), the others
+    # crashed with a message naming no key
+    ("deepseek_v3", {"norm_topk_prob": "false"}, "norm_topk_prob='false' must be true or false"),
+    ("qwen2_moe", {"qkv_bias": "false"}, "qkv_bias='false' must be true or false"),
+    ("qwen2_moe", {"mlp_only_layers": 3}, "mlp_only_layers=3 must be a list"),
+    ("mixtral", {"rope_scaling": ["yarn"]}, "rope_scaling=.* must be an object"),
+    ("mixtral", {"quantization_config": "fp8"}, "quantization_config='fp8' must be an object"),
 ]
 
 

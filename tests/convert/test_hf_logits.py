@@ -131,7 +131,10 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     from moejax.convert import read_hf_config
     ref = references(f"{model_type}-a")
     config = json.loads((ref.path / "config.json").read_text())
-    for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "norm_topk_prob", "tie_word_embeddings"):
+    deepseek_keys = ("routed_scaling_factor", "n_group", "topk_group", "n_shared_experts",
+                     "first_k_dense_replace", "q_lora_rank")
+    for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "norm_topk_prob", "tie_word_embeddings",
+                *(deepseek_keys if model_type == "deepseek_v3" else ())):
         config.pop(key, None)
     path = workdir / f"{model_type}-defaults"
     path.mkdir()
@@ -142,3 +145,38 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     assert cfg.rope_theta == defaults.rope_parameters["rope_theta"]
     assert cfg.tie_embeddings == defaults.tie_word_embeddings
     assert cfg.moe.norm_topk_prob == getattr(defaults, "norm_topk_prob", True)
+    if model_type == "deepseek_v3":   # not neutral values: transformers scales by 2.5, routes in 8 groups
+        assert (cfg.moe.routed_scaling_factor, cfg.moe.n_group, cfg.moe.topk_group, cfg.moe.num_shared_experts,
+                cfg.mla.q_lora_rank) == (defaults.routed_scaling_factor, defaults.n_group, defaults.topk_group,
+                                         defaults.n_shared_experts, defaults.q_lora_rank)
+        # first_k_dense_replace=3 in a 2-layer model: every layer dense, as in transformers
+        assert cfg.ffn_kinds == tuple("dense" if i < defaults.first_k_dense_replace else "moe"
+                                      for i in range(cfg.n_layers))
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16},
+    {"rope_type": "default"},
+], ids=["yarn", "default"])
+def test_rope_scaling_overrides_rope_parameters_as_in_transformers(rope_scaling, references, workdir):
+    # transformers (4.x knows only rope_scaling; 5.x lets it replace rope_parameters whole)
+    # builds its RoPE from rope_scaling when config.json has both: so must moejax.
+    import json
+    from moejax.convert import read_hf_config
+    ref = references("qwen3_moe-yarn")
+    config = json.loads((ref.path / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn"
+    config["rope_scaling"] = rope_scaling
+    path = workdir / f"qwen3_moe-both-ropes-{rope_scaling['rope_type']}"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, _, _ = read_hf_config(path)
+    theirs = transformers.AutoConfig.from_pretrained(path).rope_parameters
+    assert theirs["rope_type"] == rope_scaling["rope_type"]
+    assert cfg.rope_theta == theirs["rope_theta"]
+    if theirs["rope_type"] == "default":
+        assert cfg.rope_yarn is None
+    else:
+        assert (cfg.rope_yarn.factor, cfg.rope_yarn.original_max_position_embeddings, cfg.rope_yarn.beta_fast,
+                cfg.rope_yarn.truncate) == (theirs["factor"], theirs["original_max_position_embeddings"],
+                                            theirs["beta_fast"], theirs.get("truncate", True))
