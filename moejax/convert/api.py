@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import jax
@@ -143,12 +144,17 @@ def save_hf(model: Transformer, cfg: ModelConfig, path: str | Path, *, expert_la
     ``expert_layout='per_expert'`` (default) writes ``experts.N.*`` tensors,
     which every transformers version reads and which transformers 5 itself
     writes; ``'fused'`` writes ``experts.gate_up_proj`` / ``experts.down_proj``.
-    Configs no supported family can express raise UnsupportedConfigError.
+    Configs no supported family can express raise UnsupportedConfigError; a
+    ``capacity_factor`` (no HF equivalent: the export is dropless) warns.
     """
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {expert_layout!r}")
     family = family_for_config(cfg)
     hf_config = family.write(cfg)
+    if cfg.moe is not None and cfg.moe.capacity_factor is not None:
+        warnings.warn(f"save_hf: capacity_factor={cfg.moe.capacity_factor} has no Hugging Face "
+                      f"equivalent; the {family.model_type} checkpoint routes every token (dropless) "
+                      "and matches this model only on batches where no expert overflows", stacklevel=2)
     fused = expert_layout == "fused"
     prefix = "mlp" if fused else family.moe_prefixes[0]
     pure = nnx.to_pure_dict(nnx.state(model))

@@ -199,3 +199,12 @@ def test_convert_is_reachable_from_a_plain_import_moejax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": "."})
     assert out.returncode == 0 and out.stdout.split() == ["False", "True", "True"], out.stderr
+
+
+def test_save_hf_of_a_capacity_limited_model_warns_it_exports_dropless(tmp_path):
+    cfg = family_configs()["mixtral"]
+    cfg = cfg.replace(moe=cfg.moe.replace(capacity_factor=1.0))
+    with pytest.warns(UserWarning, match="capacity_factor=1.0 has no Hugging Face equivalent"):
+        save_hf(random_model(cfg), cfg, tmp_path / "a")
+    loaded, loaded_cfg = load_hf(tmp_path / "a")
+    assert loaded_cfg.moe.capacity_factor is None
