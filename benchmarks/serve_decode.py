@@ -10,6 +10,9 @@ One run, on CPU:
    interleaved (medians). torch uses as many threads as XLA:CPU (all cores).
 3. Continuous batching: a 16-slot engine in its background thread, clients at
    concurrency 1, 4, 16 each sending requests back to back: generated tokens/s.
+   ``--parts rows``: one lone request on a 16-slot engine with row buckets (the
+   step covers the busy slots only) and without (all 16 rows), against a 1-slot
+   engine, interleaved: tokens/s.
 4. Batch-1 decode as achieved GB/s of weights read per token (attention, dense
    parts, top_k of E experts per MoE layer, the LM head) next to the measured
    memory read bandwidth of the machine.
@@ -51,7 +54,7 @@ def build_hf(directory: Path, seed: int = 0):
     return model
 
 
-def to_engine(hf_dir: Path, work: Path, num_slots: int):
+def to_engine(hf_dir: Path, work: Path, num_slots: int, row_buckets: bool = True):
     import moejax
     from moejax.checkpoint import save_model
     from serve import Engine, export
@@ -59,7 +62,8 @@ def to_engine(hf_dir: Path, work: Path, num_slots: int):
         model, cfg = moejax.convert.load_hf(hf_dir)
         save_model(work / "run", model, cfg)
         export(work / "run", work / "serving")
-    return Engine.load(work / "serving", num_slots=num_slots, max_len=PROMPT_LEN + 128, max_chunk=PROMPT_LEN)
+    return Engine.load(work / "serving", num_slots=num_slots, max_len=PROMPT_LEN + 128, max_chunk=PROMPT_LEN,
+                       row_buckets=row_buckets)
 
 
 def hf_generate(model, prompts: np.ndarray, n: int) -> np.ndarray:
@@ -169,10 +173,32 @@ def main() -> None:
               f"jax {jax.__version__}, {args.rounds} interleaved rounds")
         if "decode" in parts:
             decode_part(hf_model, work, args)
+        if "rows" in parts:
+            lone_request_part(work, args)
         if "batching" in parts:
             cb = continuous_batching(to_engine(work / "hf", work, 16), n=args.new_tokens)
             print(f"continuous batching, 16 slots, {args.new_tokens} new tokens per request: "
                   + ", ".join(f"concurrency {c}: {v:.1f} tok/s" for c, v in cb.items()))
+
+
+def lone_request_part(work: Path, args) -> None:
+    """One request at a time: 16 slots with and without row buckets vs 1 slot."""
+    engines = {"1 slot": to_engine(work / "hf", work, 1),
+               "16 slots, row buckets": to_engine(work / "hf", work, 16),
+               "16 slots, all rows": to_engine(work / "hf", work, 16, row_buckets=False)}
+    prompt = np.random.default_rng(1).integers(0, 1000, PROMPT_LEN).tolist()
+    rates = {name: [] for name in engines}
+    tokens = {}
+    for _ in range(args.rounds + 1):             # the first round compiles
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            tokens[name] = engine.generate([prompt], max_new_tokens=args.new_tokens)[0].tokens
+            rates[name].append(args.new_tokens / (time.perf_counter() - start))
+    base = statistics.median(rates["1 slot"][1:])
+    for name, r in rates.items():
+        rate = statistics.median(r[1:])
+        print(f"lone request, {name:>22}: {rate:6.1f} tok/s  ({rate / base:.2f}x the 1-slot engine; "
+              f"same tokens: {tokens[name] == tokens['1 slot']})")
 
 
 def decode_part(hf_model, work: Path, args) -> None:

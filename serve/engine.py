@@ -77,7 +77,8 @@ class Engine:
        queued in the scheduler.
     2. Each step the scheduler fills free slots and hands every busy slot its
        input (a prompt chunk or the last token); one jitted step (per width
-       bucket) runs the model on all slots and samples each row's next token
+       bucket and row bucket) runs the model on the slots up to the last busy
+       one (``row_buckets``; else on all) and samples each row's next token
        with that request's own parameters and key.
     3. Finished requests (EOS, a stop string, ``max_new_tokens``) leave their
        slot at once; the next queued request takes it at the next step.
@@ -86,12 +87,15 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer, *, num_slots: int = 8, max_len: int | None = None,
-                 max_chunk: int = 64, max_waiting: int = 256, runner=None):
+                 max_chunk: int = 64, max_waiting: int = 256, row_buckets: bool = True, runner=None):
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.max_len = _context_length(max_len, self.cfg.max_seq_len)
-        self.scheduler = Scheduler(num_slots, min(max_chunk, self.max_len), max_waiting)
-        self.runner = runner_lib.make_runner(model, num_slots, self.max_len, self.scheduler.max_chunk,
-                                             runner)
+        max_chunk = min(max_chunk, self.max_len)
+        self.runner = runner_lib.make_runner(model, num_slots, self.max_len, max_chunk, runner)
+        # row buckets: a step covers the slots up to the last busy one (rounded up to a power of 2),
+        # where the runner can step a part of its rows
+        self.scheduler = Scheduler(num_slots, max_chunk, max_waiting,
+                                   row_buckets=row_buckets and getattr(self.runner, "row_buckets", False))
         self.metrics = EngineMetrics(num_slots)
         self.step_hooks: list[Callable[["Engine", Plan], None]] = []
         self.extra_stats: dict[str, Callable[[], dict]] = {}
@@ -147,15 +151,15 @@ class Engine:
         self._runner_state = self.runner.init_state(self.model)
 
     def warmup(self) -> None:
-        """Compile the step for every width bucket now (idle rows: no state changes)."""
-        b = self.scheduler.num_slots
-        zeros_B = np.zeros((b,), np.int32)
-        for width in self.scheduler.buckets:
-            next_B, self._runner_state = self._step_fn(
-                self._model_state, self._runner_state, np.zeros((b, width), np.int32), zeros_B,
-                np.zeros((b,), bool), np.zeros((b,), np.float32), np.ones((b,), np.float32), zeros_B,
-                np.zeros((b, 2), np.uint32), zeros_B)
-            jax.block_until_ready(next_B)
+        """Compile the step for every (row bucket, width bucket) now (idle rows: no state changes)."""
+        for b in self.scheduler.row_buckets:
+            zeros_B = np.zeros((b,), np.int32)
+            for width in self.scheduler.buckets:
+                next_B, self._runner_state = self._step_fn(
+                    self._model_state, self._runner_state, np.zeros((b, width), np.int32), zeros_B,
+                    np.zeros((b,), bool), np.zeros((b,), np.float32), np.ones((b,), np.float32), zeros_B,
+                    np.zeros((b, 2), np.uint32), zeros_B)
+                jax.block_until_ready(next_B)
 
     def moe_layers(self) -> list[tuple[int, nnx.Module]]:
         """(layer index, MoE module) of every MoE layer (unrolled layers: serving configs are)."""

@@ -5,7 +5,10 @@ A step takes, for every slot (row) b, ``lengths_B[b]`` new tokens in
 to S for a prefill chunk) and ``reset_B[b]`` (the row starts a new request:
 forget what it held). It returns the next token of every row, sampled from
 the logits after the row's last new token, and the updated per-row state.
-Shapes are fixed by (slots, S), so the step compiles once per S bucket.
+Shapes are fixed by (rows, S), so the step compiles once per (row bucket,
+S bucket). A step over B rows of a cache of more slots works on the cache's
+first B rows (sliced out and written back in place): idle slots past the
+last busy one cost nothing.
 
 The per-row state is the model's own decode cache (``model.init_cache`` /
 ``model.extend``): KV or latent entries, lengths and token history per row.
@@ -33,17 +36,44 @@ class CacheRunner:
     """The model's own cache: ``extend`` appends each row's new tokens."""
 
     name = "cache"
+    row_buckets = True   # a step may cover the first B < num_slots rows
 
     def __init__(self, num_slots: int, max_len: int, max_chunk: int):
         self.num_slots, self.max_len, self.max_chunk = num_slots, max_len, max_chunk
+        self._row_axes = None
 
     def init_state(self, model):
+        self._row_axes = row_axes(lambda b: model.init_cache(batch_size=b, max_len=self.max_len),
+                                  self.num_slots)
         return model.init_cache(batch_size=self.num_slots, max_len=self.max_len)
 
     def forward(self, model, cache, tokens_BS, lengths_B, reset_B):
-        cache = reset_rows(cache, reset_B)
-        logits_BSV, cache = model.extend(tokens_BS, cache, lengths_B)
+        rows = tokens_BS.shape[0]
+        part = cache if rows == self.num_slots else take_rows(cache, self._row_axes, rows)
+        part = reset_rows(part, reset_B)
+        logits_BSV, part = model.extend(tokens_BS, part, lengths_B)
+        cache = part if rows == self.num_slots else put_rows(cache, part, self._row_axes)
         return _last_logits(logits_BSV, lengths_B - 1), cache
+
+
+def row_axes(make_state, num_slots: int):
+    """Per leaf of ``make_state(num_slots)``: its row (batch) axis, -1 for a leaf that has
+    none. Found by shape alone (``make_state(num_slots + 1)`` differs there), so it holds
+    for stacked (scanned) layer caches and any FFN kind's decode state."""
+    full, more = (jax.eval_shape(lambda n=n: make_state(n)) for n in (num_slots, num_slots + 1))
+    return jax.tree.map(lambda x, y: next((i for i, (a, b) in enumerate(zip(x.shape, y.shape)) if a != b), -1),
+                        full, more)
+
+
+def take_rows(state, axes, rows: int):
+    """The state of the first ``rows`` rows."""
+    return jax.tree.map(lambda x, a: x if a < 0 else jax.lax.slice_in_dim(x, 0, rows, axis=a), state, axes)
+
+
+def put_rows(state, part, axes):
+    """``state`` with its first rows replaced by ``part`` (in place under donation)."""
+    return jax.tree.map(lambda x, p, a: p if a < 0 else jax.lax.dynamic_update_slice_in_dim(x, p, 0, a),
+                        state, part, axes)
 
 
 def reset_rows(cache, reset_B):

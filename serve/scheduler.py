@@ -10,7 +10,10 @@ before every step and reports the sampled tokens back.
    ``max_chunk`` prompt tokens while the prompt is being prefilled, else the
    last generated token. S = the smallest bucket that holds the longest input,
    so decoding rows advance every step even while a long prompt is prefilled
-   in chunks beside them.
+   in chunks beside them. With ``row_buckets`` the plan covers only slots
+   0..R-1, R the smallest row bucket (1, 2, 4, ..., num_slots) past the last
+   busy slot: requests take the lowest free slot, so a lone request is a
+   one-row step, not one row of num_slots.
 3. ``commit`` records what the step did: prompt tokens consumed, and for rows
    whose prompt is complete the sampled token. The engine decides when a
    request is done and calls ``release``.
@@ -63,7 +66,8 @@ class Request:
 
 @dataclass(frozen=True)
 class Plan:
-    """Inputs of one step, as numpy arrays over the B slots."""
+    """Inputs of one step, as numpy arrays over slots 0..B-1 (B: a row bucket; the slots
+    past B are idle)."""
 
     tokens_BS: np.ndarray
     lengths_B: np.ndarray
@@ -85,15 +89,22 @@ def buckets_for(max_chunk: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys([1, *(s for s in (16, 64, 256, 1024) if s < max_chunk), max_chunk]))
 
 
+def row_buckets_for(num_slots: int) -> tuple[int, ...]:
+    """Step heights: 1, 2, 4, ... below num_slots, then num_slots."""
+    return tuple(dict.fromkeys([*(1 << i for i in range(num_slots.bit_length()) if 1 << i < num_slots),
+                                num_slots]))
+
+
 class Scheduler:
     """Fixed slots, a FIFO queue, chunked prefill (see module docstring)."""
 
-    def __init__(self, num_slots: int, max_chunk: int, max_waiting: int = 256):
+    def __init__(self, num_slots: int, max_chunk: int, max_waiting: int = 256, row_buckets: bool = False):
         if num_slots < 1 or max_chunk < 1 or max_waiting < 0:
             raise ValueError(f"need num_slots >= 1, max_chunk >= 1, max_waiting >= 0; got "
                              f"{num_slots}, {max_chunk}, {max_waiting}")
         self.num_slots, self.max_chunk, self.max_waiting = num_slots, max_chunk, max_waiting
         self.buckets = buckets_for(max_chunk)
+        self.row_buckets = row_buckets_for(num_slots) if row_buckets else (num_slots,)
         self.slots: list[Request | None] = [None] * num_slots
         self.waiting: collections.deque[Request] = collections.deque()
         self._ids = itertools.count()
@@ -129,8 +140,11 @@ class Scheduler:
         self._admit()
         if self.active == 0:
             return None
+        last_busy = max(slot for slot, request in enumerate(self.slots) if request is not None)
+        b = next(rows for rows in self.row_buckets if rows > last_busy)
+        slots = self.slots[:b]
         inputs = []
-        for request in self.slots:
+        for request in slots:
             if request is None:
                 inputs.append([])
             elif request.prefilling:
@@ -138,12 +152,11 @@ class Scheduler:
             else:
                 inputs.append(request.generated[-1:])
         need = max(len(x) for x in inputs)
-        width = next(b for b in self.buckets if b >= need)
-        b = self.num_slots
+        width = next(w for w in self.buckets if w >= need)
         tokens = np.zeros((b, width), np.int32)
         for row, x in enumerate(inputs):
             tokens[row, :len(x)] = x
-        params = [r.params if r is not None else SamplingParams() for r in self.slots]
+        params = [r.params if r is not None else SamplingParams() for r in slots]
         plan = Plan(
             tokens_BS=tokens,
             lengths_B=np.array([len(x) for x in inputs], np.int32),
@@ -152,8 +165,8 @@ class Scheduler:
             top_p_B=np.array([p.top_p for p in params], np.float32),
             top_k_B=np.array([p.top_k for p in params], np.int32),
             seed_B2=np.array([split_seed(p.seed) for p in params], np.uint32),
-            index_B=np.array([len(r.generated) if r else 0 for r in self.slots], np.int32),
-            rows=tuple(self.slots))
+            index_B=np.array([len(r.generated) if r else 0 for r in slots], np.int32),
+            rows=tuple(slots))
         self._fresh.clear()
         return plan
 

@@ -16,6 +16,7 @@ from flax import nnx
 import moejax
 from serve import Engine, SamplingParams
 from serve.tokenizer import ByteTokenizer
+from tests.serve.conftest import micro_config
 
 PAD_LEN = 48
 
@@ -214,3 +215,29 @@ def test_a_raising_on_update_cancels_only_its_own_request(micro_model):
         assert engine.running and engine.generate([[5]], max_new_tokens=3)[0].tokens == good.generated
     finally:
         engine.stop()
+
+
+def test_row_buckets_step_only_up_to_the_last_busy_slot():
+    # Scanned layers (a stacked cache: rows on axis 1) and an Engram layer (its own decode
+    # state): a step of B < num_slots rows works on the cache's first B rows. Requests of
+    # different lengths arrive and leave, so the step height moves through 1, 4, 2 and 1,
+    # and every request still decodes as the full forward does.
+    memory = moejax.MemoryConfig(ngram_orders=(2, 3), ngram_heads=2, ngram_table_rows=512, ngram_d_row=8)
+    cfg = micro_config(memory=memory, ffn_kinds=("engram+moe", "moe"), scan_layers=True)
+    model = moejax.Transformer(cfg, rngs=nnx.Rngs(2))
+    engine = Engine(model, ByteTokenizer(), num_slots=4, max_len=PAD_LEN, max_chunk=8)
+    heights = []
+    engine.step_hooks.append(lambda engine, plan: heights.append(plan.tokens_BS.shape[0]))
+    requests = [engine.make_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(PROMPTS, (14, 7, 3, 2))]
+    engine.submit(requests[0])
+    for _ in range(2):                  # a lone request: one row
+        engine.step()
+    for request in requests[1:]:
+        engine.submit(request)
+    while not all(r.done for r in requests):
+        engine.step()
+    last_4 = len(heights) - heights[::-1].index(4)
+    assert heights[:2] == [1, 1] and 2 in heights[last_4:] and heights[-1] == 1, heights
+    assert heights[last_4:] == sorted(heights[last_4:], reverse=True), heights
+    for prompt, request in zip(PROMPTS, requests):
+        assert request.generated == reference_greedy(model, prompt, len(request.generated))
