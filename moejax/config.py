@@ -176,8 +176,8 @@ class MemoryConfig:
     (its own modulus). ``ngram_conv_kernel`` is the width of the causal
     depthwise convolution (dilation: the largest order). ``ngram_id_map``
     canonicalises ids before hashing ('casefold_bytes': ASCII upper case ->
-    lower case, for byte-level vocabularies). ``hash_seed`` seeds the per-layer
-    odd multipliers.
+    lower case, for byte-level vocabularies). ``hash_seed`` is folded into each
+    layer's rng key when it draws its odd hash multipliers (saved with the model).
     """
 
     num_slots: int = 4096
@@ -216,8 +216,8 @@ class MemoryConfig:
                  and list(orders) == sorted(set(orders)), name, "ngram_orders",
                  f"must be a non-empty sorted tuple of distinct ints >= 1, got {orders!r}")
         _choice(self, "ngram_id_map", NGRAM_ID_MAPS)
-        _require(isinstance(self.hash_seed, int) and self.hash_seed >= 0, name, "hash_seed",
-                 f"must be an int >= 0, got {self.hash_seed!r}")
+        _require(_is_int(self.hash_seed) and 0 <= self.hash_seed < 2**32, name, "hash_seed",
+                 f"must be an int in [0, 2**32) (folded into the rng key), got {self.hash_seed!r}")
         heads = len(orders) * self.ngram_heads
         share = self.ngram_table_rows // heads
         need = _nth_prime(heads)  # the heads need `heads` distinct primes <= their share

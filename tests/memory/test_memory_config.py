@@ -19,6 +19,8 @@ from moejax.config import ConfigError, MemoryConfig
     (dict(ngram_id_map="lower"), "ngram_id_map"),
     (dict(ngram_conv_kernel=0), "ngram_conv_kernel"),
     (dict(hash_seed=-1), "hash_seed"),
+    (dict(hash_seed=2**32), "hash_seed"),            # folded into a key as uint32
+    (dict(hash_seed=True), "hash_seed"),
 ])
 def test_bad_memory_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"MemoryConfig\.{field}\b"):
