@@ -200,6 +200,11 @@ class MemoryConfig:
             object.__setattr__(self, "ngram_orders", tuple(self.ngram_orders))
         _positive_ints(self, "num_slots", "top_k", "num_heads", "d_key", "ngram_heads",
                        "ngram_table_rows", "ngram_d_row", "ngram_conv_kernel")
+        # rows are addressed with int32 indices (JAX's default): a larger table would wrap
+        # them negative and every lookup past 2**31 - 1 would silently read row 0
+        for rows in ("num_slots", "ngram_table_rows"):
+            _require(getattr(self, rows) <= MAX_TABLE_ROWS, name, rows,
+                     f"must be <= 2**31 - 1 (int32 row indices), got {getattr(self, rows)}")
         n = math.isqrt(self.num_slots)
         _require(n * n == self.num_slots, name, "num_slots",
                  f"must be a perfect square (n * n slots from n sub-keys per half), got {self.num_slots}")
@@ -244,6 +249,7 @@ class MemoryConfig:
 
 
 NGRAM_ID_MAPS = ("none", "casefold_bytes")
+MAX_TABLE_ROWS = 2**31 - 1   # memory table rows are int32 indices
 
 
 def _is_prime(x: int) -> bool:
