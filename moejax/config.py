@@ -326,7 +326,7 @@ class MLAConfig:
 
     def __post_init__(self):
         _positive_ints(self, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-        _require(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+        _require(self.q_lora_rank is None or (_is_int(self.q_lora_rank) and self.q_lora_rank > 0),
                  "MLAConfig", "q_lora_rank", f"must be None or a positive int, got {self.q_lora_rank!r}")
         _require(self.qk_rope_head_dim % 2 == 0, "MLAConfig", "qk_rope_head_dim",
                  f"must be even (RoPE), got {self.qk_rope_head_dim}")
