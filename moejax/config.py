@@ -170,10 +170,10 @@ class MemoryConfig:
 
     Hashed n-gram memory (DeepSeek's Engram): for each order n in
     ``ngram_orders`` and each of ``ngram_heads`` hash heads, the suffix n-gram
-    of token ids at a position picks one ``ngram_d_row``-wide row; the table
-    holds ``ngram_table_rows`` rows, split evenly over the (order, head)
-    pairs, and each pair uses the largest distinct prime that fits its share
-    (its own modulus). ``ngram_conv_kernel`` is the width of the causal
+    of token ids at a position picks one ``ngram_d_row``-wide row.
+    ``ngram_table_rows`` is split evenly over the (order, head) pairs and each
+    pair takes the largest distinct prime that fits its share (its own
+    modulus), so the table holds the sum of those primes, a little fewer rows. ``ngram_conv_kernel`` is the width of the causal
     depthwise convolution (dilation: the largest order). ``ngram_id_map``
     canonicalises ids before hashing ('casefold_bytes': ASCII upper case ->
     lower case, for byte-level vocabularies). ``hash_seed`` is folded into each
