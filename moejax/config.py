@@ -170,14 +170,14 @@ class MemoryConfig:
 
     Hashed n-gram memory (DeepSeek's Engram): for each order n in
     ``ngram_orders`` and each of ``ngram_heads`` hash heads, the suffix n-gram
-    of token ids at a position picks one ``ngram_d_row``-wide row; the table
-    holds ``ngram_table_rows`` rows, split evenly over the (order, head)
-    pairs, and each pair uses the largest distinct prime that fits its share
-    (its own modulus). ``ngram_conv_kernel`` is the width of the causal
+    of token ids at a position picks one ``ngram_d_row``-wide row.
+    ``ngram_table_rows`` is split evenly over the (order, head) pairs and each
+    pair takes the largest distinct prime that fits its share (its own
+    modulus), so the table holds the sum of those primes, a little fewer rows. ``ngram_conv_kernel`` is the width of the causal
     depthwise convolution (dilation: the largest order). ``ngram_id_map``
     canonicalises ids before hashing ('casefold_bytes': ASCII upper case ->
-    lower case, for byte-level vocabularies). ``hash_seed`` seeds the per-layer
-    odd multipliers.
+    lower case, for byte-level vocabularies). ``hash_seed`` is folded into each
+    layer's rng key when it draws its odd hash multipliers (saved with the model).
     """
 
     num_slots: int = 4096
@@ -200,6 +200,11 @@ class MemoryConfig:
             object.__setattr__(self, "ngram_orders", tuple(self.ngram_orders))
         _positive_ints(self, "num_slots", "top_k", "num_heads", "d_key", "ngram_heads",
                        "ngram_table_rows", "ngram_d_row", "ngram_conv_kernel")
+        # rows are addressed with int32 indices (JAX's default): a larger table would wrap
+        # them negative and every lookup past 2**31 - 1 would silently read row 0
+        for rows in ("num_slots", "ngram_table_rows"):
+            _require(getattr(self, rows) <= MAX_TABLE_ROWS, name, rows,
+                     f"must be <= 2**31 - 1 (int32 row indices), got {getattr(self, rows)}")
         n = math.isqrt(self.num_slots)
         _require(n * n == self.num_slots, name, "num_slots",
                  f"must be a perfect square (n * n slots from n sub-keys per half), got {self.num_slots}")
@@ -216,8 +221,8 @@ class MemoryConfig:
                  and list(orders) == sorted(set(orders)), name, "ngram_orders",
                  f"must be a non-empty sorted tuple of distinct ints >= 1, got {orders!r}")
         _choice(self, "ngram_id_map", NGRAM_ID_MAPS)
-        _require(isinstance(self.hash_seed, int) and self.hash_seed >= 0, name, "hash_seed",
-                 f"must be an int >= 0, got {self.hash_seed!r}")
+        _require(_is_int(self.hash_seed) and 0 <= self.hash_seed < 2**32, name, "hash_seed",
+                 f"must be an int in [0, 2**32) (folded into the rng key), got {self.hash_seed!r}")
         heads = len(orders) * self.ngram_heads
         share = self.ngram_table_rows // heads
         need = _nth_prime(heads)  # the heads need `heads` distinct primes <= their share
@@ -244,6 +249,7 @@ class MemoryConfig:
 
 
 NGRAM_ID_MAPS = ("none", "casefold_bytes")
+MAX_TABLE_ROWS = 2**31 - 1   # memory table rows are int32 indices
 
 
 def _is_prime(x: int) -> bool:
@@ -320,7 +326,7 @@ class MLAConfig:
 
     def __post_init__(self):
         _positive_ints(self, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-        _require(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+        _require(self.q_lora_rank is None or (_is_int(self.q_lora_rank) and self.q_lora_rank > 0),
                  "MLAConfig", "q_lora_rank", f"must be None or a positive int, got {self.q_lora_rank!r}")
         _require(self.qk_rope_head_dim % 2 == 0, "MLAConfig", "qk_rope_head_dim",
                  f"must be even (RoPE), got {self.qk_rope_head_dim}")

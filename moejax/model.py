@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -154,12 +156,15 @@ class Transformer(nnx.Module):
         return self._head(x_BSD), LayerAux.reduce(layer_aux)
 
     def init_cache(self, batch_size: int, max_len: int) -> Cache:
-        """An empty decode cache for ``batch_size`` rows of up to ``max_len`` tokens."""
-        if not isinstance(max_len, int) or not 0 < max_len <= self.cfg.max_seq_len:
+        """An empty decode cache for ``batch_size`` rows of up to ``max_len`` tokens (ints, also
+        numpy / JAX integer scalars; not bools)."""
+        size, length = _as_int(batch_size), _as_int(max_len)
+        if length is None or not 0 < length <= self.cfg.max_seq_len:
             raise ValueError(f"init_cache: max_len must be an int in [1, max_seq_len="
                              f"{self.cfg.max_seq_len}], got {max_len!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if size is None or size < 1:
             raise ValueError(f"init_cache: batch_size must be a positive int, got {batch_size!r}")
+        batch_size, max_len = size, length
         layers = tuple(unit.init_cache(batch_size, max_len) for unit in self._units)
         return Cache(lengths_B=jnp.zeros((batch_size,), jnp.int32),
                      tokens_BT=jnp.full((batch_size, max_len), -1, jnp.int32), layers=layers)
@@ -221,6 +226,17 @@ class Transformer(nnx.Module):
                 moe.update_bias(expert_load_LE[row] if not self.cfg.scan_layers
                                 else expert_load_LE[row:row + count])
                 row += count
+
+
+def _as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer (numpy and JAX integer scalars too),
+    else None; a bool is not a size (True used to build a batch of one)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _moes_in(ffn: nnx.Module) -> list[MoE]:

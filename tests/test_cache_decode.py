@@ -104,6 +104,9 @@ def test_bad_sizes_are_clear_errors():
     model = build(small("tiny"))
     with pytest.raises(ValueError, match="max_len must be an int in"):
         model.init_cache(1, model.cfg.max_seq_len + 1)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        model.init_cache(True, 4)                          # a bool is not a batch of one
+    assert model.init_cache(np.int64(2), np.int32(4)).tokens_BT.shape == (2, 4)   # numpy sizes
     cache = model.init_cache(2, 4)
     _, cache = model.extend(jnp.zeros((2, 3), jnp.int32), cache)
     with pytest.raises(ValueError, match="row 0 holds 3 tokens and gets 2 more, past the cache's max_len=4"):

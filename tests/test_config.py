@@ -73,6 +73,7 @@ def test_bad_model_config_names_the_field(changes, field):
     (YarnConfig, dict(factor="2"), "factor"),
     (YarnConfig, dict(truncate="yes"), "truncate"),
     (MLAConfig, dict(softmax_mscale="1"), "softmax_mscale"),
+    (MLAConfig, dict(q_lora_rank=True), "q_lora_rank"),    # a bool is not a rank (was built as 1)
     (MemoryConfig, dict(share_values="no"), "share_values"),
     (MemoryConfig, dict(d_value=True), "d_value"),
 ])

@@ -26,10 +26,11 @@ class HashMultipliers(nnx.Variable):
 
 
 def hash_multipliers(key: Array, cfg: MemoryConfig) -> Array:
-    """[O, H, max order] odd uint32 multipliers drawn from ``key``: every layer draws its own
-    (also the layers of a scanned group, which are built from split rng streams)."""
+    """[O, H, max order] odd uint32 multipliers drawn from ``key`` folded with ``cfg.hash_seed``:
+    every layer draws its own (also the layers of a scanned group, which are built from split
+    rng streams), and another hash_seed gives other hashes from the same model seed."""
     shape = (len(cfg.ngram_orders), cfg.ngram_heads, max(cfg.ngram_orders))
-    return jax.random.bits(key, shape, jnp.uint32) | jnp.uint32(1)
+    return jax.random.bits(jax.random.fold_in(key, cfg.hash_seed), shape, jnp.uint32) | jnp.uint32(1)
 
 
 def table_layout(cfg: MemoryConfig) -> tuple[np.ndarray, np.ndarray, int]:

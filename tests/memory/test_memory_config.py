@@ -18,7 +18,11 @@ from moejax.config import ConfigError, MemoryConfig
     (dict(ngram_table_rows=100), "ngram_table_rows"),  # 12 rows per head < the 8th prime (19)
     (dict(ngram_id_map="lower"), "ngram_id_map"),
     (dict(ngram_conv_kernel=0), "ngram_conv_kernel"),
+    (dict(ngram_table_rows=2**32), "ngram_table_rows"),  # int32 rows would wrap to row 0
+    (dict(num_slots=2**32, top_k=4), "num_slots"),
     (dict(hash_seed=-1), "hash_seed"),
+    (dict(hash_seed=2**32), "hash_seed"),            # folded into a key as uint32
+    (dict(hash_seed=True), "hash_seed"),
 ])
 def test_bad_memory_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"MemoryConfig\.{field}\b"):

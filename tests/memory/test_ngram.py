@@ -63,11 +63,14 @@ def test_hash_equals_python_reference_and_stays_in_each_heads_table(layer):
     assert len(set(sizes.reshape(-1).tolist())) == sizes.size   # distinct primes
 
 
-def test_layers_hash_differently_and_lookup_concatenates():
+def test_layers_and_hash_seeds_hash_differently_and_lookup_concatenates():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 9)), jnp.int32)
     r0 = ngram_indices(tokens, None, multipliers(CFG, 0), CFG)
     r1 = ngram_indices(tokens, None, multipliers(CFG, 1), CFG)
     assert (np.asarray(r0) != np.asarray(r1)).mean() > 0.9
+    # hash_seed is a second seed: same model seed, other multipliers (it used to be ignored)
+    reseeded = hash_multipliers(jax.random.key(0), CFG.replace(hash_seed=1))
+    assert (np.asarray(reseeded) != np.asarray(multipliers(CFG, 0))).all()
     table = jnp.arange(table_layout(CFG)[2] * 4, dtype=jnp.float32).reshape(-1, 4)
     e = ngram_lookup(table, r0)
     np.testing.assert_array_equal(np.asarray(e[1, 3, 8:12]), np.asarray(table[r0[1, 3, 2]]))

@@ -55,6 +55,9 @@ def test_topk_rejects_bad_arguments():
     q, k1, k2 = inputs(0, 4, 8, 8, False)
     with pytest.raises(ValueError, match="k=9"):
         product_key_topk(q, k1, k2, 9)
+    for bad in (2.0, True):   # a float failed inside lax.top_k; True was k=1
+        with pytest.raises(ValueError, match="must be an int"):
+            product_key_topk(q, k1, k2, bad)
     with pytest.raises(ValueError, match="subkeys"):
         product_key_topk(q[:, :6], k1, k2, 2)
 
