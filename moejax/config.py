@@ -173,8 +173,9 @@ class MemoryConfig:
     of token ids at a position picks one ``ngram_d_row``-wide row.
     ``ngram_table_rows`` is split evenly over the (order, head) pairs and each
     pair takes the largest distinct prime that fits its share (its own
-    modulus), so the table holds the sum of those primes, a little fewer rows. ``ngram_conv_kernel`` is the width of the causal
-    depthwise convolution (dilation: the largest order). ``ngram_id_map``
+    modulus), so the table holds the sum of those primes, a little fewer rows.
+    ``ngram_conv_kernel`` is the width of the causal depthwise convolution
+    (dilation: the largest order). ``ngram_id_map``
     canonicalises ids before hashing ('casefold_bytes': ASCII upper case ->
     lower case, for byte-level vocabularies). ``hash_seed`` is folded into each
     layer's rng key when it draws its odd hash multipliers (saved with the model).
