@@ -166,9 +166,11 @@ def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "
                              capacity_factor: float | None, exchange: str, backend: str):
     """Run the routed experts expert-parallel -> (out_TD, stats: LayerAux).
 
-    ``backend`` is the MoE dispatch backend ('capacity' | 'ragged' | 'gmm'): on a
-    mesh without an expert axis it runs as is on each device's tokens; with one,
-    'gmm' picks the Pallas grouped matmul for the local experts.
+    ``backend`` is the MoE dispatch backend ('capacity' | 'auto' | 'ragged' | 'gmm'):
+    on a mesh without an expert axis it runs as is on each device's tokens; with one,
+    'gmm' picks the Pallas grouped matmul for the local experts. ``capacity_factor``
+    sizes the buffers (None: dropless); an MoE passes one only with 'capacity'
+    (MoEConfig refuses a factor with the dropless backends).
 
     stats: 'dropped_fraction', 'ep_overflow' (dropped pairs), 'dispatch_bytes'
     (bytes that crossed devices, dispatch + return, forward), 'dispatch_min_bytes'
