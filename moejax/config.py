@@ -79,7 +79,9 @@ class MoEConfig:
     Field names follow the Hugging Face configs where one exists.
     ``shared_d_ff`` is the hidden width of the shared-expert FFN as a whole
     (default ``num_shared_experts * d_ff``). ``capacity_factor=None`` means
-    dropless. ``bias_update_rate`` > 0 turns on aux-loss-free balancing
+    dropless; a factor (overflow dropped) goes with dispatch 'capacity' or
+    'auto' (which then picks 'capacity'), on one device and expert-parallel
+    alike. ``bias_update_rate`` > 0 turns on aux-loss-free balancing
     (DeepSeek-V3): a per-expert selection bias nudged after every step.
     """
 
@@ -128,13 +130,19 @@ class MoEConfig:
                  f"than top_k={self.top_k} experts")
         _require(_is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
                  name, "num_shared_experts", f"must be an int >= 0, got {self.num_shared_experts!r}")
-        _require(self.shared_d_ff is None or (isinstance(self.shared_d_ff, int) and self.shared_d_ff > 0),
+        _require(self.shared_d_ff is None or (_is_int(self.shared_d_ff) and self.shared_d_ff > 0),
                  name, "shared_d_ff", f"must be None or a positive int, got {self.shared_d_ff!r}")
         _require(not self.shared_expert_gate or self.num_shared_experts > 0, name,
                  "shared_expert_gate", "needs num_shared_experts > 0")
         _number(self, "capacity_factor", above=0, optional=True)   # None: dropless
         _require(self.dispatch != "capacity" or self.capacity_factor is not None, name,
                  "capacity_factor", "dispatch='capacity' needs a capacity_factor")
+        # A factor with a dropless backend was ignored on one device but sized the
+        # expert-parallel buffers (and dropped pairs) on a mesh: refuse the mix.
+        _require(self.capacity_factor is None or self.dispatch in ("auto", "capacity"), name,
+                 "capacity_factor", f"capacity_factor={self.capacity_factor!r} applies to "
+                 f"dispatch 'capacity' or 'auto' only; dispatch={self.dispatch!r} is dropless "
+                 "(set capacity_factor=None, or dispatch='capacity' to drop overflow)")
         _number(self, "routed_scaling_factor", above=0)
         for coef in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             _number(self, coef, at_least=0)

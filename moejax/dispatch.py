@@ -117,8 +117,13 @@ def dense_dispatch(x_TD, gates_TK, experts_TK, experts):
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """GShard capacity: ``ceil(capacity_factor * T * K / E)`` slots per expert."""
-    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    """GShard capacity: ``ceil(capacity_factor * T * K / E)`` slots per expert, at most T.
+
+    A token's K experts are distinct, so no expert receives more than T pairs:
+    slots past T could never fill, and a large factor (cf >= E / K) would
+    otherwise allocate [E, C, D] buffers that grow with the factor, not the batch.
+    """
+    return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
 def capacity_positions(experts_TK: Int[Array, "T K"], num_experts: int

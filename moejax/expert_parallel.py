@@ -56,7 +56,7 @@ class EPLayout(NamedTuple):
     num_devices_ep: int            # P
     experts_per_device: int        # L
     weight_specs: tuple[P, ...]    # one per leaf of the experts weights view
-    partial_axes: tuple[str, ...]  # mesh axes splitting 'mlp': the local output is a partial sum
+    partial_axes: tuple[str, ...]  # mesh axes splitting 'mlp' (not tokens): the output is a partial sum
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:
@@ -98,9 +98,13 @@ def layout_for(mesh, experts, num_tokens: int, rules: sharding.ShardingRules | N
                if "mlp" in axes}
     if len(partial) > 1:  # leaves split their hidden dim differently: no consistent partial sums
         raise ValueError(f"the rules split the experts' 'mlp' dims differently: {specs}")
+    mlp_axes = partial.pop() if partial else ()
+    if set(mlp_axes) & set(token_axes):
+        # devices along these axes hold different tokens, so their hidden slices cannot be
+        # summed (psum would add other tokens' outputs): gather the weights instead, as FSDP
+        mlp_axes = ()
     ep_axis = None if not ep_axes else ep_axes[0] if len(ep_axes) == 1 else ep_axes
-    return EPLayout(mesh, token_axes, ep_axis, ep, experts.num_experts // ep, specs,
-                    partial.pop() if partial else ())
+    return EPLayout(mesh, token_axes, ep_axis, ep, experts.num_experts // ep, specs, mlp_axes)
 
 
 def resolve_exchange(exchange: str, capacity_factor: float | None) -> str:
@@ -162,9 +166,11 @@ def expert_parallel_dispatch(x_TD: Float[Array, "T D"], gates_TK: Float[Array, "
                              capacity_factor: float | None, exchange: str, backend: str):
     """Run the routed experts expert-parallel -> (out_TD, stats: LayerAux).
 
-    ``backend`` is the MoE dispatch backend ('capacity' | 'ragged' | 'gmm'): on a
-    mesh without an expert axis it runs as is on each device's tokens; with one,
-    'gmm' picks the Pallas grouped matmul for the local experts.
+    ``backend`` is the MoE dispatch backend ('capacity' | 'auto' | 'ragged' | 'gmm'):
+    on a mesh without an expert axis it runs as is on each device's tokens; with one,
+    'gmm' picks the Pallas grouped matmul for the local experts. ``capacity_factor``
+    sizes the buffers (None: dropless); an MoE passes one only with 'capacity'
+    (MoEConfig refuses a factor with the dropless backends).
 
     stats: 'dropped_fraction', 'ep_overflow' (dropped pairs), 'dispatch_bytes'
     (bytes that crossed devices, dispatch + return, forward), 'dispatch_min_bytes'
@@ -190,7 +196,8 @@ def _dispatch(x_TD, gates_TK, experts_TK, experts, *, layout: EPLayout,
     leaf_axes = experts.leaf_axes()
 
     def local(x_tD, gates_tK, experts_tK, *w_leaves):
-        w = treedef.unflatten(_gather_unsplit(w_leaves, leaf_axes, layout.weight_specs))
+        w = treedef.unflatten(_gather_unsplit(w_leaves, leaf_axes, layout.weight_specs,
+                                              keep_mlp=bool(layout.partial_axes)))
         if layout.num_devices_ep == 1:
             out_tD, stats = _local_body(x_tD, gates_tK, experts_tK, w, backend, capacity_factor)
         else:
@@ -211,13 +218,15 @@ def _dispatch(x_TD, gates_TK, experts_TK, experts, *, layout: EPLayout,
     return out_TD, LayerAux(dropped_fraction=dropped_fraction, **stats)
 
 
-def _gather_unsplit(leaves, leaf_axes, specs):
-    """Each device runs whole experts on its 'mlp' slice: gather every other split dim
-    of the weights but the expert dim (FSDP shards of 'embed')."""
+def _gather_unsplit(leaves, leaf_axes, specs, *, keep_mlp: bool):
+    """Each device runs whole experts on its 'mlp' slice (``keep_mlp``: tensor parallelism,
+    outputs summed later) or on all of it: gather every other split dim of the weights but
+    the expert dim (FSDP shards of 'embed'; 'mlp' split over axes that also split tokens)."""
+    keep = ("expert", "mlp") if keep_mlp else ("expert",)
     out = []
     for leaf, axes, spec in zip(leaves, leaf_axes, specs):
         for dim, (name, entry) in enumerate(zip(axes, spec)):
-            if name not in ("expert", "mlp") and entry is not None:
+            if name not in keep and entry is not None:
                 leaf = jax.lax.all_gather(leaf, entry, axis=dim, tiled=True)
         out.append(leaf)
     return out

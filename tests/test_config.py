@@ -20,6 +20,10 @@ BASE = dict(d_model=16, d_ff=32, num_experts=8, top_k=2)
     (dict(dispatch="magic"), "dispatch"),
     (dict(dispatch="capacity"), "capacity_factor"),
     (dict(capacity_factor=0.0), "capacity_factor"),
+    # dropless backends: the factor was ignored on one device but dropped pairs under EP
+    (dict(dispatch="ragged", capacity_factor=0.5), "capacity_factor"),
+    (dict(dispatch="gmm", capacity_factor=1.0), "capacity_factor"),
+    (dict(dispatch="dense", capacity_factor=2.0), "capacity_factor"),
     (dict(shared_expert_gate=True), "shared_expert_gate"),
     (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
     (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
@@ -38,6 +42,7 @@ BASE = dict(d_model=16, d_ff=32, num_experts=8, top_k=2)
     (dict(bias_update_rate=0.001), "bias_update_rate"),     # softmax: no bias, it did nothing
     (dict(norm_topk_prob="false"), "norm_topk_prob"),
     (dict(num_shared_experts=True), "num_shared_experts"),
+    (dict(num_shared_experts=1, shared_d_ff=True), "shared_d_ff"),   # a bool is no width
 ])
 def test_bad_moe_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=rf"MoEConfig\.{field}\b"):

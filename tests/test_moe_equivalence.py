@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 import moejax
@@ -108,6 +109,19 @@ def test_capacity_drops_exactly_the_overflow(seed, factor, top_k, collapse):
     want, _ = dispatch.dense_dispatch(x_TD, jnp.where(keep, gates_TK, 0.0), experts_TK,
                                       layer.experts.weights())
     assert_close(y.reshape(-1, cfg.d_model), want, what="capacity output")
+
+
+def test_huge_capacity_factor_is_capped_at_the_token_count():
+    """No expert can get more than T pairs (a token's experts are distinct): cf=1e6 on 10
+    tokens used to size [E, 2.5e6, D] buffers (640 MB of temporaries for 10 tokens).
+    test_backend_equals_dense runs capacity at cf=E, where the cap applies, against dense."""
+    assert dispatch.expert_capacity(10, 2, 4, 1e6) == 10
+    assert dispatch.expert_capacity(10, 2, 4, 1e-6) == 1
+    cfg = moejax.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2)
+    graphdef, state = nnx.split(build(cfg.replace(dispatch="capacity", capacity_factor=1e6)))
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
+    compiled = forward.lower(state, inputs(cfg, 2, 5, 0)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**20
 
 
 def test_auto_backend_resolution():

@@ -29,6 +29,12 @@ def _resolve(op, backend, tiling, interpret):
     return backend, KernelChoice(tiling=GmmTiling.coerce(tiling), interpret=bool(interpret))
 
 
+def _nonnegative(group_sizes):
+    """Negative group sizes count as 0 on every backend (the XLA tile loop's rule): the
+    Pallas metadata and ragged_dot gave garbage or NaN rows for them."""
+    return jnp.maximum(group_sizes, 0)
+
+
 def _per_lowering_platform(xla_fn, pallas_fn, choice, *args):
     """backend='auto' traced on a host without TPU/GPU: the XLA path where the function
     is lowered for CPU, the compiled Pallas kernel where it is lowered for TPU or GPU
@@ -43,7 +49,8 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     """Grouped matmul; rows of ``lhs`` are grouped contiguously, group g uses ``rhs[g]``.
 
     lhs [M,K], rhs [G,K,N], group_sizes [G] integer -> [M,N]; rows past
-    sum(group_sizes) are zero. Differentiable in lhs and rhs.
+    sum(group_sizes) are zero, groups reaching past row M are cut there, and
+    negative sizes count as 0. Differentiable in lhs and rhs.
     backend: 'pallas' (TPU/GPU kernel; interpret mode elsewhere), 'xla' (the
     fast XLA path used on CPU), 'reference' (jax.lax.ragged_dot), 'auto'
     (Pallas on TPU/GPU, 'xla' on CPU, chosen per lowering platform, so an
@@ -57,7 +64,8 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
         raise ValueError(f"gmm: lhs and rhs must be floating point (for int8 weights use "
                          f"gmm_int8), got {lhs.dtype} and {rhs.dtype}")
     dtype = jnp.result_type(lhs, rhs)
-    lhs, rhs, group_sizes = match_varying(lhs.astype(dtype), rhs.astype(dtype), group_sizes)
+    lhs, rhs, group_sizes = match_varying(lhs.astype(dtype), rhs.astype(dtype),
+                                          _nonnegative(group_sizes))
     out_dtype = jnp.dtype(preferred_element_type or dtype)
     if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in rhs.shape):
         return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
@@ -81,7 +89,8 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
     check_tgmm("tgmm", lhs, grad, group_sizes)
     backend, choice = _resolve("tgmm", backend, tiling, interpret)
     dtype = jnp.result_type(lhs, grad)
-    lhs, grad, group_sizes = match_varying(lhs.astype(dtype), grad.astype(dtype), group_sizes)
+    lhs, grad, group_sizes = match_varying(lhs.astype(dtype), grad.astype(dtype),
+                                           _nonnegative(group_sizes))
     out_dtype = jnp.dtype(preferred_element_type or dtype)
     if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in grad.shape
                                           or group_sizes.shape[0] == 0):
@@ -113,7 +122,7 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
     if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in rhs.shape):
         return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
     lhs, rhs, rhs_scale, group_sizes = match_varying(
-        lhs, rhs, rhs_scale.astype(jnp.float32), group_sizes)
+        lhs, rhs, rhs_scale.astype(jnp.float32), _nonnegative(group_sizes))
     if backend == "pallas":
         return gmm_int8_pallas(lhs, rhs, rhs_scale, group_sizes, out_dtype, choice)
     if backend == "auto":

@@ -222,6 +222,17 @@ def gmm_vjp_and_tgmm(lhs, rhs, group_sizes, cot, backend):
     return out, *vjp(cot), tgmm(lhs, cot, group_sizes, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["xla", "reference", "pallas"])
+def test_negative_group_sizes_count_as_zero(backend):
+    """Every backend as the tile loop: a negative size is an empty group (ragged_dot gave
+    garbage rows, the Pallas kernel NaN weight gradients)."""
+    lhs, rhs, cot = operands(7, 4, 3, 3, jnp.float32, seed=11)
+    got = gmm_vjp_and_tgmm(lhs, rhs, jnp.asarray([-2, 4, 3], jnp.int32), cot, backend)
+    want = gmm_vjp_and_tgmm(lhs, rhs, jnp.asarray([0, 4, 3], jnp.int32), cot, "xla")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["xla", "reference"])
 def test_non_finite_rows_stay_in_their_group(backend):
     # M = 32 < T_min: one 32-row tile per group, so group 0's tile overlaps group 1's rows

@@ -2,6 +2,7 @@
 ``dense`` reference: outputs, gradients (input and every parameter), overflow
 accounting and exchange byte counts, with uneven routing."""
 
+import functools
 import math
 
 import jax
@@ -86,6 +87,34 @@ def test_sharded_moe_matches_dense_reference(mesh_spec, exchange, dense_referenc
     for key in ("aux_loss", "z_loss", "expert_load"):
         assert_close(aux[key], aux_ref[key])
     assert float(aux["dropped_fraction"]) == 0.0 and float(aux["ep_overflow"]) == 0.0
+
+
+def test_hidden_split_over_a_token_axis_is_gathered_not_summed():
+    """Rules that split the batch and the experts' 'mlp' dim over the same axis: devices
+    along it hold different tokens, so their hidden slices are gathered (as FSDP), not
+    psum-ed as tensor-parallel partials (which added other tokens' outputs)."""
+    rules = sharding.DEFAULT_RULES.replace(batch=("data", "fsdp", "expert", "tensor"))
+    mesh = sharding.make_mesh("expert=4,tensor=2")
+    weights = moejax.MoE(moejax.MoEConfig(d_model=D, d_ff=F, num_experts=E, top_k=K),
+                         rngs=nnx.Rngs(0)).experts.weights()
+    rng = np.random.default_rng(0)
+    x_TD, probe_TD = (jnp.asarray(rng.normal(size=(32, D)), jnp.float32) for _ in range(2))
+    experts_TK = jnp.asarray(np.argsort(rng.random((32, E)), axis=1)[:, :K], jnp.int32)
+    gates_TK = jnp.asarray(rng.uniform(0.1, 1.0, (32, K)), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def output_and_grads(dispatch_fn, x_TD, weights):
+        y_TD, pullback = jax.vjp(lambda x, w: dispatch_fn(x, gates_TK, experts_TK, w)[0],
+                                 x_TD, weights)
+        return y_TD, pullback(probe_TD)
+
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+        layout = expert_parallel.layout_for(mesh, weights, 32)
+        assert layout.partial_axes == () and layout.token_axes == ("expert", "tensor")
+        sharded = functools.partial(expert_parallel.expert_parallel_dispatch, layout=layout,
+                                    capacity_factor=None, exchange="all_to_all", backend="ragged")
+        got = output_and_grads(sharded, x_TD, weights)
+    assert_close(got, output_and_grads(dispatch.dense_dispatch, x_TD, weights))
 
 
 def test_layer_runs_eagerly_under_set_mesh(dense_reference):
