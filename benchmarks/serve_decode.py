@@ -106,7 +106,7 @@ def decode_table(hf_model, engines: dict, new_tokens: int, rounds: int) -> dict:
 
 
 def continuous_batching(engine, concurrencies=(1, 4, 16), requests_per_client: int = 2, n: int = 32):
-    engine.warmup()                        # compile every step width before timing
+    engine.warmup()                        # compile every step shape before timing
     engine.start()
     rng = np.random.default_rng(1)
     out = {}

@@ -118,7 +118,7 @@ def run_generate(args) -> int:
     loaded = time.perf_counter()
     requests = [engine.make_request(p, params) for p in args.prompt]   # bad prompts fail before compiling
     if args.stats:
-        engine.warmup()                   # compile every step width now, so the figures are decode only
+        engine.warmup()                   # compile every step shape now, so the figures are decode only
     compiled = time.perf_counter()
     outs = engine.generate([r.prompt for r in requests], max_new_tokens=params.max_new_tokens,
                            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,

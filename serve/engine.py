@@ -12,6 +12,7 @@ layer's experts object (``replace_experts``) and observe every step
 from __future__ import annotations
 
 import collections
+import itertools
 import operator
 import threading
 import time
@@ -152,14 +153,13 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile the step for every (row bucket, width bucket) now (idle rows: no state changes)."""
-        for b in self.scheduler.row_buckets:
+        for b, width in itertools.product(self.scheduler.row_buckets, self.scheduler.buckets):
             zeros_B = np.zeros((b,), np.int32)
-            for width in self.scheduler.buckets:
-                next_B, self._runner_state = self._step_fn(
-                    self._model_state, self._runner_state, np.zeros((b, width), np.int32), zeros_B,
-                    np.zeros((b,), bool), np.zeros((b,), np.float32), np.ones((b,), np.float32), zeros_B,
-                    np.zeros((b, 2), np.uint32), zeros_B)
-                jax.block_until_ready(next_B)
+            next_B, self._runner_state = self._step_fn(
+                self._model_state, self._runner_state, np.zeros((b, width), np.int32), zeros_B,
+                np.zeros((b,), bool), np.zeros((b,), np.float32), np.ones((b,), np.float32), zeros_B,
+                np.zeros((b, 2), np.uint32), zeros_B)
+            jax.block_until_ready(next_B)
 
     def moe_layers(self) -> list[tuple[int, nnx.Module]]:
         """(layer index, MoE module) of every MoE layer (unrolled layers: serving configs are)."""
