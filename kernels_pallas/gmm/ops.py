@@ -67,7 +67,7 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     lhs, rhs, group_sizes = match_varying(lhs.astype(dtype), rhs.astype(dtype),
                                           _nonnegative(group_sizes))
     out_dtype = jnp.dtype(preferred_element_type or dtype)
-    if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in rhs.shape):
+    if 0 in lhs.shape or 0 in rhs.shape:   # nothing to multiply (no rows, width or groups)
         return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
     if backend == "pallas":
         return gmm_pallas(lhs, rhs, group_sizes, out_dtype, choice)
@@ -92,8 +92,7 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
     lhs, grad, group_sizes = match_varying(lhs.astype(dtype), grad.astype(dtype),
                                            _nonnegative(group_sizes))
     out_dtype = jnp.dtype(preferred_element_type or dtype)
-    if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in grad.shape
-                                          or group_sizes.shape[0] == 0):
+    if 0 in lhs.shape or 0 in grad.shape or group_sizes.shape[0] == 0:
         return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
     if backend == "pallas":
         return tgmm_pallas(lhs, grad, group_sizes, out_dtype, choice)
@@ -119,7 +118,7 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
     check_int8("gmm_int8", rhs, rhs_scale)
     backend, choice = _resolve("gmm_int8", backend, tiling, interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    if backend in ("pallas", "auto") and (0 in lhs.shape or 0 in rhs.shape):
+    if 0 in lhs.shape or 0 in rhs.shape:
         return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
     lhs, rhs, rhs_scale, group_sizes = match_varying(
         lhs, rhs, rhs_scale.astype(jnp.float32), _nonnegative(group_sizes))

@@ -254,3 +254,14 @@ def test_non_finite_rows_stay_in_their_group(backend):
         want = numpy_tgmm(a0, c0, sizes, 3)[0][0::2]
         np.testing.assert_allclose(drhs[0::2], want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(weight_grad[0::2], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["xla", "reference", "pallas"])
+def test_zero_groups_give_zeros_on_every_backend(backend):
+    # rhs [0, K, N]: no row is in a group, so the output and lhs gradient are zeros and the
+    # weight gradient is empty ('xla' failed inside its tile plan with a gather error)
+    lhs, _, cot = operands(5, 4, 3, 1, jnp.float32, seed=3)
+    out, dlhs, drhs, weight_grad = gmm_vjp_and_tgmm(lhs, jnp.zeros((0, 4, 3)), jnp.zeros((0,), jnp.int32),
+                                                    cot, backend)
+    assert out.shape == (5, 3) and not np.any(out) and not np.any(dlhs)
+    assert drhs.shape == weight_grad.shape == (0, 4, 3)
