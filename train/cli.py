@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimizer (AdamW, linear warmup + cosine decay)")
     opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     opt.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr")
-    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup from 0")
+    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                     help="linear warmup from 0 (cut to --steps - 1: a longer one ends at the last step, no decay)")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="on matrices only")
     opt.add_argument("--beta1", type=float, default=d.beta1, help="Adam first-moment decay")
     opt.add_argument("--beta2", type=float, default=d.beta2, help="Adam second-moment decay")
