@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import os
 import signal
 import socket
@@ -195,17 +196,25 @@ def test_full_queue_gets_429_not_a_hang(server):
     assert server.get("/health")[0] == 200
 
 
+def _submitted(server) -> int:
+    text = server.get("/metrics")[1]
+    return int(float(re.search(r"^moejax_requests_submitted_total (\S+)$", text, re.M).group(1)))
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits(server):
     results = []
     body = {"prompt": "drain", "max_tokens": 40, "temperature": 0}
     threads = [threading.Thread(target=lambda: results.append(server.complete(body, timeout=300)))
                for _ in range(2)]
+    before = _submitted(server)
     for t in threads:
         t.start()
+    # SIGTERM once both are accepted (usually mid-generation). Polling /health for active > 0
+    # raced: a micro-model request can finish between two polls, and then it never showed.
     deadline = time.monotonic() + 60
-    while json.loads(server.get("/health")[1])["active"] == 0:   # both requests are in the engine
+    while _submitted(server) < before + 2:
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
     server.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(300)
