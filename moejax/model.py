@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import operator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -158,7 +156,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int) -> Cache:
         """An empty decode cache for ``batch_size`` rows of up to ``max_len`` tokens (ints, also
         numpy / JAX integer scalars; not bools)."""
-        size, length = _as_int(batch_size), _as_int(max_len)
+        size, length = validate.as_int(batch_size), validate.as_int(max_len)
         if length is None or not 0 < length <= self.cfg.max_seq_len:
             raise ValueError(f"init_cache: max_len must be an int in [1, max_seq_len="
                              f"{self.cfg.max_seq_len}], got {max_len!r}")
@@ -226,17 +224,6 @@ class Transformer(nnx.Module):
                 moe.update_bias(expert_load_LE[row] if not self.cfg.scan_layers
                                 else expert_load_LE[row:row + count])
                 row += count
-
-
-def _as_int(value) -> int | None:
-    """``value`` as a Python int when it is an integer (numpy and JAX integer scalars too),
-    else None; a bool is not a size (True used to build a batch of one)."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _moes_in(ffn: nnx.Module) -> list[MoE]:

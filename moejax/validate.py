@@ -11,9 +11,22 @@ the command lines before jax is imported).
 
 from __future__ import annotations
 
+import operator
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+
+def as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer (numpy and JAX integer scalars too),
+    else None. A bool is not a count, size or id (True would pass as 1)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _is_traced(x) -> bool:

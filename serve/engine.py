@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import operator
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from flax import nnx
 from moejax.experts import quantize_experts
 from moejax.model import Transformer
 from moejax.moe import MoE
+from moejax.validate import as_int
 from serve import runner as runner_lib
 from serve.export import ExportError, key_of, read_checkpoint
 from serve.metrics import EngineMetrics
@@ -38,9 +38,10 @@ from serve.tokenizer import load_tokenizer
 
 def _token_id(t) -> int:
     """A token id as a Python int (ints and numpy / JAX integer scalars; bools and floats: TypeError)."""
-    if isinstance(t, (bool, np.bool_)):
-        raise TypeError("a bool is not a token id")
-    return operator.index(t)
+    token = as_int(t)
+    if token is None:
+        raise TypeError(f"{t!r} is not a token id")
+    return token
 
 
 class EngineConfigError(ValueError):

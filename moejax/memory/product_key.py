@@ -6,7 +6,6 @@ n sub-keys per half, N = n * n value rows of width V, k rows read per head.
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +13,7 @@ from jaxtyping import Array, Float, Int
 
 from kernels_pallas import embedding_bag
 from moejax.layers import LayerAux
+from moejax import validate
 from moejax.config import MemoryConfig
 
 # Name of every memory value table parameter: train/optim.py gives these their own
@@ -77,7 +77,7 @@ def product_key_topk(q_TK: Float[Array, "T K"], subkeys1_nK2: Float[Array, "n K2
     if q_TK.ndim != 2 or q_TK.shape[1] != 2 * half or subkeys2_nK2.shape != (num_keys, half):
         raise ValueError(f"product_key_topk: q [T, K] with subkeys [n, K/2] each; got q "
                          f"{q_TK.shape}, subkeys1 {subkeys1_nK2.shape}, subkeys2 {subkeys2_nK2.shape}")
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_keys:
+    if validate.as_int(k) is None or not 1 <= k <= num_keys:
         raise ValueError(f"product_key_topk: k={k!r} must be an int in [1, n={num_keys}]")
     acc = jnp.promote_types(jnp.result_type(q_TK, subkeys1_nK2), jnp.float32)  # f32, or f64 under x64
     s1_Tn = jnp.einsum("tk,nk->tn", q_TK[:, :half], subkeys1_nK2, preferred_element_type=acc)
