@@ -181,9 +181,15 @@ class RoutedExperts(_ExpertsModule):
         self.w_up = nnx.Param(_normal(rngs, (e, d, f), d), logical_axes=IN_AXES)
         self.w_down = nnx.Param(_normal(rngs, (e, f, d), f), logical_axes=OUT_AXES)
 
+    VARIABLES: ClassVar = ("w_gate", "w_up", "w_down")
+
+    @staticmethod
+    def view(arrays, dtype) -> FloatExpertWeights:
+        """The weights view of these experts' arrays by variable name, computed in ``dtype``."""
+        return FloatExpertWeights(*(arrays[n].astype(dtype) for n in RoutedExperts.VARIABLES))
+
     def weights(self) -> FloatExpertWeights:
-        return FloatExpertWeights(*(w[...].astype(self.dtype)
-                                    for w in (self.w_gate, self.w_up, self.w_down)))
+        return self.view({n: getattr(self, n)[...] for n in self.VARIABLES}, self.dtype)
 
 
 class Int8Weight(nnx.Variable):
@@ -213,10 +219,26 @@ class Int8Experts(_ExpertsModule):
         return cls({k: quantize(w[...]) for k, w in (("gate", experts.w_gate), ("up", experts.w_up),
                                                       ("down", experts.w_down))}, experts.dtype)
 
+    VARIABLES: ClassVar = ("q_gate", "s_gate", "q_up", "s_up", "q_down", "s_down")
+
+    @staticmethod
+    def view(arrays, dtype) -> Int8ExpertWeights:
+        """The weights view of these experts' arrays by variable name, computed in ``dtype``."""
+        return Int8ExpertWeights(*(arrays[n] for n in Int8Experts.VARIABLES),
+                                 dtype=jnp.dtype(dtype).name)
+
     def weights(self) -> Int8ExpertWeights:
-        return Int8ExpertWeights(self.q_gate[...], self.s_gate[...], self.q_up[...],
-                                 self.s_up[...], self.q_down[...], self.s_down[...],
-                                 dtype=self.dtype.name)
+        return self.view({n: getattr(self, n)[...] for n in self.VARIABLES}, self.dtype)
+
+
+def view_of(arrays, dtype) -> FloatExpertWeights | Int8ExpertWeights:
+    """The weights view of one experts module's arrays given by variable name (a serving
+    checkpoint's expert tensors, an expert slot pool), whichever kind of experts they are."""
+    for kind in (RoutedExperts, Int8Experts):
+        if set(arrays) == set(kind.VARIABLES):
+            return kind.view(arrays, dtype)
+    raise ValueError(f"expert tensors {sorted(arrays)} are neither float experts "
+                     f"{list(RoutedExperts.VARIABLES)} nor int8 experts {list(Int8Experts.VARIABLES)}")
 
 
 def quantize_experts(model: nnx.Module) -> nnx.Module:

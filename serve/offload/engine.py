@@ -148,9 +148,6 @@ def load_offloaded(engine_cls, directory: str | Path, offload: OffloadConfig, **
         raise TypeError(f"offload must be a serve.OffloadConfig, got {type(offload).__name__}")
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if manifest.get("quantize"):
-        raise OffloadConfigError(f"OffloadConfig.store: {directory} holds {manifest['quantize']} experts; "
-                                 "the expert store serves float experts only (export without --quantize)")
     cfg = read_config(directory, manifest)
     model = _model_without_experts(cfg, tensorfile.MappedFile(directory / manifest["files"]["model"]),
                                    directory)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import dispatch as dispatch_lib
-from moejax.experts import FloatExpertWeights
+from moejax.experts import view_of
 
 
 class SlotPool:
@@ -42,9 +42,10 @@ def _write_slot(pool, slot, expert_arrays):
     return {n: pool[n].at[slot].set(expert_arrays[n].astype(pool[n].dtype)) for n in pool}
 
 
-def slot_experts(pool: dict[str, jax.Array], dtype) -> FloatExpertWeights:
-    """The slot-cached experts object: the experts' own weights view over the S slots."""
-    return FloatExpertWeights(*(pool[n].astype(dtype) for n in ("w_gate", "w_up", "w_down")))
+def slot_experts(pool: dict[str, jax.Array], dtype):
+    """The slot-cached experts object: the experts' own weights view (float or int8) over
+    the S slots."""
+    return view_of(pool, dtype)
 
 
 @partial(jax.jit, static_argnames=("gmm_backend",), donate_argnums=(4,))

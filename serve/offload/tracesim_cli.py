@@ -95,6 +95,14 @@ def _unrolled(model, cfg):
     return nnx.merge(graphdef, state)
 
 
+def expert_bytes(moe) -> int:
+    """Bytes of one routed expert as the model holds it: a copy's size host -> device,
+    whatever the experts' kind and dtype (int8 weights and their scales in an int8 export)."""
+    import jax
+    from flax import nnx
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(moe.experts))) // moe.cfg.num_experts
+
+
 def main(args: argparse.Namespace) -> int:
     from serve.export import ExportError
     from serve.offload.offloaded import moe_of
@@ -110,9 +118,8 @@ def main(args: argparse.Namespace) -> int:
                           f"tokens, together past the model's context of {context} tokens")
     moe = next(m[0] for m in moes if m is not None)
     c = moe.cfg
-    expert_bytes = 3 * c.d_model * c.d_ff * moe.dtype.itemsize
     table = run(model, prompts, Path(args.out), max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, chunk=args.chunk, expert_bytes=expert_bytes,
+                batch_size=args.batch_size, chunk=args.chunk, expert_bytes=expert_bytes(moe),
                 title=f"{Path(args.model).name}: {c.num_experts} experts, top-{c.top_k}")
     print(table)
     print(f"wrote {args.out}/trace.npz, hit_rate.png, table.txt, sweep.json")

@@ -65,6 +65,18 @@ def test_generate_equals_resident(checkpoint, cfg):
     assert "moejax_expert_store_layer1_hit_rate" in text
 
 
+def test_int8_experts_offload_like_the_resident_int8_engine(checkpoint, tmp_path):
+    path, _, _, float_batch = checkpoint
+    serve.export(path.parent / "run", tmp_path / "int8", quantize="int8")
+    resident = serve.Engine.load(tmp_path / "int8", **ENGINE)
+    want = [o.tokens for o in resident.generate(PROMPTS, max_new_tokens=NEW)]
+    float_bytes = offloaded(path, slots_per_layer=2).offloaded.store.expert_bytes
+    engine = offloaded(tmp_path / "int8", slots_per_layer=1, policy="lru", store="disk")
+    assert [o.tokens for o in engine.generate(PROMPTS, max_new_tokens=NEW)] == want
+    # int8 weights + float32 per-channel scales: a bit over a quarter of the float32 copy
+    assert float_bytes / 4 < engine.offloaded.store.expert_bytes < float_bytes / 3
+
+
 def test_static_policy_and_trace_budgets(checkpoint, tmp_path):
     path, model, _, batch = checkpoint
     from serve.offload import record

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import moejax
+
 from serve.offload import record
 from serve.offload.config import OffloadConfig, OffloadConfigError
 from serve.offload.offloaded import OffloadedModel
 from serve.offload.trace import RoutingTrace
-from serve.offload.tracesim_cli import run
+from serve.offload.tracesim_cli import expert_bytes, run
 from tests.serve.offload_helpers import host_store, small_model
 
 
@@ -95,6 +97,14 @@ def test_trace_sim_run_writes_table_png_and_trace(model, tmp_path):
     assert (tmp_path / "hit_rate.png").stat().st_size > 1000
     trace = RoutingTrace.load(tmp_path / "trace.npz")
     assert trace.num_layers == 2 and trace.num_experts == 6
+
+
+def test_expert_bytes_count_what_one_copy_moves(model):
+    moe = model.layers[-1].ffn
+    c = moe.cfg
+    assert expert_bytes(moe) == 3 * c.d_model * c.d_ff * 4                  # float32
+    int8 = moejax.quantize_experts(nnx.clone(model)).layers[-1].ffn
+    assert expert_bytes(int8) == 3 * c.d_model * c.d_ff + (2 * c.d_ff + c.d_model) * 4   # + scales
 
 
 def test_offload_config_errors_name_the_field(tmp_path):
