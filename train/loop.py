@@ -118,6 +118,7 @@ class Trainer:
             self._initial_eval()
         pending, window = None, []
         t_start = t_log = time.perf_counter()
+        paused = 0.0     # seconds spent evaluating and checkpointing: not training, not in tokens/s
         first = self.first_step = s.step
         with StopSignal() as stop:
             for step in range(s.step, cfg.steps):
@@ -140,13 +141,15 @@ class Trainer:
                 window.append(self._check(*pending))
                 pending = None
                 t_now = time.perf_counter()
-                self._log(done, window, t_now - t_log, (t_now - t_start) / max(done - first - 1, 1))
-                window, t_log = [], time.perf_counter()
+                self._log(done, window, t_now - t_log,
+                          (t_now - t_start - paused) / max(done - first - 1, 1))
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.received:
                     self._save(done)
+                window, t_log = [], time.perf_counter()
+                paused += t_log - t_now
                 if stop.received:
                     return self._stopped(done, stop.received)
-        return self._finish(cfg.steps, t_start, trained=cfg.steps - first)
+        return self._finish(cfg.steps, t_start, trained=cfg.steps - first, paused_s=paused)
 
     def _check(self, done: int, metrics) -> dict:
         host = jax.device_get(metrics)
@@ -207,7 +210,7 @@ class Trainer:
         self.close()
         return EXIT_SIGNAL[signame]
 
-    def _finish(self, step: int, t_start: float, trained: int) -> int:
+    def _finish(self, step: int, t_start: float, trained: int, paused_s: float = 0.0) -> int:
         wall = time.perf_counter() - t_start
         self.checkpoints.wait()
         mckpt.save_model(self.out, self.state.model(), self.model_cfg)
@@ -218,8 +221,9 @@ class Trainer:
         plot = (plot_run(records, self.out / PLOT_NAME, f"{self.model_cfg.name} on "
                          f"{Path(self.corpus.description.split(' (')[0]).name}")
                 if self.cfg.plot else None)
-        # the first step (compile) is outside ``wall``, so it is not counted in tokens/s
-        summary = summarize(records, step, wall, trained, self.cfg.tokens_per_step)
+        # the first step (compile) is outside ``wall``, evaluations and saves are in ``paused_s``:
+        # neither is counted in tokens/s
+        summary = summarize(records, step, wall, wall - paused_s, trained, self.cfg.tokens_per_step)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary, self.out, plot, self.checkpoints.steps(), self.log.tb is not None)
         return 0

@@ -9,14 +9,15 @@ import numpy as np
 from train.metrics import format_duration
 
 
-def summarize(records: list[dict], step: int, wall_s: float, trained_steps: int,
+def summarize(records: list[dict], step: int, wall_s: float, train_s: float, trained_steps: int,
               tokens_per_step: int) -> dict:
+    """``train_s``: the part of ``wall_s`` spent in training steps (tokens/s is over it)."""
     evals = [r for r in records if "val_loss" in r]
     train = [r for r in records if "loss" in r and r.get("step", 0) > 0]
     loads = [r["expert_load"] for r in train if np.size(r.get("expert_load", [])) > 0]
     summary = {"step": step, "trained_steps": trained_steps, "wall_time_s": round(wall_s, 2),
-               "tokens_per_s": (round((trained_steps - 1) * tokens_per_step / wall_s, 1)
-                               if wall_s > 0 and trained_steps > 1 else None)}
+               "tokens_per_s": (round((trained_steps - 1) * tokens_per_step / train_s, 1)
+                               if train_s > 0 and trained_steps > 1 else None)}
     if evals:
         for key in ("val_loss", "val_bpb"):
             if key in evals[-1]:

@@ -80,6 +80,14 @@ def test_metrics_log_and_falling_validation_loss(reference_run, shared_dir):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5, evals
     summary = json.loads((reference_run / "summary.json").read_text())
     assert summary["final_val_bpb"] == pytest.approx(evals[-1]["val_bpb"])
+    # the run's tokens/s counts training steps only, as each logged window does: the time of
+    # evaluations and checkpoint saves between windows is left out of both
+    timed = [r for r in recs[1:] if "tokens_per_s" in r]
+    tokens = [(r["step"] - max(p["step"], 1)) * 8 * 32   # step 1 (the compile) is not timed
+              for p, r in zip(recs, recs[1:]) if "tokens_per_s" in r]
+    window_rate = sum(tokens) / sum(t / r["tokens_per_s"] for t, r in zip(tokens, timed))
+    assert summary["tokens_per_s"] == pytest.approx(window_rate, rel=0.1)
+    assert summary["wall_time_s"] > sum(tokens) / summary["tokens_per_s"]
     assert list((reference_run / "tb").glob("events.out.tfevents.*"))
     assert (reference_run / "training.png").stat().st_size > 10_000
     stdout = (shared_dir / "reference.stdout").read_text()
