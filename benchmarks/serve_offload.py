@@ -13,6 +13,7 @@ disk->host bytes per token, hit rate.
 
     PYTHONPATH=. python benchmarks/serve_offload.py --model serving/tiny
     PYTHONPATH=. python benchmarks/serve_offload.py            # random tiny preset
+    PYTHONPATH=. python benchmarks/serve_offload.py --quantize int8   # the same, int8 experts
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from moejax import checkpoint as mckpt
 PROMPTS = ["def main(", "import os\n", "The model", "class A:"]
 
 
-def random_checkpoint(root: Path, preset: str) -> Path:
+def random_checkpoint(root: Path, preset: str, quantize: str | None) -> Path:
     cfg = moejax.ModelConfig.preset(preset)
     model = moejax.Transformer(cfg, rngs=nnx.Rngs(0))
     mckpt.save_model(root / "run", model, cfg)
-    serve.export(root / "run", root / "serving")
+    serve.export(root / "run", root / "serving", quantize=quantize)
     return root / "serving"
 
 
@@ -45,12 +46,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="serving checkpoint (default: a random --preset model)")
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--quantize", choices=("int8",), help="export the random model with int8 experts")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args()
     tmp = tempfile.TemporaryDirectory()
-    path = Path(args.model) if args.model else random_checkpoint(Path(tmp.name), args.preset)
+    path = Path(args.model) if args.model else random_checkpoint(Path(tmp.name), args.preset, args.quantize)
     kw = dict(num_slots=args.batch, max_len=128, max_chunk=16)
     cfg = serve.Engine.load(path, **kw).cfg
     num_experts, top_k = cfg.moe.num_experts, cfg.moe.top_k
