@@ -87,7 +87,7 @@ class TextStream:
 
     ``push(tokens)`` returns the new text since the last call; it holds back a
     trailing incomplete character (shown as U+FFFD by the decoder) and, when
-    stop strings are set, the last ``max(len(stop)) - 1`` characters, which
+    stop strings are set, the ``max(len(stop)) - 1`` characters before it, which
     might still become the start of a stop string. ``finish(text)`` returns
     the rest of the final text. So the deltas always join to the final text.
     """
@@ -99,9 +99,9 @@ class TextStream:
 
     def push(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens)
-        end = len(text) - self.hold
-        while end > self.sent and text[end - 1] == "\ufffd":
-            end -= 1
+        # the incomplete character first, then the hold: a stop string may end in the
+        # character still being decoded ("a" of stop "a€" before the last byte of "€")
+        end = len(text.rstrip("\ufffd")) - self.hold
         if end <= self.sent:
             return ""
         delta, self.sent = text[self.sent:end], end
