@@ -288,8 +288,8 @@ class Engine:
         return True
 
     def _check_finished(self, request: Request) -> None:
-        params, eos = request.params, self.tokenizer.eos_token_id
-        if eos is not None and request.generated[-1] == eos:
+        params = request.params
+        if request.generated[-1] in self.tokenizer.eos_token_ids:
             request.generated.pop()
             self._finish(request, "stop")
             return

@@ -21,7 +21,7 @@ class ByteTokenizer:
 
     kind = "bytes"
     vocab_size = 256
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -31,11 +31,16 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers`` tokenizer.json (no special tokens are added to prompts)."""
+    """A Hugging Face ``tokenizers`` tokenizer.json (no special tokens are added to prompts).
+
+    ``eos_token_id``: an id or a list of ids, as transformers writes it (chat models end a
+    turn with one of several: Llama 3 <|eot_id|> beside <|end_of_text|>); any of them ends
+    a request.
+    """
 
     kind = "hf"
 
-    def __init__(self, path: str | Path, eos_token_id: int | None = None):
+    def __init__(self, path: str | Path, eos_token_id: int | list[int] | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -45,7 +50,7 @@ class HFTokenizer:
         except Exception as err:  # the tokenizers library raises plain Exception
             raise TokenizerError(f"{path}: not a tokenizer.json ({err})") from None
         self.vocab_size = self._tok.get_vocab_size()
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_ids(eos_token_id)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -54,19 +59,26 @@ class HFTokenizer:
         return self._tok.decode(list(tokens), skip_special_tokens=True)
 
 
-def eos_from_files(directory: Path) -> int | None:
-    """eos_token_id from generation_config.json / config-style files beside a tokenizer."""
+def eos_ids(value) -> tuple[int, ...]:
+    """An ``eos_token_id`` as transformers writes it (an id, a list of ids, or null) as a tuple."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise TokenizerError(f"eos_token_id: must be a token id, a list of them or null, got {value!r}")
+    return tuple(ids)
+
+
+def eos_from_files(directory: Path) -> int | list[int] | None:
+    """eos_token_id (an id or, kept whole, a list of them) from generation_config.json /
+    config-style files beside a tokenizer."""
     for name in ("generation_config.json", "tokenizer_config.json"):
         path = directory / name
         if path.is_file():
             try:
                 value = json.loads(path.read_text()).get("eos_token_id")
-            except (ValueError, AttributeError):
+                if value is not None and eos_ids(value):
+                    return value
+            except (ValueError, AttributeError):   # TokenizerError is a ValueError
                 continue
-            if isinstance(value, list):
-                value = value[0] if value else None
-            if isinstance(value, int):
-                return value
     return None
 
 

@@ -113,11 +113,12 @@ def test_stop_string_cuts_the_text(micro_engine):
 
 def test_eos_ends_a_request(micro_engine):
     first = micro_engine.generate([[5]], max_new_tokens=4)[0]
-    micro_engine.tokenizer.eos_token_id = first.tokens[2]
+    # any of several end ids ends it (chat models: end of text and end of turn)
+    micro_engine.tokenizer.eos_token_ids = (next(t for t in range(256) if t not in first.tokens), first.tokens[2])
     try:
         out = micro_engine.generate([[5]], max_new_tokens=4)[0]
     finally:
-        micro_engine.tokenizer.eos_token_id = None
+        del micro_engine.tokenizer.eos_token_ids      # back to the class's ()
     stop_at = first.tokens.index(first.tokens[2])
     assert out.finish_reason == "stop" and out.tokens == first.tokens[:stop_at]
 

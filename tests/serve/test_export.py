@@ -98,12 +98,14 @@ def test_tokenizer_json_travels_with_the_checkpoint(micro_run, tmp_path):
     shutil.copytree(micro_run, run)
     (run / "tokenizer").mkdir()
     tok.save(str(run / "tokenizer" / "tokenizer.json"))
-    (run / "tokenizer" / "generation_config.json").write_text('{"eos_token_id": 3}')
+    # a list, as chat models write it (Llama 3, Qwen MoE chat): every id is kept, not the first
+    (run / "tokenizer" / "generation_config.json").write_text('{"eos_token_id": [3, 2]}')
     export(run, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "eos_token_id": 3}
+    assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "eos_token_id": [3, 2]}
     engine = Engine.load(tmp_path / "out", num_slots=1, max_chunk=4)
     assert engine.tokenizer.encode("hello world") == [1, 2]
+    assert engine.tokenizer.eos_token_ids == (3, 2)
 
 
 def test_export_refuses_what_it_cannot_do(micro_run, tmp_path):
