@@ -31,7 +31,11 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers`` tokenizer.json (no special tokens are added to prompts).
+    """A Hugging Face ``tokenizers`` tokenizer.json.
+
+    Text prompts get the tokenizer's special tokens (its post-processor: the BOS of Llama,
+    Mixtral, DeepSeek), as ``python -m train`` encoded each document and as transformers'
+    ``tokenizer(text)`` and vLLM's completions do; token-id prompts are taken as they are.
 
     ``eos_token_id``: an id or a list of ids, as transformers writes it (chat models end a
     turn with one of several: Llama 3 <|eot_id|> beside <|end_of_text|>); any of them ends
@@ -53,7 +57,7 @@ class HFTokenizer:
         self.eos_token_ids = eos_ids(eos_token_id)
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._tok.encode(text).ids)
 
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(list(tokens), skip_special_tokens=True)
