@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ def _token_id(t) -> int:
     if token is None:
         raise TypeError(f"{t!r} is not a token id")
     return token
+
+
+_log = logging.getLogger(__name__)
 
 
 class EngineConfigError(ValueError):
@@ -364,7 +368,7 @@ class Engine:
             try:
                 self._step_or_fail()
             except Exception:  # a failed step fails its requests (above), not the server
-                pass
+                _log.exception("engine step failed: its requests end with finish_reason 'error'")
 
     def _step_or_fail(self) -> bool:
         """``step()``; one that raises (also on Ctrl-C) ends the requests in the slots with

@@ -163,6 +163,7 @@ class Completions:
         except asyncio.CancelledError:
             self._cancel(jobs)
             raise
+        _raise_if_unfinished(jobs)
         choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
                    for i, r in enumerate(jobs)]
         usage = _usage(jobs)
@@ -217,6 +218,18 @@ class Completions:
             yield "data: [DONE]\n\n"
         finally:
             self._cancel([j for j in jobs if not j.done])
+
+
+def _raise_if_unfinished(jobs) -> None:
+    """A request the engine ended early (a failed step; cancelled at shutdown) is an error
+    status, not a 200 with part of a text (``Engine.generate`` raises there too). A stream
+    has sent its 200 already: there the reason arrives as the choice's finish_reason."""
+    ended = next((j for j in jobs if j.finish_reason in ("error", "cancelled")), None)
+    if ended is not None and ended.finish_reason == "error":
+        raise HTTPError(500, f"generation failed in the engine after {len(ended.generated)} tokens "
+                             "(a failed step: the server logs it)", None, "server_error")
+    if ended is not None:
+        raise HTTPError(503, "the request was cancelled: the server is shutting down", None, "unavailable")
 
 
 def _usage(jobs) -> dict:

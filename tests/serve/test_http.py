@@ -7,6 +7,7 @@ SIGTERM finishes in-flight requests, refuses new ones and exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import re
@@ -166,6 +167,42 @@ def test_each_prompt_draws_its_own_seed_unless_one_is_given():
     assert params[0].seed != params[1].seed    # a prompt sent twice gives two samples
     _, params, _ = parse_completion({**body, "seed": 7}, "micro")
     assert [p.seed for p in params] == [7, 7]  # a seed: the same prompt, the same tokens
+
+
+def _post(app, body: dict) -> tuple[int, dict]:
+    """One POST /v1/completions through the ASGI app in this process (no server, no lifespan)."""
+    messages = []
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "scheme": "http", "http_version": "1.1",
+             "server": ("test", 80), "client": ("test", 1)}
+    asyncio.run(app(scope, receive, send))
+    body_bytes = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return messages[0]["status"], json.loads(body_bytes)
+
+
+def test_a_failed_step_is_a_500_not_a_200_with_part_of_the_text(micro_model):
+    from serve import Engine
+    from serve.http import create_app
+    from serve.tokenizer import ByteTokenizer
+    engine = Engine(micro_model[0], ByteTokenizer(), num_slots=2, max_len=8, max_chunk=4)
+
+    def broken_step(*_args):
+        raise RuntimeError("device lost")
+
+    engine._step_fn = broken_step
+    engine.start()
+    try:
+        status, reply = _post(create_app(engine, model_name="micro"), {"prompt": [1, 2], "max_tokens": 2})
+    finally:
+        engine.stop()
+    assert status == 500 and "generation failed" in reply["error"]["message"], reply
 
 
 def test_seeded_sampling_repeats(server):
