@@ -48,6 +48,17 @@ def _token_id(t) -> int:
 _log = logging.getLogger(__name__)
 
 
+def _unicode_text(prompt: str) -> str:
+    """The prompt, refused when it holds a lone surrogate: JSON can write one ("\\ud800"),
+    but it is no character, and no tokenizer can encode it."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"prompt: holds a lone surrogate {prompt[err.start]!r} at character {err.start} "
+                           "(not valid Unicode)") from None
+    return prompt
+
+
 class EngineConfigError(ValueError):
     """An Engine argument is out of range (the CLI reports it in one line, exit 2)."""
 
@@ -186,7 +197,7 @@ class Engine:
         A prompt is text or a sequence of token ids (ints, or a numpy / JAX integer array).
         """
         if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(prompt)
+            tokens = self.tokenizer.encode(_unicode_text(prompt))
         else:
             try:
                 tokens = [_token_id(t) for t in (np.asarray(prompt) if hasattr(prompt, "__array__") else prompt)]

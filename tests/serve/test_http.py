@@ -116,6 +116,7 @@ BAD = {
     "stream not bool": ({"prompt": "a", "stream": "yes"}, 400, "stream: must be true or false"),
     "stop of wrong type": ({"prompt": "a", "stop": 5}, 400, "stop"),
     "seed negative": ({"prompt": "a", "seed": -3}, 400, "seed"),
+    "prompt with a lone surrogate": (b'{"prompt": ["ok", "ab\\ud800c"]}', 400, "prompt: holds a lone surrogate"),
     "token id out of vocabulary": ({"prompt": [1, 2, 300]}, 400, "outside the vocabulary"),
     "over the context": ({"prompt": "x" * 60, "max_tokens": 10}, 400, "context limit of 64"),
     "n > 1": ({"prompt": "a", "n": 2}, 400, "n: only 1"),
