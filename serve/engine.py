@@ -73,6 +73,16 @@ def _context_length(max_len: int | None, model_max: int) -> int:
     return int(max_len)
 
 
+def _notice_token_dropping(cfg) -> None:
+    """Say so when the MoE drops tokens past a capacity: which ones it drops depends on every
+    token of the step -- the other requests' and the step's padding -- so a request's tokens
+    do too (greedy ones included)."""
+    factor = getattr(getattr(cfg, "moe", None), "capacity_factor", None)
+    if factor is not None:
+        _log.warning(f"MoE capacity_factor={factor} drops tokens: a request's output depends on the requests "
+                     f"batched with it; serve a dropless config (capacity_factor=None) for results that do not")
+
+
 class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
 
@@ -99,6 +109,8 @@ class Engine:
        with that request's own parameters and key.
     3. Finished requests (EOS, a stop string, ``max_new_tokens``) leave their
        slot at once; the next queued request takes it at the next step.
+    A request's tokens do not depend on the other requests in the batch, unless
+    the MoE drops tokens past a capacity (``capacity_factor`` set: a warning says so).
     ``generate`` drives steps in the caller's thread; ``start`` runs the same
     loop in a background thread that ``submit`` (e.g. the HTTP server) feeds.
     """
@@ -106,6 +118,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer, *, num_slots: int = 8, max_len: int | None = None,
                  max_chunk: int = 64, max_waiting: int = 256, row_buckets: bool = True, runner=None):
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
+        _notice_token_dropping(self.cfg)
         self.max_len = _context_length(max_len, self.cfg.max_seq_len)
         max_chunk = min(max_chunk, self.max_len)
         self.runner = runner_lib.make_runner(model, num_slots, self.max_len, max_chunk, runner)
