@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +45,20 @@ def _token_id(t) -> int:
     return token
 
 
+_log = logging.getLogger(__name__)
+
+
+def _unicode_text(prompt: str) -> str:
+    """The prompt, refused when it holds a lone surrogate: JSON can write one ("\\ud800"),
+    but it is no character, and no tokenizer can encode it."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"prompt: holds a lone surrogate {prompt[err.start]!r} at character {err.start} "
+                           "(not valid Unicode)") from None
+    return prompt
+
+
 class EngineConfigError(ValueError):
     """An Engine argument is out of range (the CLI reports it in one line, exit 2)."""
 
@@ -56,6 +71,16 @@ def _context_length(max_len: int | None, model_max: int) -> int:
         raise EngineConfigError(f"max_len must be an integer in [1, {model_max}] (the model's max_seq_len) "
                          f"or None for all of it, got {max_len!r}")
     return int(max_len)
+
+
+def _notice_token_dropping(cfg) -> None:
+    """Say so when the MoE drops tokens past a capacity: which ones it drops depends on every
+    token of the step -- the other requests' and the step's padding -- so a request's tokens
+    do too (greedy ones included)."""
+    factor = getattr(getattr(cfg, "moe", None), "capacity_factor", None)
+    if factor is not None:
+        _log.warning(f"MoE capacity_factor={factor} drops tokens: a request's output depends on the requests "
+                     f"batched with it; serve a dropless config (capacity_factor=None) for results that do not")
 
 
 class EngineStopped(RuntimeError):
@@ -84,6 +109,8 @@ class Engine:
        with that request's own parameters and key.
     3. Finished requests (EOS, a stop string, ``max_new_tokens``) leave their
        slot at once; the next queued request takes it at the next step.
+    A request's tokens do not depend on the other requests in the batch, unless
+    the MoE drops tokens past a capacity (``capacity_factor`` set: a warning says so).
     ``generate`` drives steps in the caller's thread; ``start`` runs the same
     loop in a background thread that ``submit`` (e.g. the HTTP server) feeds.
     """
@@ -91,6 +118,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer, *, num_slots: int = 8, max_len: int | None = None,
                  max_chunk: int = 64, max_waiting: int = 256, row_buckets: bool = True, runner=None):
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
+        _notice_token_dropping(self.cfg)
         self.max_len = _context_length(max_len, self.cfg.max_seq_len)
         max_chunk = min(max_chunk, self.max_len)
         self.runner = runner_lib.make_runner(model, num_slots, self.max_len, max_chunk, runner)
@@ -182,7 +210,7 @@ class Engine:
         A prompt is text or a sequence of token ids (ints, or a numpy / JAX integer array).
         """
         if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(prompt)
+            tokens = self.tokenizer.encode(_unicode_text(prompt))
         else:
             try:
                 tokens = [_token_id(t) for t in (np.asarray(prompt) if hasattr(prompt, "__array__") else prompt)]
@@ -288,8 +316,8 @@ class Engine:
         return True
 
     def _check_finished(self, request: Request) -> None:
-        params, eos = request.params, self.tokenizer.eos_token_id
-        if eos is not None and request.generated[-1] == eos:
+        params = request.params
+        if request.generated[-1] in self.tokenizer.eos_token_ids:
             request.generated.pop()
             self._finish(request, "stop")
             return
@@ -364,7 +392,7 @@ class Engine:
             try:
                 self._step_or_fail()
             except Exception:  # a failed step fails its requests (above), not the server
-                pass
+                _log.exception("engine step failed: its requests end with finish_reason 'error'")
 
     def _step_or_fail(self) -> bool:
         """``step()``; one that raises (also on Ctrl-C) ends the requests in the slots with

@@ -2,6 +2,7 @@
 
     POST /v1/completions   {"prompt": str | [str] | [int] | [[int]], "max_tokens", "temperature",
                             "top_p", "top_k", "seed", "stop", "stream"}
+                           (without a seed every prompt draws its own; with one, all use it)
     GET  /v1/models, /health, /metrics (Prometheus text)
 
 The engine runs its loop in one background thread; a handler only checks the
@@ -29,7 +30,11 @@ from serve.scheduler import QueueFull, Request
 from serve.tokenizer import TextStream
 
 DEFAULT_MAX_TOKENS = 16          # OpenAI's default
-UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": None}
+# OpenAI fields this server does not implement: only their neutral value is accepted, since
+# ignoring another one would answer a different request than the client asked (no penalty)
+UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": None,
+               "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}}
+REQUEST_NAMES = {"max_new_tokens": "max_tokens"}    # SamplingParams field -> the request's name
 
 
 class HTTPError(Exception):
@@ -42,6 +47,14 @@ def _error_body(status: int, message: str, param: str | None = None, kind: str =
     from starlette.responses import JSONResponse
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status)
+
+
+def _is_neutral(value, neutral) -> bool:
+    """``value`` is the neutral setting: the exact type (true / 1.0 are not n = 1), except
+    that a penalty's 0 may be written 0 or 0.0."""
+    if isinstance(neutral, float):
+        return type(value) in (int, float) and value == neutral
+    return type(value) is type(neutral) and value == neutral
 
 
 def _field(body: dict, name: str, kinds: tuple, default, what: str):
@@ -72,17 +85,17 @@ def _prompts(body: dict) -> list:
                          "or a list of such lists", "prompt")
 
 
-def parse_completion(body, model_name: str) -> tuple[list, SamplingParams, bool]:
-    """Validate a /v1/completions body -> (prompts, sampling params, stream)."""
+def parse_completion(body, model_name: str) -> tuple[list, list[SamplingParams], bool]:
+    """Validate a /v1/completions body -> (prompts, sampling params of each prompt, stream)."""
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
     if body.get("model") not in (None, model_name):
         raise HTTPError(404, f"model: {body['model']!r} is not served here (this server has {model_name!r})",
                         "model", "not_found_error")
-    for name, default in UNSUPPORTED.items():
-        value = body.get(name)   # exact type: true / 1.0 are not n = 1
-        if value is not None and (type(value) is not type(default) or value != default):
-            raise HTTPError(400, f"{name}: only {json.dumps(default)} is supported", name)
+    for name, neutral in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not _is_neutral(value, neutral):
+            raise HTTPError(400, f"{name}: only {json.dumps(neutral)} is supported", name)
     prompts = _prompts(body)
     num = (int, float)
     max_tokens = _field(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer")
@@ -96,12 +109,18 @@ def parse_completion(body, model_name: str) -> tuple[list, SamplingParams, bool]
             temperature=_field(body, "temperature", num, 1.0, "a number"),
             top_p=_field(body, "top_p", num, 1.0, "a number"),
             top_k=_field(body, "top_k", (int,), 0, "an integer"),
-            seed=secrets.randbits(62) if seed is None else seed,
+            seed=0 if seed is None else seed,
             stop=tuple([stop] if isinstance(stop, str) else stop or ()))
-    except RequestError as err:
-        raise HTTPError(400, str(err), str(err).split(":")[0]) from None
+    except RequestError as err:     # "field: problem", the field as the request names it
+        field, _, problem = str(err).partition(":")
+        name = REQUEST_NAMES.get(field, field)
+        raise HTTPError(400, f"{name}:{problem}", name) from None
     stream = _field(body, "stream", (bool,), False, "true or false")
-    return prompts, params, stream
+    # one params per prompt: without a seed each prompt draws its own, so a prompt sent
+    # several times (the way to get several samples, n being 1) gives different samples
+    per_prompt = [params if seed is not None else params.replace(seed=secrets.randbits(62))
+                  for _ in prompts]
+    return prompts, per_prompt, stream
 
 
 async def _read_body(request, max_body: int) -> bytes:
@@ -135,7 +154,7 @@ class Completions:
         jobs = self._submit(prompts, params, loop, updates)
         meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model_name}
         if stream:
-            return StreamingResponse(self._events(jobs, updates, meta, params), media_type="text/event-stream")
+            return StreamingResponse(self._events(jobs, updates, meta), media_type="text/event-stream")
         try:
             remaining = len(jobs)
             while remaining:
@@ -144,6 +163,7 @@ class Completions:
         except asyncio.CancelledError:
             self._cancel(jobs)
             raise
+        _raise_if_unfinished(jobs)
         choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
                    for i, r in enumerate(jobs)]
         usage = _usage(jobs)
@@ -157,7 +177,7 @@ class Completions:
             return on_update
 
         try:
-            jobs = [self.engine.make_request(p, params, notify(i)) for i, p in enumerate(prompts)]
+            jobs = [self.engine.make_request(p, ps, notify(i)) for i, (p, ps) in enumerate(zip(prompts, params))]
         except RequestError as err:
             raise HTTPError(400, str(err), "prompt") from None
         limit = self.engine.scheduler.max_waiting
@@ -180,8 +200,8 @@ class Completions:
         for job in jobs:
             self.engine.cancel(job)
 
-    async def _events(self, jobs, updates, meta, params):
-        streams = [TextStream(self.engine.tokenizer, params.stop) for _ in jobs]
+    async def _events(self, jobs, updates, meta):
+        streams = [TextStream(self.engine.tokenizer, job.params.stop) for job in jobs]
         remaining = len(jobs)
         try:
             while remaining:
@@ -198,6 +218,18 @@ class Completions:
             yield "data: [DONE]\n\n"
         finally:
             self._cancel([j for j in jobs if not j.done])
+
+
+def _raise_if_unfinished(jobs) -> None:
+    """A request the engine ended early (a failed step; cancelled at shutdown) is an error
+    status, not a 200 with part of a text (``Engine.generate`` raises there too). A stream
+    has sent its 200 already: there the reason arrives as the choice's finish_reason."""
+    ended = next((j for j in jobs if j.finish_reason in ("error", "cancelled")), None)
+    if ended is not None and ended.finish_reason == "error":
+        raise HTTPError(500, f"generation failed in the engine after {len(ended.generated)} tokens "
+                             "(a failed step: the server logs it)", None, "server_error")
+    if ended is not None:
+        raise HTTPError(503, "the request was cancelled: the server is shutting down", None, "unavailable")
 
 
 def _usage(jobs) -> dict:

@@ -21,7 +21,7 @@ class ByteTokenizer:
 
     kind = "bytes"
     vocab_size = 256
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -31,11 +31,20 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers`` tokenizer.json (no special tokens are added to prompts)."""
+    """A Hugging Face ``tokenizers`` tokenizer.json.
+
+    Text prompts get the tokenizer's special tokens (its post-processor: the BOS of Llama,
+    Mixtral, DeepSeek), as ``python -m train`` encoded each document and as transformers'
+    ``tokenizer(text)`` and vLLM's completions do; token-id prompts are taken as they are.
+
+    ``eos_token_id``: an id or a list of ids, as transformers writes it (chat models end a
+    turn with one of several: Llama 3 <|eot_id|> beside <|end_of_text|>); any of them ends
+    a request.
+    """
 
     kind = "hf"
 
-    def __init__(self, path: str | Path, eos_token_id: int | None = None):
+    def __init__(self, path: str | Path, eos_token_id: int | list[int] | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -45,28 +54,35 @@ class HFTokenizer:
         except Exception as err:  # the tokenizers library raises plain Exception
             raise TokenizerError(f"{path}: not a tokenizer.json ({err})") from None
         self.vocab_size = self._tok.get_vocab_size()
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_ids(eos_token_id)
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._tok.encode(text).ids)
 
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(list(tokens), skip_special_tokens=True)
 
 
-def eos_from_files(directory: Path) -> int | None:
-    """eos_token_id from generation_config.json / config-style files beside a tokenizer."""
+def eos_ids(value) -> tuple[int, ...]:
+    """An ``eos_token_id`` as transformers writes it (an id, a list of ids, or null) as a tuple."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise TokenizerError(f"eos_token_id: must be a token id, a list of them or null, got {value!r}")
+    return tuple(ids)
+
+
+def eos_from_files(directory: Path) -> int | list[int] | None:
+    """eos_token_id (an id or, kept whole, a list of them) from generation_config.json /
+    config-style files beside a tokenizer."""
     for name in ("generation_config.json", "tokenizer_config.json"):
         path = directory / name
         if path.is_file():
             try:
                 value = json.loads(path.read_text()).get("eos_token_id")
-            except (ValueError, AttributeError):
+                if value is not None and eos_ids(value):
+                    return value
+            except (ValueError, AttributeError):   # TokenizerError is a ValueError
                 continue
-            if isinstance(value, list):
-                value = value[0] if value else None
-            if isinstance(value, int):
-                return value
     return None
 
 
@@ -87,7 +103,7 @@ class TextStream:
 
     ``push(tokens)`` returns the new text since the last call; it holds back a
     trailing incomplete character (shown as U+FFFD by the decoder) and, when
-    stop strings are set, the last ``max(len(stop)) - 1`` characters, which
+    stop strings are set, the ``max(len(stop)) - 1`` characters before it, which
     might still become the start of a stop string. ``finish(text)`` returns
     the rest of the final text. So the deltas always join to the final text.
     """
@@ -99,9 +115,9 @@ class TextStream:
 
     def push(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens)
-        end = len(text) - self.hold
-        while end > self.sent and text[end - 1] == "\ufffd":
-            end -= 1
+        # the incomplete character first, then the hold: a stop string may end in the
+        # character still being decoded ("a" of stop "a€" before the last byte of "€")
+        end = len(text.rstrip("\ufffd")) - self.hold
         if end <= self.sent:
             return ""
         delta, self.sent = text[self.sent:end], end

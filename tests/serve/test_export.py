@@ -89,21 +89,25 @@ def test_export_from_a_run_with_only_checkpoints(micro_model, tmp_path):
 
 def test_tokenizer_json_travels_with_the_checkpoint(micro_run, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers
-    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "!": 3}
+    from tokenizers import models, pre_tokenizers, processors
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "!": 3, "[BOS]": 4}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # a BOS in front, as Llama / Mixtral tokenizers (and training, and transformers) put it
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 4)])
     run = tmp_path / "run"
     import shutil
     shutil.copytree(micro_run, run)
     (run / "tokenizer").mkdir()
     tok.save(str(run / "tokenizer" / "tokenizer.json"))
-    (run / "tokenizer" / "generation_config.json").write_text('{"eos_token_id": 3}')
+    # a list, as chat models write it (Llama 3, Qwen MoE chat): every id is kept, not the first
+    (run / "tokenizer" / "generation_config.json").write_text('{"eos_token_id": [3, 2]}')
     export(run, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "eos_token_id": 3}
+    assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "eos_token_id": [3, 2]}
     engine = Engine.load(tmp_path / "out", num_slots=1, max_chunk=4)
-    assert engine.tokenizer.encode("hello world") == [1, 2]
+    assert engine.tokenizer.encode("hello world") == [4, 1, 2]
+    assert engine.tokenizer.eos_token_ids == (3, 2)
 
 
 def test_export_refuses_what_it_cannot_do(micro_run, tmp_path):

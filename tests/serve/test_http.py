@@ -7,6 +7,7 @@ SIGTERM finishes in-flight requests, refuses new ones and exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from serve.http import parse_completion
 from tests.xla_flags import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,16 +110,18 @@ BAD = {
     "prompt of wrong type": ({"prompt": 5}, 400, "prompt: must be"),
     "mixed prompt list": ({"prompt": ["a", 3]}, 400, "prompt: must be"),
     "max_tokens a string": ({"prompt": "a", "max_tokens": "3"}, 400, "max_tokens: must be an integer"),
-    "max_tokens zero": ({"prompt": "a", "max_tokens": 0}, 400, "max_new_tokens: must be an integer >= 1"),
+    "max_tokens zero": ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens: must be an integer >= 1"),
     "temperature negative": ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     "top_p above one": ({"prompt": "a", "top_p": 1.5}, 400, "top_p"),
     "stream not bool": ({"prompt": "a", "stream": "yes"}, 400, "stream: must be true or false"),
     "stop of wrong type": ({"prompt": "a", "stop": 5}, 400, "stop"),
     "seed negative": ({"prompt": "a", "seed": -3}, 400, "seed"),
+    "prompt with a lone surrogate": (b'{"prompt": ["ok", "ab\\ud800c"]}', 400, "prompt: holds a lone surrogate"),
     "token id out of vocabulary": ({"prompt": [1, 2, 300]}, 400, "outside the vocabulary"),
     "over the context": ({"prompt": "x" * 60, "max_tokens": 10}, 400, "context limit of 64"),
     "n > 1": ({"prompt": "a", "n": 2}, 400, "n: only 1"),
     "n true": ({"prompt": "a", "n": True}, 400, "n: only 1"),
+    "a penalty (not implemented)": ({"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty: only 0"),
     "more prompts than the queue holds": ({"prompt": ["a"] * 5}, 400, "queues at most 4"),
     "other model": ({"prompt": "a", "model": "gpt-9"}, 404, "not served here"),
     "body too large": ({"prompt": "x" * (MAX_BODY + 10)}, 413, "limit of 4096"),
@@ -155,6 +159,51 @@ def test_concurrent_requests_get_their_solo_results(server):
         assert reply["usage"]["completion_tokens"] == 8 and reply["choices"][0]["finish_reason"] == "length"
     status, both = server.complete({"prompt": PROMPTS[:2], "max_tokens": 8, "temperature": 0})
     assert [c["text"] for c in both["choices"]] == [s["choices"][0]["text"] for s in solo[:2]]
+
+
+def test_each_prompt_draws_its_own_seed_unless_one_is_given():
+    body = {"prompt": ["ab", "ab"], "temperature": 1.0, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "logit_bias": {}}                  # neutral values of fields not implemented: accepted
+    _, params, _ = parse_completion(body, "micro")
+    assert params[0].seed != params[1].seed    # a prompt sent twice gives two samples
+    _, params, _ = parse_completion({**body, "seed": 7}, "micro")
+    assert [p.seed for p in params] == [7, 7]  # a seed: the same prompt, the same tokens
+
+
+def _post(app, body: dict) -> tuple[int, dict]:
+    """One POST /v1/completions through the ASGI app in this process (no server, no lifespan)."""
+    messages = []
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "scheme": "http", "http_version": "1.1",
+             "server": ("test", 80), "client": ("test", 1)}
+    asyncio.run(app(scope, receive, send))
+    body_bytes = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return messages[0]["status"], json.loads(body_bytes)
+
+
+def test_a_failed_step_is_a_500_not_a_200_with_part_of_the_text(micro_model):
+    from serve import Engine
+    from serve.http import create_app
+    from serve.tokenizer import ByteTokenizer
+    engine = Engine(micro_model[0], ByteTokenizer(), num_slots=2, max_len=8, max_chunk=4)
+
+    def broken_step(*_args):
+        raise RuntimeError("device lost")
+
+    engine._step_fn = broken_step
+    engine.start()
+    try:
+        status, reply = _post(create_app(engine, model_name="micro"), {"prompt": [1, 2], "max_tokens": 2})
+    finally:
+        engine.stop()
+    assert status == 500 and "generation failed" in reply["error"]["message"], reply
 
 
 def test_seeded_sampling_repeats(server):
