@@ -17,7 +17,7 @@ EXAMPLES = """\
 examples:
   python -m serve export --ckpt runs/tiny --out serving/tiny [--dtype bfloat16] [--quantize int8]
   python -m serve generate --model serving/tiny --prompt "def " --max-new-tokens 64 --stats
-  python -m serve http --model serving/tiny --port 8000
+  python -m serve http --model serving/tiny --port 8000 [--chat-template chat.jinja]
   python -m serve generate --model serving/tiny --prompt "def " --offload --slots-per-layer 2 --stats
   python -m serve trace-sim --model serving/tiny --out trace_sim/tiny
 """
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     http.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     http.add_argument("--name", default=None, help="model id shown by /v1/models (default: dir name)")
+    http.add_argument("--chat-template", default=None,
+                      help="Jinja chat template (or a tokenizer_config.json holding one) for "
+                           "/v1/chat/completions, in place of the one the model's tokenizer ships")
 
     from serve.offload import tracesim_cli
     tracesim_cli.add_parser(sub)
@@ -146,8 +149,17 @@ def print_stats(engine, outs, *, load_s: float, compile_s: float, run_s: float) 
 
 
 def run_http(args) -> int:
+    import dataclasses
+
+    from serve.chat import ChatTemplate
     from serve.http import serve_forever
+    chat = None if args.chat_template is None else ChatTemplate.from_file(args.chat_template)
     engine = load_engine(args, max_waiting=args.max_queue)
+    shipped = engine.tokenizer.chat_template
+    if chat is not None:      # a bare Jinja file uses the special tokens the tokenizer ships
+        if not chat.special_tokens and shipped is not None:
+            chat = dataclasses.replace(chat, special_tokens=dict(shipped.special_tokens))
+        engine.tokenizer.chat_template = chat
     return serve_forever(engine, host=args.host, port=args.port, max_body=args.max_body,
                          model_name=args.name)
 

@@ -32,7 +32,7 @@ from moejax.validate import as_int
 from serve import runner as runner_lib
 from serve.export import ExportError, key_of, read_checkpoint
 from serve.metrics import EngineMetrics
-from serve.sampling import RequestError, SamplingParams
+from serve.sampling import RequestError, SamplingParams, checked_text
 from serve.scheduler import Plan, QueueFull, Request, Scheduler
 from serve.tokenizer import load_tokenizer
 
@@ -46,17 +46,6 @@ def _token_id(t) -> int:
 
 
 _log = logging.getLogger(__name__)
-
-
-def _unicode_text(prompt: str) -> str:
-    """The prompt, refused when it holds a lone surrogate: JSON can write one ("\\ud800"),
-    but it is no character, and no tokenizer can encode it."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise RequestError(f"prompt: holds a lone surrogate {prompt[err.start]!r} at character {err.start} "
-                           "(not valid Unicode)") from None
-    return prompt
 
 
 class EngineConfigError(ValueError):
@@ -207,10 +196,11 @@ class Engine:
                      on_update: Callable[[Request], None] | None = None) -> Request:
         """Tokenize and check a prompt: non-empty, ids in the vocabulary, room for the output.
 
-        A prompt is text or a sequence of token ids (ints, or a numpy / JAX integer array).
+        A prompt is text (encoded with the tokenizer's special tokens, e.g. a BOS) or a
+        sequence of token ids (ints, or a numpy / JAX integer array) taken as they are.
         """
         if isinstance(prompt, str):
-            tokens = self.tokenizer.encode(_unicode_text(prompt))
+            tokens = self.tokenizer.encode(checked_text(prompt, "prompt"))
         else:
             try:
                 tokens = [_token_id(t) for t in (np.asarray(prompt) if hasattr(prompt, "__array__") else prompt)]

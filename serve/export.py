@@ -38,6 +38,7 @@ from moejax.config import ConfigError, ModelConfig, config_from_dict, config_to_
 from moejax.layer_stack import unstack_layers
 from moejax.model import Transformer
 from serve import tensorfile
+from serve.chat import ChatTemplate
 from serve.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, eos_from_files
 
 FORMAT, VERSION = "moejax-serving", 1
@@ -119,7 +120,14 @@ def find_tokenizer(run: Path, vocab_size: int) -> tuple[dict, Path | None]:
             if tok.vocab_size > vocab_size:
                 raise ExportError(f"{path}: {tok.vocab_size} tokens, more than the model's "
                                   f"vocab_size {vocab_size}")
-            return {"kind": "hf", "file": "tokenizer.json", "eos_token_id": eos_from_files(path.parent)}, path
+            entry = {"kind": "hf", "file": "tokenizer.json", "eos_token_id": eos_from_files(path.parent)}
+            try:
+                chat = ChatTemplate.from_tokenizer_dir(path.parent)
+            except TokenizerError as err:
+                raise ExportError(f"{path.parent}: {err}") from None
+            if chat is not None:
+                entry["chat_template"] = chat.manifest_entry()
+            return entry, path
     if vocab_size < ByteTokenizer.vocab_size:
         raise ExportError(f"--ckpt {run}: no tokenizer.json and vocab_size {vocab_size} < 256, "
                           f"so bytes cannot be the tokens")

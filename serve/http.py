@@ -3,6 +3,10 @@
     POST /v1/completions   {"prompt": str | [str] | [int] | [[int]], "max_tokens", "temperature",
                             "top_p", "top_k", "seed", "stop", "stream"}
                            (without a seed every prompt draws its own; with one, all use it)
+    POST /v1/chat/completions  {"messages": [{"role", "content"}], "max_tokens" |
+                            "max_completion_tokens" (default: the rest of the context), and the
+                            sampling fields above}: the model's chat template (serve.chat)
+                            renders the messages; the reply is the assistant's message
     GET  /v1/models, /health, /metrics (Prometheus text)
 
 The engine runs its loop in one background thread; a handler only checks the
@@ -23,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from serve.chat import parse_messages
 from serve.engine import Engine, EngineStopped
 from serve.metrics import prometheus_text
 from serve.sampling import RequestError, SamplingParams
@@ -34,7 +39,10 @@ DEFAULT_MAX_TOKENS = 16          # OpenAI's default
 # ignoring another one would answer a different request than the client asked (no penalty)
 UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": None,
                "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}}
-REQUEST_NAMES = {"max_new_tokens": "max_tokens"}    # SamplingParams field -> the request's name
+# chat: tools and structured output are not implemented; logprobs is a boolean there
+CHAT_UNSUPPORTED = {**UNSUPPORTED, "logprobs": False, "top_logprobs": None, "tools": None,
+                    "tool_choice": None, "functions": None, "function_call": None,
+                    "response_format": None}
 
 
 class HTTPError(Exception):
@@ -85,20 +93,54 @@ def _prompts(body: dict) -> list:
                          "or a list of such lists", "prompt")
 
 
-def parse_completion(body, model_name: str) -> tuple[list, list[SamplingParams], bool]:
-    """Validate a /v1/completions body -> (prompts, sampling params of each prompt, stream)."""
+def _check_body(body, model_name: str, unsupported: dict) -> None:
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
     if body.get("model") not in (None, model_name):
         raise HTTPError(404, f"model: {body['model']!r} is not served here (this server has {model_name!r})",
                         "model", "not_found_error")
-    for name, neutral in UNSUPPORTED.items():
+    for name, neutral in unsupported.items():
         value = body.get(name)
         if value is not None and not _is_neutral(value, neutral):
             raise HTTPError(400, f"{name}: only {json.dumps(neutral)} is supported", name)
+
+
+def parse_completion(body, model_name: str) -> tuple[list, list[SamplingParams], bool]:
+    """Validate a /v1/completions body -> (prompts, sampling params of each prompt, stream)."""
+    _check_body(body, model_name, UNSUPPORTED)
     prompts = _prompts(body)
+    params, seeded = _sampling(body, "max_tokens", DEFAULT_MAX_TOKENS)
+    stream = _field(body, "stream", (bool,), False, "true or false")
+    # one params per prompt: without a seed each prompt draws its own, so a prompt sent
+    # several times (the way to get several samples, n being 1) gives different samples
+    per_prompt = [params if seeded else params.replace(seed=secrets.randbits(62)) for _ in prompts]
+    return prompts, per_prompt, stream
+
+
+def parse_messages_field(body, model_name: str) -> list[dict]:
+    """Validate a /v1/chat/completions body and return its messages (serve.chat)."""
+    _check_body(body, model_name, CHAT_UNSUPPORTED)
+    try:
+        return parse_messages(body.get("messages"))
+    except RequestError as err:
+        raise HTTPError(400, str(err), str(err).split(":")[0]) from None
+
+
+def chat_sampling(body: dict, room: int) -> tuple[SamplingParams, bool]:
+    """(sampling params, stream) of a checked chat body; without max_tokens /
+    max_completion_tokens the reply may take the ``room`` the prompt leaves in the context."""
+    limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    params, seeded = _sampling(body, limit, max(room, 1))
+    if not seeded:
+        params = params.replace(seed=secrets.randbits(62))
+    return params, _field(body, "stream", (bool,), False, "true or false")
+
+
+def _sampling(body: dict, limit: str, default_limit: int) -> tuple[SamplingParams, bool]:
+    """(the body's sampling params, whether it set a seed); ``limit``: the field holding
+    the most new tokens."""
     num = (int, float)
-    max_tokens = _field(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS, "an integer")
+    max_tokens = _field(body, limit, (int,), default_limit, "an integer")
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or isinstance(stop, list)):
         raise HTTPError(400, "stop: must be a string or a list of strings", "stop")
@@ -113,14 +155,9 @@ def parse_completion(body, model_name: str) -> tuple[list, list[SamplingParams],
             stop=tuple([stop] if isinstance(stop, str) else stop or ()))
     except RequestError as err:     # "field: problem", the field as the request names it
         field, _, problem = str(err).partition(":")
-        name = REQUEST_NAMES.get(field, field)
+        name = limit if field == "max_new_tokens" else field
         raise HTTPError(400, f"{name}:{problem}", name) from None
-    stream = _field(body, "stream", (bool,), False, "true or false")
-    # one params per prompt: without a seed each prompt draws its own, so a prompt sent
-    # several times (the way to get several samples, n being 1) gives different samples
-    per_prompt = [params if seed is not None else params.replace(seed=secrets.randbits(62))
-                  for _ in prompts]
-    return prompts, per_prompt, stream
+    return params, seed is not None
 
 
 async def _read_body(request, max_body: int) -> bytes:
@@ -137,10 +174,24 @@ async def _read_body(request, max_body: int) -> bytes:
 
 
 class Completions:
-    """The /v1/completions handler: queue one engine request per prompt, await updates."""
+    """The /v1/completions handler: queue one engine request per prompt, await updates.
+    Subclasses change how a body becomes prompts and how a choice is written."""
+
+    id_prefix, object_name, chunk_name = "cmpl", "text_completion", "text_completion"
 
     def __init__(self, engine: Engine, model_name: str, max_body: int):
         self.engine, self.model_name, self.max_body = engine, model_name, max_body
+
+    def parse(self, body) -> tuple[list, list[SamplingParams], bool]:
+        """(prompts, sampling params of each, stream) of a request body."""
+        return parse_completion(body, self.model_name)
+
+    def choice(self, index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+    def chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> dict:
+        """A streamed choice; ``text`` None: the opening chunk (none for completions)."""
+        return self.choice(index, text, finish_reason)
 
     async def handle(self, request):
         from starlette.responses import JSONResponse, StreamingResponse
@@ -149,10 +200,11 @@ class Completions:
             body = json.loads(raw)
         except (ValueError, RecursionError) as err:    # RecursionError: nested too deep to parse
             raise HTTPError(400, f"the body is not valid JSON ({err})") from None
-        prompts, params, stream = parse_completion(body, self.model_name)
+        prompts, params, stream = self.parse(body)
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
         jobs = self._submit(prompts, params, loop, updates)
-        meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": self.model_name}
+        meta = {"id": f"{self.id_prefix}-{secrets.token_hex(12)}", "created": int(time.time()),
+                "model": self.model_name}
         if stream:
             return StreamingResponse(self._events(jobs, updates, meta), media_type="text/event-stream")
         try:
@@ -164,10 +216,8 @@ class Completions:
             self._cancel(jobs)
             raise
         _raise_if_unfinished(jobs)
-        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                   for i, r in enumerate(jobs)]
-        usage = _usage(jobs)
-        return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": usage})
+        choices = [self.choice(i, r.text, r.finish_reason) for i, r in enumerate(jobs)]
+        return JSONResponse({**meta, "object": self.object_name, "choices": choices, "usage": _usage(jobs)})
 
     def _submit(self, prompts, params, loop, updates) -> list[Request]:
         def notify(index):
@@ -203,21 +253,58 @@ class Completions:
     async def _events(self, jobs, updates, meta):
         streams = [TextStream(self.engine.tokenizer, job.params.stop) for job in jobs]
         remaining = len(jobs)
+
+        def event(choice, usage=None):
+            chunk = {**meta, "object": self.chunk_name, "choices": [choice]}
+            return f"data: {json.dumps(chunk if usage is None else {**chunk, 'usage': usage})}\n\n"
+
         try:
+            for index in range(len(jobs)):
+                opening = self.chunk_choice(index, None, None)
+                if opening is not None:
+                    yield event(opening)
             while remaining:
                 index, snap = await updates.get()
                 done = snap["finish_reason"] is not None
                 text = streams[index].finish(snap["text"]) if done else streams[index].push(snap["tokens"])
                 remaining -= done
                 if text or done:
-                    choice = {"index": index, "text": text, "finish_reason": snap["finish_reason"], "logprobs": None}
-                    chunk = {**meta, "object": "text_completion", "choices": [choice]}
-                    if done and not remaining:
-                        chunk["usage"] = _usage(jobs)
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    last = done and not remaining
+                    yield event(self.chunk_choice(index, text, snap["finish_reason"]),
+                                _usage(jobs) if last else None)
             yield "data: [DONE]\n\n"
         finally:
             self._cancel([j for j in jobs if not j.done])
+
+
+class ChatCompletions(Completions):
+    """/v1/chat/completions: the messages rendered by the model's chat template (serve.chat)
+    are one prompt; the reply is the assistant's message."""
+
+    id_prefix, object_name, chunk_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def parse(self, body):
+        messages = parse_messages_field(body, self.model_name)
+        template = self.engine.tokenizer.chat_template
+        if template is None:
+            raise HTTPError(400, "messages: this model has no chat template (its tokenizer ships none); "
+                                 "use /v1/completions, or start the server with --chat-template FILE",
+                            "messages")
+        try:
+            tokens = self.engine.tokenizer.encode(template.render(messages), special_tokens=False)
+        except RequestError as err:
+            raise HTTPError(400, str(err), "messages") from None
+        params, stream = chat_sampling(body, self.engine.max_len - len(tokens))
+        return [tokens], [params], stream
+
+    def choice(self, index, text, finish_reason):
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason, "logprobs": None}
+
+    def chunk_choice(self, index, text, finish_reason):
+        delta = ({"role": "assistant", "content": ""} if text is None
+                 else {"content": text} if text else {})
+        return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
 
 
 def _raise_if_unfinished(jobs) -> None:
@@ -298,6 +385,8 @@ def create_app(engine: Engine, *, model_name: str = "moejax", max_body: int = 1 
             await asyncio.to_thread(engine.stop, True)
 
     app = Starlette(routes=[Route("/v1/completions", Completions(engine, model_name, max_body).handle,
+                                  methods=["POST"]),
+                            Route("/v1/chat/completions", ChatCompletions(engine, model_name, max_body).handle,
                                   methods=["POST"]),
                             Route("/v1/models", models), Route("/health", health), Route("/metrics", metrics)],
                     exception_handlers={HTTPError: on_http_error, HTTPException: on_starlette_error,

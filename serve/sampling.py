@@ -22,6 +22,17 @@ class RequestError(ValueError):
     """A request's parameters or prompt are not acceptable (HTTP 400, CLI exit 2)."""
 
 
+def checked_text(text: str, field: str) -> str:
+    """``text``, refused when it holds a lone surrogate: JSON can write one ("\\ud800"), but
+    it is no character, and no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"{field}: holds a lone surrogate {text[err.start]!r} at character {err.start} "
+                           "(not valid Unicode)") from None
+    return text
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request generates. ``temperature=0`` is greedy (argmax).

@@ -23,7 +23,10 @@ class ByteTokenizer:
     vocab_size = 256
     eos_token_ids: tuple[int, ...] = ()
 
-    def encode(self, text: str) -> list[int]:
+    chat_template = None     # a ChatTemplate (serve.chat) when one is given
+
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        del special_tokens   # bytes have none
         return list(text.encode("utf-8"))
 
     def decode(self, tokens: list[int]) -> str:
@@ -44,7 +47,7 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, path: str | Path, eos_token_id: int | list[int] | None = None):
+    def __init__(self, path: str | Path, eos_token_id: int | list[int] | None = None, chat_template=None):
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -55,9 +58,10 @@ class HFTokenizer:
             raise TokenizerError(f"{path}: not a tokenizer.json ({err})") from None
         self.vocab_size = self._tok.get_vocab_size()
         self.eos_token_ids = eos_ids(eos_token_id)
+        self.chat_template = chat_template     # a serve.chat.ChatTemplate, or None
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text).ids)
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=special_tokens).ids)
 
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(list(tokens), skip_special_tokens=True)
@@ -94,7 +98,11 @@ def load_tokenizer(spec: dict, directory: Path):
         path = directory / spec["file"]
         if not path.is_file():
             raise TokenizerError(f"{path}: tokenizer file named by the manifest is missing")
-        return HFTokenizer(path, spec.get("eos_token_id"))
+        chat = spec.get("chat_template")
+        if chat is not None:
+            from serve.chat import ChatTemplate
+            chat = ChatTemplate.from_manifest(chat)
+        return HFTokenizer(path, spec.get("eos_token_id"), chat)
     raise TokenizerError(f"unknown tokenizer kind {spec.get('kind')!r} (bytes | hf)")
 
 

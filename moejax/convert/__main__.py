@@ -31,7 +31,7 @@ from moejax.config import DTYPES, read_config_file
 from moejax.convert.checks import check_out, read_hf_config, safetensors_files
 from moejax.convert.families import EXPERT_LAYOUTS
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
 
 

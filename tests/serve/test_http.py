@@ -7,7 +7,6 @@ SIGTERM finishes in-flight requests, refuses new ones and exits 0.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from serve.http import parse_completion
+from tests.serve import asgi_client
 from tests.xla_flags import xla_flags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,21 +171,8 @@ def test_each_prompt_draws_its_own_seed_unless_one_is_given():
 
 
 def _post(app, body: dict) -> tuple[int, dict]:
-    """One POST /v1/completions through the ASGI app in this process (no server, no lifespan)."""
-    messages = []
-
-    async def receive():
-        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-
-    async def send(message):
-        messages.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json")], "scheme": "http", "http_version": "1.1",
-             "server": ("test", 80), "client": ("test", 1)}
-    asyncio.run(app(scope, receive, send))
-    body_bytes = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-    return messages[0]["status"], json.loads(body_bytes)
+    status, data = asgi_client.post(app, "/v1/completions", body)
+    return status, json.loads(data)
 
 
 def test_a_failed_step_is_a_500_not_a_200_with_part_of_the_text(micro_model):

@@ -1,0 +1,173 @@
+"""Chat prompts for ``/v1/chat/completions``: the model's chat template renders the messages.
+
+A chat template is the Jinja program a Hugging Face tokenizer ships (``chat_template`` in
+tokenizer_config.json, or chat_template.jinja beside tokenizer.json). ``serve export``
+carries it into the manifest; ``python -m serve http --chat-template FILE`` gives one to a
+model without (the byte-level models ``python -m train`` makes).
+
+Rendering follows transformers' ``apply_chat_template``: a sandboxed Jinja environment
+(trim_blocks, lstrip_blocks, loop controls) with the ``tojson`` filter and the
+``raise_exception`` and ``strftime_now`` functions, given ``messages``,
+``add_generation_prompt=True`` and the tokenizer's special-token strings (``bos_token``,
+``eos_token``, ...). The rendered text already holds its special tokens, so it is encoded
+without adding them again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from serve.sampling import RequestError, checked_text
+from serve.tokenizer import TokenizerError
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                  "mask_token")
+MESSAGE_EXTRAS = ("name", "tool_call_id")     # passed to the template as the client sent them
+
+
+class ChatTemplateError(TokenizerError):
+    """A chat template that does not compile, or a file that holds none."""
+
+
+@cache
+def _environment():
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template's Jinja source and the special-token strings it may use."""
+
+    source: str
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        import jinja2
+        try:
+            compiled = _environment().from_string(self.source)
+        except jinja2.exceptions.TemplateSyntaxError as err:
+            raise ChatTemplateError(f"chat template: not valid Jinja (line {err.lineno}: {err.message})") from None
+        object.__setattr__(self, "_compiled", compiled)
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt text of ``messages`` (checked by :func:`parse_messages`), ending where the
+        assistant's reply begins. A template that refuses them (``raise_exception``, e.g. roles
+        that do not alternate) raises RequestError."""
+        import jinja2
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        except jinja2.exceptions.TemplateError as err:
+            raise RequestError(f"messages: the model's chat template refuses them ({err})") from None
+
+    def manifest_entry(self) -> dict:
+        return {"template": self.source, "special_tokens": dict(self.special_tokens)}
+
+    @classmethod
+    def from_manifest(cls, entry) -> ChatTemplate:
+        if not (isinstance(entry, dict) and isinstance(entry.get("template"), str)
+                and isinstance(entry.get("special_tokens", {}), dict)):
+            raise ChatTemplateError("manifest tokenizer.chat_template: must be {template: str, "
+                                    "special_tokens: {name: str}}")
+        return cls(entry["template"], {k: v for k, v in entry.get("special_tokens", {}).items()
+                                       if isinstance(v, str)})
+
+    @classmethod
+    def from_tokenizer_dir(cls, directory: Path) -> ChatTemplate | None:
+        """The template shipped beside a tokenizer.json (chat_template.jinja, else
+        tokenizer_config.json's), with that config's special tokens; None without one."""
+        jinja_file = directory / "chat_template.jinja"
+        return cls._from_config(_json_object(directory / "tokenizer_config.json"),
+                                jinja_file.read_text() if jinja_file.is_file() else None)
+
+    @classmethod
+    def from_file(cls, path: str | Path, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
+        """``--chat-template``: a Jinja file (with these special tokens), or a
+        tokenizer_config.json holding a ``chat_template`` (with its own)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ChatTemplateError(f"--chat-template {path}: no such file")
+        if path.suffix != ".json":
+            return cls(path.read_text(), dict(special_tokens or {}))
+        template = cls._from_config(_json_object(path))
+        if template is None:
+            raise ChatTemplateError(f"--chat-template {path}: holds no chat_template")
+        return template
+
+    @classmethod
+    def _from_config(cls, config: dict, source: str | None = None) -> ChatTemplate | None:
+        """From a tokenizer_config.json: ``chat_template`` is a string, or a list of named
+        templates of which 'default' is the chat one."""
+        source = config.get("chat_template") if source is None else source
+        if isinstance(source, list):
+            source = next((t.get("template") for t in source
+                           if isinstance(t, dict) and t.get("name") == "default"), None)
+        if not isinstance(source, str) or not source.strip():
+            return None
+        return cls(source, {name: text for name in SPECIAL_TOKENS
+                            if (text := _token_text(config.get(name))) is not None})
+
+
+def _json_object(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": str, ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def parse_messages(value) -> list[dict]:
+    """A request's ``messages`` checked: a non-empty list of {role, content}; content is text
+    or a list of text parts (joined). Errors name the message and the field."""
+    if not isinstance(value, list) or not value:
+        raise RequestError("messages: must be a non-empty list of {role, content} objects")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{where}: must be an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RequestError(f"{where}.role: must be one of {', '.join(ROLES)}; got {json.dumps(role)[:40]}")
+        extras = {k: message[k] for k in MESSAGE_EXTRAS if isinstance(message.get(k), str)}
+        messages.append({"role": role, "content": _content(message.get("content"), f"{where}.content"),
+                         **extras})
+    return messages
+
+
+def _content(value, where: str) -> str:
+    if isinstance(value, list) and value and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+        value = "".join(p["text"] for p in value)
+    if not isinstance(value, str):
+        raise RequestError(f"{where}: must be a string or a list of text parts ({{type: 'text', text}}); "
+                           "this server takes text only")
+    return checked_text(value, where)
