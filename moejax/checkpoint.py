@@ -162,7 +162,8 @@ def save_model(directory: str | Path, model: Transformer, cfg: ModelConfig) -> N
 
 
 def load_model(directory: str | Path, *, dtype: str | None = None) -> tuple[Transformer, ModelConfig]:
-    """Build the model from config.json and restore its variables.
+    """Build the model from config.json and restore its variables onto this process's
+    first device, whatever mesh saved them (``sharding.shard_model`` places it on one).
 
     Raises FileNotFoundError (no config.json), ValueError (an unreadable
     config.json), DamagedCheckpointError (``model/`` damaged, naming the file)
@@ -174,7 +175,12 @@ def load_model(directory: str | Path, *, dtype: str | None = None) -> tuple[Tran
     # An abstract model: building a real one first would run (and compile) every
     # initializer only to overwrite the result.
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(abstract_state))
+    # Onto this process's first device, as a freshly built model: without a target
+    # sharding orbax restores the saving mesh's layout, which fails (as a "topology
+    # mismatch") wherever the device count differs, e.g. a --mesh run exported on one device.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            nnx.to_pure_dict(abstract_state))
     state = restore_model_variables(directory, abstract)
     nnx.replace_by_pure_dict(abstract_state, state)
     return nnx.merge(graphdef, abstract_state), cfg

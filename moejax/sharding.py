@@ -26,6 +26,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moejax.validate import as_int
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
@@ -141,27 +143,41 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     shape: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, size = part.partition("=")
-        name = name.strip()
-        if not eq or not size.strip().isdigit() or int(size) < 1:
+        name, size = name.strip(), size.strip()
+        if not eq or not size.isdecimal() or int(size) < 1:
             raise ValueError(f"bad mesh entry {part!r} in {spec!r}: expected AXIS=SIZE with SIZE >= 1")
-        if name not in MESH_AXES:
-            raise ValueError(f"unknown mesh axis {name!r} in {spec!r}; allowed: {', '.join(MESH_AXES)}")
         if name in shape:
             raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
         shape[name] = int(size)
     if not shape:
         raise ValueError(f"empty mesh spec {spec!r}; expected e.g. 'data=2,expert=4'")
-    return shape
+    return check_mesh_shape(shape, spec)
 
 
-def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with all four axes (unnamed ones get size 1), checked against the devices."""
-    shape = parse_mesh_spec(spec) if isinstance(spec, str) else dict(spec)
+def check_mesh_shape(shape: Mapping[str, int], spec: object = None) -> dict[str, int]:
+    """A mesh shape {axis: size} with known axis names and integer sizes >= 1, as a dict
+    (``spec``: what the user wrote, for the messages)."""
+    spec = dict(shape) if spec is None else spec
+    for name, size in shape.items():
+        if name not in MESH_AXES:
+            raise ValueError(f"unknown mesh axis {name!r} in {spec!r}; allowed: {', '.join(MESH_AXES)}")
+        if as_int(size) is None or as_int(size) < 1:
+            raise ValueError(f"mesh axis {name!r} has size {size!r} in {spec!r}; "
+                             f"expected an integer >= 1")
+    return {name: as_int(size) for name, size in shape.items()}
+
+
+def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with all four axes (unnamed ones get size 1), checked against the devices.
+    ``spec``: 'data=2,expert=4' or {'data': 2, 'expert': 4}; axes are the names of
+    MESH_AXES, sizes integers >= 1 (no wildcard) whose product is the device count."""
+    shape = parse_mesh_spec(spec) if isinstance(spec, str) else check_mesh_shape(spec)
     devices = list(jax.devices() if devices is None else devices)
     need = math.prod(shape.values())
     if need != len(devices):
-        raise ValueError(f"mesh {shape} needs {need} devices but {len(devices)} are available "
-                         f"({devices[0].platform}); the product of the axis sizes must equal the device count")
+        platform = f" ({devices[0].platform})" if devices else ""
+        raise ValueError(f"mesh {shape} needs {need} devices but {len(devices)} are available"
+                         f"{platform}; the product of the axis sizes must equal the device count")
     sizes = tuple(shape.get(axis, 1) for axis in MESH_AXES)
     # Auto axes: the compiler propagates shardings from parameters and from
     # the constraints placed with `constrain` (GSPMD style).

@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Int
 
 from kernels_pallas import embedding_bag
 from moejax.layers import LayerAux
-from moejax import validate
+from moejax import sharding, validate
 from moejax.config import MemoryConfig
 
 # Name of every memory value table parameter: train/optim.py gives these their own
@@ -161,6 +161,11 @@ class ProductKeyMemory(nnx.Module):
         hk = w_THk.shape[1] * w_THk.shape[2]
         mem_TV = embedding_bag(self.values.mem_values[...], idx_THk.reshape(-1, hk),
                                w_THk.reshape(-1, hk), preferred_element_type=jnp.float32)
+        # Pin the bag output (and so its cotangent) to tokens x value slices. Left to
+        # the partitioner, a mesh whose batch and value splits share an axis (the default
+        # rules with data or fsdp, expert and tensor > 1) got the weights' gradient wrong
+        # (XLA's Shardy propagation, jax 0.10.2): d_query off by 100%, outputs right.
+        mem_TV = sharding.constrain(mem_TV, ("batch", "mem_values"))
         dt = self.dtype
         gate_TV = jax.nn.silu(jnp.einsum("td,dv->tv", x_TD.astype(dt), self.w_gate[...].astype(dt),
                                          preferred_element_type=jnp.float32))

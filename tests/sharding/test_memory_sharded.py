@@ -30,6 +30,9 @@ def engram():
 
 
 def loss(mem, x, tokens):
+    # split over the batch axes, as the Transformer hands it over (an unconstrained
+    # input hid a wrong query gradient on meshes with expert and tensor > 1)
+    x = sharding.constrain(x, ("batch", "seq", "embed"))
     y = mem.read(x) if isinstance(mem, ProductKeyMemory) else mem.apply(x, tokens)[0]
     return jnp.sum(jnp.sin(y)), y
 

@@ -91,6 +91,11 @@ def test_make_mesh_has_all_four_axes_and_checks_devices():
     ("data=0,expert=8", "expected AXIS=SIZE"),
     ("data=2,data=4", "given twice"),
     ("", "empty mesh spec"),
+    ("data=\u00b2", "expected AXIS=SIZE"),      # str.isdigit() is True for a superscript
+    ({"expret": 8}, "unknown mesh axis 'expret'"),   # built a 1-device mesh, silently
+    ({"data": -2, "expert": -4}, "'data' has size -2"),
+    ({"data": True, "expert": 8}, "'data' has size True"),
+    ({"data": 8.0}, "'data' has size 8.0"),
 ])
 def test_make_mesh_errors_are_clear(spec, message):
     with pytest.raises(ValueError, match=message):
