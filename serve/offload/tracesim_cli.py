@@ -59,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="serving checkpoint (or model directory)")
     p.add_argument("--prompts", help="file with one prompt per line (or a JSON list)")
     p.add_argument("--out", default="trace_sim", help="output directory (trace.npz, PNG, table)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per static batch")
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk (tokens per row per step)")
     return p
