@@ -29,6 +29,7 @@ from serve.scheduler import QueueFull, Request
 from serve.tokenizer import TextStream
 
 DEFAULT_MAX_TOKENS = 16          # OpenAI's default
+BODY_FIELD = {"max_new_tokens": "max_tokens"}   # SamplingParams field -> request body field
 UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": None}
 
 
@@ -98,8 +99,10 @@ def parse_completion(body, model_name: str) -> tuple[list, SamplingParams, bool]
             top_k=_field(body, "top_k", (int,), 0, "an integer"),
             seed=secrets.randbits(62) if seed is None else seed,
             stop=tuple([stop] if isinstance(stop, str) else stop or ()))
-    except RequestError as err:
-        raise HTTPError(400, str(err), str(err).split(":")[0]) from None
+    except RequestError as err:   # named by the body's field: max_tokens, not SamplingParams' max_new_tokens
+        field, _, problem = str(err).partition(":")
+        field = BODY_FIELD.get(field, field)
+        raise HTTPError(400, f"{field}:{problem}", field) from None
     stream = _field(body, "stream", (bool,), False, "true or false")
     return prompts, params, stream
 

@@ -108,7 +108,7 @@ BAD = {
     "prompt of wrong type": ({"prompt": 5}, 400, "prompt: must be"),
     "mixed prompt list": ({"prompt": ["a", 3]}, 400, "prompt: must be"),
     "max_tokens a string": ({"prompt": "a", "max_tokens": "3"}, 400, "max_tokens: must be an integer"),
-    "max_tokens zero": ({"prompt": "a", "max_tokens": 0}, 400, "max_new_tokens: must be an integer >= 1"),
+    "max_tokens zero": ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens: must be an integer >= 1"),
     "temperature negative": ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     "top_p above one": ({"prompt": "a", "top_p": 1.5}, 400, "top_p"),
     "stream not bool": ({"prompt": "a", "stream": "yes"}, 400, "stream: must be true or false"),
