@@ -66,7 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_model(directory: str | Path):
-    """(model, tokenizer encode fn) of a serving checkpoint, or of a model directory (bytes)."""
+    """(model, tokenizer encode fn) of a serving checkpoint, or of a model directory (with the
+    tokenizer export would give it: the one its training named or convert copied; else bytes)."""
     directory = Path(directory)
     if (directory / "manifest.json").is_file():
         from serve.engine import Engine
@@ -80,7 +81,10 @@ def load_model(directory: str | Path):
     model, cfg = mckpt.load_model(directory)
     if cfg.scan_layers:     # python -m train's default: unroll (model.layers), as export does
         model = _unrolled(model, cfg)
-    return model, lambda text: list(text.encode("utf-8"))
+    from serve.export import find_tokenizer
+    from serve.tokenizer import ByteTokenizer, HFTokenizer
+    _, tokenizer_file = find_tokenizer(directory, cfg.vocab_size)
+    return model, (ByteTokenizer() if tokenizer_file is None else HFTokenizer(tokenizer_file)).encode
 
 
 def _unrolled(model, cfg):
