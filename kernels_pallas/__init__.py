@@ -5,6 +5,6 @@ fallback), the Pallas kernel(s), and a small ``custom_vjp`` module.
 """
 
 from kernels_pallas.embedding_bag import embedding_bag
-from kernels_pallas.gmm import gmm, tgmm
+from kernels_pallas.gmm import gmm, gmm_int8, tgmm
 
-__all__ = ["embedding_bag", "gmm", "tgmm"]
+__all__ = ["embedding_bag", "gmm", "gmm_int8", "tgmm"]

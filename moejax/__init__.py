@@ -8,7 +8,9 @@ need the optional 'convert' extra (safetensors) until ``moejax.convert`` is used
 
 import importlib
 
-_SUBMODULES = ("checkpoint", "convert", "experts", "layers", "memory", "sharding")
+# every module a user reaches as ``moejax.<module>.<name>`` after a plain ``import moejax``
+_SUBMODULES = ("attend", "attention", "checkpoint", "config", "convert", "dispatch", "expert_parallel",
+               "experts", "layers", "memory", "model", "moe", "routing", "sharding", "validate")
 _EXPORTS = {
     "ConfigError": "moejax.config", "MemoryConfig": "moejax.config", "MLAConfig": "moejax.config",
     "MoEConfig": "moejax.config", "ModelConfig": "moejax.config", "YarnConfig": "moejax.config",

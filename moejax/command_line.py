@@ -8,8 +8,26 @@ import argparse
 import sys
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows every meaningful default: a flag
+    whose default is None, a switch or an empty list says what it means itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or isinstance(default, bool) or default == [] or default == argparse.SUPPRESS
+        if not hidden and "%(default)" not in text:
+            text += " (default %(default)s)"
+        return text
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose argument errors are one line naming ``--help``."""
+    """argparse whose argument errors are one line naming ``--help`` and whose
+    ``--help`` shows the defaults (subcommands' parsers too)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

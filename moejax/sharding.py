@@ -217,7 +217,12 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = current_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+    spec = logical_to_spec(logical_axes, x.shape, mesh)
+    if not isinstance(x, jax.core.Tracer) and not isinstance(getattr(x, "sharding", None), NamedSharding):
+        # eager, on an array not on the mesh yet (a model run under jax.set_mesh without
+        # shard_model): place it, since outside jit the constraint takes mesh arrays only
+        return jax.device_put(x, NamedSharding(jax.sharding.get_mesh(), spec))
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _is_variable(x) -> bool:

@@ -1,4 +1,4 @@
-"""``python -m serve``: export | generate | http.
+"""``python -m serve``: export | generate | http | trace-sim.
 
 Bad input (a missing checkpoint, an existing --out, a bad sampling value, a
 prompt over the context) is one ``error:`` line on stderr and exit status 2,
@@ -12,6 +12,8 @@ import sys
 import time
 
 from moejax import command_line
+from serve.offload.config import BUDGETS, STORES, OffloadConfig
+from serve.offload.policies import POLICIES
 
 EXAMPLES = """\
 examples:
@@ -23,13 +25,17 @@ examples:
 """
 
 
+# OffloadConfig field -> the flag that sets it
+OFFLOAD_FLAGS = {"slots_per_layer": "--slots-per-layer", "policy": "--policy", "prefetch": "--no-prefetch",
+                 "store": "--store", "budgets": "--budgets", "trace": "--trace"}
+
+
 class CLIError(ValueError):
     """Bad command-line input: reported as one error line, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = command_line.OneLineParser(prog="python -m serve", description=__doc__, epilog=EXAMPLES,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_line.OneLineParser(prog="python -m serve", description=__doc__, epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, parser_class=command_line.OneLineParser)
     ex = sub.add_parser("export", help="write a serving checkpoint")
     ex.add_argument("--ckpt", required=True, help="training run or model directory")
@@ -44,31 +50,39 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--slots", type=int, default=8, help="batch slots (concurrent requests)")
         q.add_argument("--max-len", type=int, default=None, help="context per slot (default: the model's)")
         q.add_argument("--chunk", type=int, default=64, help="prefill chunk (tokens per slot per step)")
-        off = q.add_argument_group("expert offload (routed experts in host memory or on disk)")
+        # the offload flags default to None (OffloadConfig's defaults, named in the help) so that
+        # one given without --offload is an error, not silently a resident engine
+        d = OffloadConfig()
+        off = q.add_argument_group("expert offload (routed experts in host memory or on disk; "
+                                   "the flags below need --offload)")
         off.add_argument("--offload", action="store_true", help="keep routed experts off the device")
-        off.add_argument("--slots-per-layer", type=int, default=4, help="device slots per MoE layer")
-        off.add_argument("--policy", default="lfru", help="lfru | lru | lfu | static (needs --trace)")
-        off.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+        off.add_argument("--slots-per-layer", type=int,
+                         help=f"device slots per MoE layer (default {d.slots_per_layer})")
+        off.add_argument("--policy", choices=tuple(POLICIES),
+                         help=f"expert cache policy; static needs --trace (default {d.policy})")
+        off.add_argument("--no-prefetch", dest="prefetch", action="store_const", const=False,
                          help="no router-predicted prefetch of the next layer's experts")
-        off.add_argument("--store", default="host", help="host (pinned host memory) | disk (read per copy)")
-        off.add_argument("--budgets", default="uniform", help="uniform | trace (slots per layer from --trace)")
+        off.add_argument("--store", choices=STORES,
+                         help=f"host (pinned host memory) | disk (read per copy) (default {d.store})")
+        off.add_argument("--budgets", choices=BUDGETS,
+                         help=f"uniform | trace (slots per layer from --trace) (default {d.budgets})")
         off.add_argument("--trace", help="routing trace (.npz from trace-sim) for static / trace budgets")
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
     engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; in [0, 100]")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1: off")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0: off")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--stats", action="store_true", help="print tokens/s and time to first token")
 
     http = sub.add_parser("http", help="OpenAI-compatible HTTP server")
     engine_args(http)
-    http.add_argument("--host", default="127.0.0.1")
-    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    http.add_argument("--port", type=int, default=8000, help="TCP port in [0, 65535]")
     http.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     http.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes")
     http.add_argument("--name", default=None, help="model id shown by /v1/models (default: dir name)")
@@ -99,11 +113,11 @@ def run_export(args) -> int:
 
 def load_engine(args, **kwargs):
     from serve.engine import Engine
+    given = {name: getattr(args, name) for name in OFFLOAD_FLAGS if getattr(args, name) is not None}
+    if given and not args.offload:
+        raise CLIError(f"{OFFLOAD_FLAGS[next(iter(given))]} applies to offloaded experts only: add --offload")
     if args.offload:
-        from serve.offload.config import OffloadConfig
-        kwargs["offload"] = OffloadConfig(slots_per_layer=args.slots_per_layer, policy=args.policy,
-                                          prefetch=args.prefetch, store=args.store, budgets=args.budgets,
-                                          trace=args.trace)
+        kwargs["offload"] = OffloadConfig(**given)
     return Engine.load(args.model, num_slots=args.slots, max_len=args.max_len, max_chunk=args.chunk, **kwargs)
 
 
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.engine import EngineConfigError
     try:
         _positive(args, "slots", "max_len", "chunk", "max_new_tokens", "max_queue", "max_body",
-                  "batch_size")
+                  "batch_size", "slots_per_layer")
         if args.command == "http" and not 0 <= args.port < 65536:
             raise CLIError(f"--port must be in [0, 65535], got {args.port}")
         _quiet_libraries()

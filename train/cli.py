@@ -56,22 +56,9 @@ examples:
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout and shows every meaningful default."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        default = action.default
-        hidden = default is None or isinstance(default, bool) or default == [] or default == argparse.SUPPRESS
-        if not hidden and "%(default)" not in text:
-            text += " (default %(default)s)"
-        return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = command_line.OneLineParser(prog="python -m train", description=DESCRIPTION, epilog=EXAMPLES,
-                                   formatter_class=_Formatter)
+    p = command_line.OneLineParser(prog="python -m train", description=DESCRIPTION, epilog=EXAMPLES)
     run = p.add_argument_group("run")
     run.add_argument("--out", default=d.out, help="run directory")
     run.add_argument("--preset", help="model preset (default: the model in --out, else tiny)")
@@ -109,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "product-key values, Engram rows); they never get weight decay")
     par = p.add_argument_group("precision and parallelism")
     par.add_argument("--dtype", choices=("float32", "bfloat16"),
-                     help="compute dtype (parameters and optimizer state stay float32)")
+                     help="compute dtype (parameters and optimizer state stay float32); "
+                          "default: the model's (float32)")
     par.add_argument("--remat", choices=("none", "full", "dots"),
                      help="recompute activations in the backward pass: full (keep block inputs only) "
                           "or dots (keep matmul outputs); default: the model's (none)")

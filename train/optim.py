@@ -17,6 +17,7 @@ leading layer axis of scanned layers (``stacks/...``) does not count.
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -40,12 +41,15 @@ def parse_param_groups(rules: tuple[str, ...]) -> list[tuple[re.Pattern, float]]
         pattern, eq, mult = rule.rpartition("=")
         try:
             groups.append((re.compile(pattern), float(mult)))
-            ok = bool(eq and pattern) and float(mult) >= 0
-        except (re.error, ValueError):
-            ok = False
+            ok = bool(eq and pattern) and 0 <= float(mult) < math.inf   # inf: NaN updates
+            why = ""
+        except re.error as err:
+            ok, why = False, f" ({pattern!r} is not a regular expression: {err})"
+        except ValueError:
+            ok, why = False, ""
         if not ok:
-            raise TrainError(f"--param-group {rule!r}: expected REGEX=LR_MULT with LR_MULT >= 0, "
-                             f"e.g. 'layers/0/.*=0.5'")
+            raise TrainError(f"--param-group {rule!r}: expected REGEX=LR_MULT with a finite "
+                             f"LR_MULT >= 0, e.g. 'layers/0/.*=0.5'{why}")
     return groups
 
 

@@ -31,6 +31,8 @@ from moejax.config import DTYPES, read_config_file
 from moejax.convert.checks import check_out, read_hf_config, safetensors_files
 from moejax.convert.families import EXPERT_LAYOUTS
 
+DEFAULT_DTYPE = "float32"
+DEFAULT_EXPERT_LAYOUT = "per_expert"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
 
@@ -46,17 +48,20 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = command_line.OneLineParser(prog="python -m moejax.convert", description=__doc__,
-                                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line.OneLineParser(prog="python -m moejax.convert", description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face model directory to import")
     source.add_argument("--to-hf", metavar="RUN", help="moejax model directory to export")
     parser.add_argument("--out", required=True, help="directory to write (new or empty)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="compute dtype stored in the moejax config (parameters stay float32)")
-    parser.add_argument("--expert-layout", default="per_expert", choices=EXPERT_LAYOUTS,
-                        help="expert tensor layout for --to-hf")
+    # each direction's own option defaults to None so that one given with the other direction is
+    # refused instead of silently ignored (--to-hf writes the weights as stored: float32)
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help=f"--from-hf only: compute dtype stored in the moejax config (parameters "
+                             f"stay float32) (default {DEFAULT_DTYPE})")
+    parser.add_argument("--expert-layout", choices=EXPERT_LAYOUTS,
+                        help=f"--to-hf only: expert tensor layout of the written checkpoint "
+                             f"(default {DEFAULT_EXPERT_LAYOUT})")
     return parser
 
 
@@ -76,6 +81,10 @@ def _check(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if not args.out:
         raise ValueError("--out must name a directory")
+    if args.to_hf and args.dtype is not None:
+        raise ValueError("--dtype applies to --from-hf only (--to-hf writes the weights as stored)")
+    if args.from_hf and args.expert_layout is not None:
+        raise ValueError("--expert-layout applies to --to-hf only (--from-hf reads either layout)")
     if args.from_hf:
         read_hf_config(args.from_hf)
         safetensors_files(Path(args.from_hf))
@@ -94,14 +103,14 @@ def _run(args: argparse.Namespace) -> int:
     from moejax.convert.api import load_hf, save_hf
 
     if args.from_hf:
-        model, cfg = load_hf(args.from_hf, dtype=args.dtype)
+        model, cfg = load_hf(args.from_hf, dtype=args.dtype or DEFAULT_DTYPE)
         checkpoint.save_model(args.out, model, cfg)
         copy_tokenizer(args.from_hf, Path(args.out) / "tokenizer")
         print(f"wrote moejax model {cfg.name} ({cfg.n_layers} layers, "
               f"{cfg.num_moe_layers} MoE) to {args.out}")
     else:
         model, cfg = checkpoint.load_model(args.to_hf)
-        model_type = save_hf(model, cfg, args.out, expert_layout=args.expert_layout)
+        model_type = save_hf(model, cfg, args.out, expert_layout=args.expert_layout or DEFAULT_EXPERT_LAYOUT)
         copy_tokenizer(Path(args.to_hf) / "tokenizer", args.out)
         print(f"wrote Hugging Face {model_type} checkpoint to {args.out}")
     return 0

@@ -59,14 +59,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="serving checkpoint (or model directory)")
     p.add_argument("--prompts", help="file with one prompt per line (or a JSON list)")
     p.add_argument("--out", default="trace_sim", help="output directory (trace.npz, PNG, table)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per static batch")
     p.add_argument("--chunk", type=int, default=64, help="prefill chunk (tokens per row per step)")
     return p
 
 
 def load_model(directory: str | Path):
-    """(model, tokenizer encode fn) of a serving checkpoint, or of a model directory (bytes)."""
+    """(model, tokenizer encode fn) of a serving checkpoint, or of a model directory (with the
+    tokenizer export would give it: the one its training named or convert copied; else bytes)."""
     directory = Path(directory)
     if (directory / "manifest.json").is_file():
         from serve.engine import Engine
@@ -80,7 +81,10 @@ def load_model(directory: str | Path):
     model, cfg = mckpt.load_model(directory)
     if cfg.scan_layers:     # python -m train's default: unroll (model.layers), as export does
         model = _unrolled(model, cfg)
-    return model, lambda text: list(text.encode("utf-8"))
+    from serve.export import find_tokenizer
+    from serve.tokenizer import ByteTokenizer, HFTokenizer
+    _, tokenizer_file = find_tokenizer(directory, cfg.vocab_size)
+    return model, (ByteTokenizer() if tokenizer_file is None else HFTokenizer(tokenizer_file)).encode
 
 
 def _unrolled(model, cfg):

@@ -191,6 +191,9 @@ CASES = {
     "no --out": (lambda d, s: [FROM, str(d)], ["--out"]),
     "both directions": (lambda d, s: [FROM, str(d), "--to-hf", str(d)], ["not allowed with"]),
     "dtype unknown": (lambda d, s: [FROM, str(d), "--dtype", "float7"], ["--dtype", "invalid choice"]),
+    "dtype with --to-hf": (lambda d, s: ["--to-hf", str(d), "--dtype", "bfloat16"], ["--dtype", "--from-hf only"]),
+    "expert layout with --from-hf": (lambda d, s: [FROM, str(d), "--expert-layout", "fused"],
+                                     ["--expert-layout", "--to-hf only"]),
     "expert layout unknown": (lambda d, s: ["--to-hf", str(d), "--expert-layout", "rows"],
                               ["--expert-layout"]),
 }

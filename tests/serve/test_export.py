@@ -108,6 +108,8 @@ def test_tokenizer_json_travels_with_the_checkpoint(micro_run, tmp_path):
     engine = Engine.load(tmp_path / "out", num_slots=1, max_chunk=4)
     assert engine.tokenizer.encode("hello world") == [4, 1, 2]
     assert engine.tokenizer.eos_token_ids == (3, 2)
+    from serve.offload.tracesim_cli import load_model   # trace-sim of the run directory: the same ids
+    assert load_model(run)[1]("hello world") == [4, 1, 2]
 
 
 def test_export_refuses_what_it_cannot_do(micro_run, tmp_path):

@@ -67,6 +67,10 @@ CASES = {
     "generate: max-len past the model's": (["generate", "--model", "{serving}", "--prompt", "x",
                                             "--max-len", "65"], ["max_len", "[1, 64]"]),
     "generate: empty prompt": (["generate", "--model", "{serving}", "--prompt", ""], ["empty"]),
+    "generate: offload flag without --offload": (["generate", "--model", "{serving}", "--prompt", "x",
+                                                  "--policy", "lru"], ["--policy", "add --offload"]),
+    "generate: unknown offload policy": (["generate", "--model", "{serving}", "--prompt", "x", "--offload",
+                                          "--policy", "belady"], ["--policy", "invalid choice"]),
     "http: bad port": (["http", "--model", "{serving}", "--port", "70000"], ["--port"]),
     "http: missing model": (["http", "--model", "{missing}", "--port", "0"], ["no manifest.json"]),
 }

@@ -106,3 +106,17 @@ def test_helpers_are_no_ops_without_a_mesh():
     x = jax.numpy.ones((4, 8))
     assert sharding.current_mesh() is None
     assert sharding.constrain(x, ("batch", "embed")) is x
+
+
+def test_constrain_places_an_eager_array_not_yet_on_the_mesh():
+    """DESIGN's usage runs an unplaced model eagerly under jax.set_mesh: a constraint outside
+    jit on a single-device array places it (with_sharding_constraint alone raises TypeError)."""
+    x = jax.numpy.arange(32.0).reshape(8, 4)
+    mesh = sharding.make_mesh("data=2,expert=4")
+    with jax.set_mesh(mesh):
+        y = sharding.constrain(x, ("batch", "embed"))
+        z = sharding.constrain(y, ("batch", None))          # already on the mesh: a constraint
+    for out, axes in ((y, ("batch", "embed")), (z, ("batch", None))):
+        assert isinstance(out.sharding, NamedSharding)
+        assert out.sharding.spec == sharding.logical_to_spec(axes, x.shape, mesh)
+        assert (out == x).all()

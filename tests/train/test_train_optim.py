@@ -69,7 +69,8 @@ def test_param_group_scales_its_updates_only():
     np.testing.assert_array_equal(grouped["norm"]["scale"], base["norm"]["scale"])
 
 
-@pytest.mark.parametrize("rule,needle", [("values", "REGEX=LR_MULT"), ("([=2", "REGEX=LR_MULT"),
+@pytest.mark.parametrize("rule,needle", [("values", "REGEX=LR_MULT"), ("([=2", "not a regular expression"),
+                                         ("w=inf", "finite LR_MULT"), ("w=nan", "finite LR_MULT"),
                                          ("nothing_like_this=2", "matches no parameter")])
 def test_bad_param_groups(rule, needle):
     with pytest.raises(TrainError, match=needle):
