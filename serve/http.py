@@ -190,8 +190,8 @@ class Completions:
         return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
     def chunk_choice(self, index: int, text: str | None, finish_reason: str | None) -> dict:
-        """A streamed choice; ``text`` None: the opening chunk (none for completions)."""
-        return self.choice(index, text, finish_reason)
+        """A streamed choice; ``text`` None asks for the opening chunk (completions have none)."""
+        return None if text is None else self.choice(index, text, finish_reason)
 
     async def handle(self, request):
         from starlette.responses import JSONResponse, StreamingResponse

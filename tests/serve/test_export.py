@@ -102,10 +102,17 @@ def test_tokenizer_json_travels_with_the_checkpoint(micro_run, tmp_path):
     tok.save(str(run / "tokenizer" / "tokenizer.json"))
     # a list, as chat models write it (Llama 3, Qwen MoE chat): every id is kept, not the first
     (run / "tokenizer" / "generation_config.json").write_text('{"eos_token_id": [3, 2]}')
+    # the chat template travels too (for /v1/chat/completions), with the special tokens it uses
+    template = "{{ bos_token }}{% for m in messages %}{{ m.content }} {% endfor %}"
+    (run / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "bos_token": "[BOS]", "eos_token": "!"}))
     export(run, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "eos_token_id": [3, 2]}
+    assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "eos_token_id": [3, 2],
+                                     "chat_template": {"template": template, "special_tokens": {
+                                         "bos_token": "[BOS]", "eos_token": "!"}}}
     engine = Engine.load(tmp_path / "out", num_slots=1, max_chunk=4)
+    assert engine.tokenizer.chat_template.render([{"role": "user", "content": "hello"}]) == "[BOS]hello "
     assert engine.tokenizer.encode("hello world") == [4, 1, 2]
     assert engine.tokenizer.eos_token_ids == (3, 2)
     from serve.offload.tracesim_cli import load_model   # trace-sim of the run directory: the same ids

@@ -36,15 +36,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# the micro model's tokenizer (bytes) ships no chat template: the server gets one
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+
+
 class Server:
     def __init__(self, model_dir: Path, cache_dir: Path):
         self.port = free_port()
+        (cache_dir / "chat.jinja").write_text(CHAT_TEMPLATE)
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                    JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_FLAGS=xla_flags())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", "http", "--model", str(model_dir), "--port", str(self.port),
-             "--slots", "4", "--max-queue", "4", "--chunk", "16", "--max-body", str(MAX_BODY), "--name", "micro"],
+             "--slots", "4", "--max-queue", "4", "--chunk", "16", "--max-body", str(MAX_BODY), "--name", "micro",
+             "--chat-template", str(cache_dir / "chat.jinja")],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -209,6 +215,16 @@ def test_stream_reassembles_to_the_plain_text(server):
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["finish_reason"]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_chat_with_the_template_given_on_the_command_line(server):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def f("}]
+    status, reply = server.request("POST", "/v1/chat/completions",
+                                   {"messages": messages, "max_tokens": 8, "temperature": 0})
+    assert status == 200, reply
+    rendered = "<system>be brief\n<user>def f(\n<assistant>"
+    plain = server.complete({"prompt": rendered, "max_tokens": 8, "temperature": 0})[1]
+    assert json.loads(reply)["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
 
 
 def test_models_health_metrics(server):

@@ -38,9 +38,11 @@ def files(tmp_path, micro_run, micro_serving):
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "keep.txt").write_text("keep me")
     (tmp_path / "notserving").mkdir()
+    bad_template = tmp_path / "chat.jinja"
+    bad_template.write_text("{% for m in messages %}{{ m.content }")
     return {"run": str(micro_run), "serving": str(micro_serving), "missing": str(tmp_path / "missing"),
             "existing": str(tmp_path / "existing"), "notserving": str(tmp_path / "notserving"),
-            "out": str(tmp_path / "new_out")}
+            "out": str(tmp_path / "new_out"), "bad_template": str(bad_template)}
 
 
 CASES = {
@@ -73,6 +75,10 @@ CASES = {
                                           "--policy", "belady"], ["--policy", "invalid choice"]),
     "http: bad port": (["http", "--model", "{serving}", "--port", "70000"], ["--port"]),
     "http: missing model": (["http", "--model", "{missing}", "--port", "0"], ["no manifest.json"]),
+    "http: missing chat template": (["http", "--model", "{serving}", "--port", "0", "--chat-template",
+                                     "{missing}"], ["--chat-template", "no such file"]),
+    "http: chat template not Jinja": (["http", "--model", "{serving}", "--port", "0", "--chat-template",
+                                       "{bad_template}"], ["chat template", "not valid Jinja"]),
 }
 
 
