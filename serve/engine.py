@@ -170,7 +170,8 @@ class Engine:
         self._runner_state = self.runner.init_state(self.model)
 
     def warmup(self) -> None:
-        """Compile the step for every (row bucket, width bucket) now (idle rows: no state changes)."""
+        """Compile the step for every (row bucket, width bucket) now (idle rows: no state changes);
+        a runner that steps from Python (``serve.offload``) compiles its pieces too."""
         for b, width in itertools.product(self.scheduler.row_buckets, self.scheduler.buckets):
             zeros_B = np.zeros((b,), np.int32)
             next_B, self._runner_state = self._step_fn(
@@ -178,6 +179,9 @@ class Engine:
                 np.zeros((b,), bool), np.zeros((b,), np.float32), np.ones((b,), np.float32), zeros_B,
                 np.zeros((b, 2), np.uint32), zeros_B)
             jax.block_until_ready(next_B)
+        runner_warmup = getattr(self.runner, "warmup", None)
+        if runner_warmup is not None:     # after the idle steps: it forgets what they did
+            runner_warmup(self.scheduler.buckets)
 
     def moe_layers(self) -> list[tuple[int, nnx.Module]]:
         """(layer index, MoE module) of every MoE layer (unrolled layers: serving configs are)."""

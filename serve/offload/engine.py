@@ -48,6 +48,18 @@ class OffloadRunner:
         return {"caches": self.offloaded.init_caches(self.num_slots, self.max_len),
                 "lengths_B": np.zeros(self.num_slots, np.int32)}
 
+    def warmup(self, widths) -> None:
+        """``Engine.warmup``: compile the per-layer pieces, copies and slot computes of steps
+        of these widths by running one per width on a scratch state (every row busy), then
+        forget its copies and figures."""
+        step, batch = self.make_step(None), self.num_slots
+        for width in widths:
+            step(None, self.init_state(None), np.zeros((batch, width), np.int32),
+                 np.full(batch, width, np.int32), np.ones(batch, bool), np.zeros(batch, np.float32),
+                 np.ones(batch, np.float32), np.zeros(batch, np.int32), np.zeros((batch, 2), np.uint32),
+                 np.zeros(batch, np.int32))
+        self.offloaded.reset()
+
     def make_step(self, graphdef):
         """The engine's step function (same signature as ``serve.runner.compile_step``'s)."""
         del graphdef  # the offloaded model holds its own per-layer pieces

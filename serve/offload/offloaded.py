@@ -84,7 +84,7 @@ class OffloadedModel:
         # 'capacity' dispatch drops the pairs past each expert's capacity: so must we
         self.capacity_factor = moe0.cfg.capacity_factor if backend == "capacity" else None
         self.gmm_backend = dispatch_lib.GMM_BACKENDS.get(backend, "xla")
-        self.embed_VD = model.embed[...]
+        self.embed_VD = pieces.on_device(model.embed[...])
         self.head_parts = pieces.split(model.final_norm, getattr(model, "lm_head", None), model.embed)
         self.attn_parts = [pieces.split(b.attn_norm, b.attn, b.ffn_norm) for b in blocks]
         self.ffn_parts = []
@@ -98,16 +98,24 @@ class OffloadedModel:
                 self.ffn_parts.append(pieces.split(b.ffn))
         # decode state of the FFN kinds (memory layers): previous ids, per-layer state
         self.token_lookback = max((getattr(b.ffn, "token_lookback", 0) for b in blocks), default=0)
-        self.tables, self.pools = [], []
         shapes = store.shapes()
+        self.pools = [SlotPool(shapes, slots) for slots in slots_L]
+        self._policy = (policy, slots_L, frequency_LE, lfru_decay)
+        self.reuse = True       # False: forget the slots every step (the fetch-every-time baseline)
+        self.record = record
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the resident experts, the policies' history, the recorded routing and the
+        figures: as freshly built (the slot pools' stale contents are never read)."""
+        policy, slots_L, frequency_LE, lfru_decay = self._policy
+        self.tables = []
         for layer, slots in enumerate(slots_L):
             freq = None if frequency_LE is None else frequency_LE[layer]
             pol = make_policy(policy, self.num_experts, slots, frequency_E=freq, lfru_decay=lfru_decay)
             self.tables.append(SlotTable(self.num_experts, slots, pol))
-            self.pools.append(SlotPool(shapes, slots))
+        self.store.bytes_to_device = self.store.bytes_from_disk = 0
         self.step = 0
-        self.reuse = True       # False: forget the slots every step (the fetch-every-time baseline)
-        self.record = record
         self._need, self._pred, self._tokens = [], [], []
         self._carry = [None] * len(self.moe_index)   # per MoE block: attention output [B, D]
 
@@ -123,7 +131,8 @@ class OffloadedModel:
     def _carry_of(self, layer: int, x_BSD):
         carry = self._carry[layer]
         if carry is None or carry.shape != (x_BSD.shape[0], x_BSD.shape[2]):
-            carry = self._carry[layer] = jnp.zeros((x_BSD.shape[0], x_BSD.shape[2]), x_BSD.dtype)
+            carry = self._carry[layer] = pieces.on_device(
+                jnp.zeros((x_BSD.shape[0], x_BSD.shape[2]), x_BSD.dtype))
         return carry
 
     def _prefetch(self, layer: int, x_BSD, positions_BS, valid_BS) -> np.ndarray:
@@ -144,9 +153,10 @@ class OffloadedModel:
         decode states (None for stateless kinds) and the token history (when a kind
         looks back at previous ids), as ``Transformer.init_cache`` keeps them."""
         layers = [b.init_cache(batch_size, max_len) for b in self._blocks]
-        return {"attn": [c["attn"] for c in layers], "ffn": [c["ffn"] for c in layers],
-                "tokens_BT": (jnp.full((batch_size, max_len), -1, jnp.int32) if self.token_lookback
-                              else None)}
+        return pieces.on_device({
+            "attn": [c["attn"] for c in layers], "ffn": [c["ffn"] for c in layers],
+            "tokens_BT": (jnp.full((batch_size, max_len), -1, jnp.int32) if self.token_lookback
+                          else None)})
 
     def forward(self, tokens_BS, positions_BS=None, valid_BS=None, caches=None):
         """(logits [B, S, V], caches) of one step: a full forward when ``caches`` is None,
@@ -222,7 +232,7 @@ class OffloadedModel:
     def _experts(self, layer, h_BSD, experts_TK, valid_T, need_E):
         batch, seq, d_model = h_BSD.shape
         x_TD = h_BSD.reshape(batch * seq, d_model).astype(self.dtype)
-        y_TKD = jnp.zeros((batch * seq, self.top_k, d_model), self.dtype)
+        y_TKD = pieces.on_device(jnp.zeros((batch * seq, self.top_k, d_model), self.dtype))
         valid = jnp.asarray(valid_T)
         if not self.reuse:
             self.tables[layer].clear()

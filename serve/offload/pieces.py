@@ -20,9 +20,19 @@ from moejax import dispatch as dispatch_lib
 from moejax.layers import LayerContext
 
 
+def on_device(tree):
+    """``tree`` committed to the device the expert copies go to. Every array the pieces see
+    is then placed alike from the first step on: jit keys its compiles on placement, and a
+    fresh (uncommitted) array beside a copied (committed) one would compile each piece
+    once more at the steps where that mix changes."""
+    from serve.offload.store import device_sharding
+    return jax.device_put(tree, device_sharding())
+
+
 def split(*modules):
-    """(graphdef, state) of a tuple of submodules (None entries allowed)."""
-    return nnx.split(tuple(modules))
+    """(graphdef, state on the device) of a tuple of submodules (None entries allowed)."""
+    graphdef, state = nnx.split(tuple(modules))
+    return graphdef, on_device(state)
 
 
 @partial(jax.jit, static_argnums=0, donate_argnames="cache")

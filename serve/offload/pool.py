@@ -20,6 +20,7 @@ import numpy as np
 
 from moejax import dispatch as dispatch_lib
 from moejax.experts import view_of
+from serve.offload import pieces
 
 
 class SlotPool:
@@ -27,7 +28,8 @@ class SlotPool:
 
     def __init__(self, shapes: dict[str, tuple[tuple[int, ...], np.dtype]], num_slots: int):
         self.num_slots = num_slots
-        self.arrays = {n: jnp.zeros((num_slots, *shape), dtype) for n, (shape, dtype) in shapes.items()}
+        self.arrays = pieces.on_device({n: jnp.zeros((num_slots, *shape), dtype)
+                                        for n, (shape, dtype) in shapes.items()})
 
     def load(self, slot: int, expert_arrays: dict[str, jax.Array]) -> None:
         self.arrays = _write_slot(self.arrays, jnp.int32(slot), expert_arrays)

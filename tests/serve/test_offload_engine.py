@@ -77,6 +77,21 @@ def test_int8_experts_offload_like_the_resident_int8_engine(checkpoint, tmp_path
     assert float_bytes / 4 < engine.offloaded.store.expert_bytes < float_bytes / 3
 
 
+def test_warmup_compiles_every_piece_and_leaves_no_trace(checkpoint, caplog):
+    """After warmup() serving compiles nothing (so --stats figures are serving only) and
+    the warm-up's copies are not in the figures; tokens stay the resident engine's."""
+    import jax
+    path, _, _, batch = checkpoint
+    engine = offloaded(path, slots_per_layer=2, store="disk")
+    engine.warmup()
+    figures = engine.stats()["expert_store"]
+    assert figures["tokens"] == 0 and figures["bytes_disk_to_host_per_token"] == 0
+    assert engine.offloaded.store.bytes_to_device == 0
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        assert [o.tokens for o in engine.generate(PROMPTS, max_new_tokens=NEW)] == batch
+    assert [r.message for r in caplog.records if "Compiling" in r.message] == []
+
+
 def test_static_policy_and_trace_budgets(checkpoint, tmp_path):
     path, model, _, batch = checkpoint
     from serve.offload import record
