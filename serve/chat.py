@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 
 from serve.sampling import RequestError, checked_text
-from serve.tokenizer import TokenizerError
+from serve.tokenizer import TokenizerError, special_token_text
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
@@ -124,7 +124,7 @@ class ChatTemplate:
         if not isinstance(source, str) or not source.strip():
             return None
         return cls(source, {name: text for name in SPECIAL_TOKENS
-                            if (text := _token_text(config.get(name))) is not None})
+                            if (text := special_token_text(config.get(name))) is not None})
 
 
 def _json_object(path: Path) -> dict:
@@ -135,13 +135,6 @@ def _json_object(path: Path) -> dict:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _token_text(value) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string or {"content": str, ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def parse_messages(value) -> list[dict]:

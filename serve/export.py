@@ -120,7 +120,7 @@ def find_tokenizer(run: Path, vocab_size: int) -> tuple[dict, Path | None]:
             if tok.vocab_size > vocab_size:
                 raise ExportError(f"{path}: {tok.vocab_size} tokens, more than the model's "
                                   f"vocab_size {vocab_size}")
-            entry = {"kind": "hf", "file": "tokenizer.json", "eos_token_id": eos_from_files(path.parent)}
+            entry = {"kind": "hf", "file": "tokenizer.json", "eos_token_id": eos_from_files(path.parent, tok)}
             try:
                 chat = ChatTemplate.from_tokenizer_dir(path.parent)
             except TokenizerError as err:

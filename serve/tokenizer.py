@@ -66,6 +66,10 @@ class HFTokenizer:
     def decode(self, tokens: list[int]) -> str:
         return self._tok.decode(list(tokens), skip_special_tokens=True)
 
+    def token_id(self, text: str) -> int | None:
+        """The id of one token's text (a special token's), None if it is not in the vocabulary."""
+        return self._tok.token_to_id(text)
+
 
 def eos_ids(value) -> tuple[int, ...]:
     """An ``eos_token_id`` as transformers writes it (an id, a list of ids, or null) as a tuple."""
@@ -75,19 +79,31 @@ def eos_ids(value) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def eos_from_files(directory: Path) -> int | list[int] | None:
+def special_token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": str, ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def eos_from_files(directory: Path, tokenizer: HFTokenizer | None = None) -> int | list[int] | None:
     """eos_token_id (an id or, kept whole, a list of them) from generation_config.json /
-    config-style files beside a tokenizer."""
+    config-style files beside a tokenizer; where none writes one, tokenizer_config.json's
+    ``eos_token`` text looked up in ``tokenizer``'s vocabulary (a chat model's end of turn)."""
+    configs = {}
     for name in ("generation_config.json", "tokenizer_config.json"):
         path = directory / name
         if path.is_file():
             try:
-                value = json.loads(path.read_text()).get("eos_token_id")
+                config = json.loads(path.read_text())
+                value = config.get("eos_token_id")
+                configs[name] = config
                 if value is not None and eos_ids(value):
                     return value
             except (ValueError, AttributeError):   # TokenizerError is a ValueError
                 continue
-    return None
+    text = special_token_text(configs.get("tokenizer_config.json", {}).get("eos_token"))
+    return None if text is None or tokenizer is None else tokenizer.token_id(text)
 
 
 def load_tokenizer(spec: dict, directory: Path):

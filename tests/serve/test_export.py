@@ -14,7 +14,7 @@ from flax import nnx
 import moejax
 from moejax import checkpoint as mckpt
 from serve import Engine, ExportError, export
-from serve.export import key_of
+from serve.export import find_tokenizer, key_of
 from serve.tensorfile import MappedFile
 
 
@@ -113,6 +113,9 @@ def test_tokenizer_json_travels_with_the_checkpoint(micro_run, tmp_path):
                                          "bos_token": "[BOS]", "eos_token": "!"}}}
     engine = Engine.load(tmp_path / "out", num_slots=1, max_chunk=4)
     assert engine.tokenizer.chat_template.render([{"role": "user", "content": "hello"}]) == "[BOS]hello "
+    # no eos_token_id written anywhere: tokenizer_config's eos_token text, looked up ("!" is 3)
+    (run / "tokenizer" / "generation_config.json").unlink()
+    assert find_tokenizer(run, 256)[0]["eos_token_id"] == 3
     assert engine.tokenizer.encode("hello world") == [4, 1, 2]
     assert engine.tokenizer.eos_token_ids == (3, 2)
     from serve.offload.tracesim_cli import load_model   # trace-sim of the run directory: the same ids
