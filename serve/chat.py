@@ -6,10 +6,10 @@ carries it into the manifest; ``python -m serve http --chat-template FILE`` give
 model without (the byte-level models ``python -m train`` makes).
 
 Rendering follows transformers' ``apply_chat_template``: a sandboxed Jinja environment
-(trim_blocks, lstrip_blocks, loop controls) with the ``tojson`` filter and the
-``raise_exception`` and ``strftime_now`` functions, given ``messages``,
-``add_generation_prompt=True`` and the tokenizer's special-token strings (``bos_token``,
-``eos_token``, ...). The rendered text already holds its special tokens, so it is encoded
+(trim_blocks, lstrip_blocks, loop controls, the ``{% generation %}`` block) with the
+``tojson`` filter and the ``raise_exception`` and ``strftime_now`` functions, given
+``messages``, ``tools=None``, ``documents=None``, ``add_generation_prompt=True`` and the
+tokenizer's special-token strings (``bos_token``, ``eos_token``, ...). The rendered text already holds its special tokens, so it is encoded
 without adding them again.
 """
 
@@ -34,6 +34,27 @@ class ChatTemplateError(TokenizerError):
     """A chat template that does not compile, or a file that holds none."""
 
 
+def _generation_tag():
+    """The ``{% generation %}...{% endgeneration %}`` block transformers' templates may mark the
+    assistant's text with (for its assistant-token masks): here it renders its body, as
+    transformers renders it when no mask is asked for."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class GenerationTag(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return GenerationTag
+
+
 @cache
 def _environment():
     import jinja2
@@ -47,7 +68,7 @@ def _environment():
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", _generation_tag()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -75,9 +96,17 @@ class ChatTemplate:
         that do not alternate) raises RequestError."""
         import jinja2
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+            # tools and documents are None, not undefined, as transformers passes them: a
+            # template's `tools is not none` must be false when the request has none
+            return self._compiled.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=True, **self.special_tokens)
         except jinja2.exceptions.TemplateError as err:
             raise RequestError(f"messages: the model's chat template refuses them ({err})") from None
+        except (TypeError, ValueError, LookupError, ArithmeticError) as err:
+            # a template that fails on these messages' data ('+' of text and a number, a
+            # missing key): the client's to see, not an opaque internal error
+            raise RequestError(f"messages: the model's chat template fails on them "
+                               f"({type(err).__name__}: {err})") from None
 
     def manifest_entry(self) -> dict:
         return {"template": self.source, "special_tokens": dict(self.special_tokens)}
