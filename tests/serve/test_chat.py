@@ -160,7 +160,11 @@ def test_chat_errors_are_400s_naming_the_field(chat_engine, micro_model):
                         ({"messages": [{"role": "user"}]}, "messages[0].content"),
                         ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
                         ({"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens"),
-                        ({"messages": MESSAGES, "max_tokens": 60}, "prompt")]:
+                        ({"messages": MESSAGES, "max_tokens": 60}, "max_tokens"),
+                        ({"messages": MESSAGES, "max_completion_tokens": 60, "max_tokens": 1},
+                         "max_completion_tokens"),
+                        # a conversation that fills the context: no reply fits, whatever the limit
+                        ({"messages": [{"role": "user", "content": "hello " * 70}]}, "messages")]:
         status, data = asgi_client.post(app, "/v1/chat/completions", body)
         assert status == 400 and json.loads(data)["error"]["param"] == field, (body, data)
     # a model whose tokenizer ships no template: a 400 that says what to do
