@@ -22,11 +22,9 @@ from functools import cache
 from pathlib import Path
 
 from serve.sampling import RequestError, checked_text
-from serve.tokenizer import TokenizerError, special_token_text
+from serve.tokenizer import TokenizerError, read_json_object, special_tokens_in, special_tokens_of
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
-                  "mask_token")
 MESSAGE_EXTRAS = ("name", "tool_call_id")     # passed to the template as the client sent them
 
 
@@ -123,10 +121,14 @@ class ChatTemplate:
     @classmethod
     def from_tokenizer_dir(cls, directory: Path) -> ChatTemplate | None:
         """The template shipped beside a tokenizer.json (chat_template.jinja, else
-        tokenizer_config.json's), with that config's special tokens; None without one."""
+        tokenizer_config.json's), with its special tokens (serve.tokenizer.special_tokens_in);
+        None without one."""
         jinja_file = directory / "chat_template.jinja"
-        return cls._from_config(_json_object(directory / "tokenizer_config.json"),
-                                jinja_file.read_text() if jinja_file.is_file() else None)
+        source = (jinja_file.read_text() if jinja_file.is_file()
+                  else _config_template(read_json_object(directory / "tokenizer_config.json")))
+        if source is None or not source.strip():
+            return None
+        return cls(source, special_tokens_in(directory))
 
     @classmethod
     def from_file(cls, path: str | Path, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
@@ -137,33 +139,21 @@ class ChatTemplate:
             raise ChatTemplateError(f"--chat-template {path}: no such file")
         if path.suffix != ".json":
             return cls(path.read_text(), dict(special_tokens or {}))
-        template = cls._from_config(_json_object(path))
-        if template is None:
+        config = read_json_object(path)
+        source = _config_template(config)
+        if source is None:
             raise ChatTemplateError(f"--chat-template {path}: holds no chat_template")
-        return template
-
-    @classmethod
-    def _from_config(cls, config: dict, source: str | None = None) -> ChatTemplate | None:
-        """From a tokenizer_config.json: ``chat_template`` is a string, or a list of named
-        templates of which 'default' is the chat one."""
-        source = config.get("chat_template") if source is None else source
-        if isinstance(source, list):
-            source = next((t.get("template") for t in source
-                           if isinstance(t, dict) and t.get("name") == "default"), None)
-        if not isinstance(source, str) or not source.strip():
-            return None
-        return cls(source, {name: text for name in SPECIAL_TOKENS
-                            if (text := special_token_text(config.get(name))) is not None})
+        return cls(source, special_tokens_of(config))
 
 
-def _json_object(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+def _config_template(config: dict) -> str | None:
+    """A tokenizer_config.json's ``chat_template``: a string, or a list of named templates of
+    which 'default' is the chat one; None when it has none."""
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        source = next((t.get("template") for t in source
+                       if isinstance(t, dict) and t.get("name") == "default"), None)
+    return source if isinstance(source, str) and source.strip() else None
 
 
 def parse_messages(value) -> list[dict]:
