@@ -6,10 +6,10 @@ carries it into the manifest; ``python -m serve http --chat-template FILE`` give
 model without (the byte-level models ``python -m train`` makes).
 
 Rendering follows transformers' ``apply_chat_template``: a sandboxed Jinja environment
-(trim_blocks, lstrip_blocks, loop controls) with the ``tojson`` filter and the
-``raise_exception`` and ``strftime_now`` functions, given ``messages``,
-``add_generation_prompt=True`` and the tokenizer's special-token strings (``bos_token``,
-``eos_token``, ...). The rendered text already holds its special tokens, so it is encoded
+(trim_blocks, lstrip_blocks, loop controls, the ``{% generation %}`` block) with the
+``tojson`` filter and the ``raise_exception`` and ``strftime_now`` functions, given
+``messages``, ``tools=None``, ``documents=None``, ``add_generation_prompt=True`` and the
+tokenizer's special-token strings (``bos_token``, ``eos_token``, ...). The rendered text already holds its special tokens, so it is encoded
 without adding them again.
 """
 
@@ -22,16 +22,35 @@ from functools import cache
 from pathlib import Path
 
 from serve.sampling import RequestError, checked_text
-from serve.tokenizer import TokenizerError, special_token_text
+from serve.tokenizer import TokenizerError, read_json_object, special_tokens_in, special_tokens_of
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
-                  "mask_token")
 MESSAGE_EXTRAS = ("name", "tool_call_id")     # passed to the template as the client sent them
 
 
 class ChatTemplateError(TokenizerError):
     """A chat template that does not compile, or a file that holds none."""
+
+
+def _generation_tag():
+    """The ``{% generation %}...{% endgeneration %}`` block transformers' templates may mark the
+    assistant's text with (for its assistant-token masks): here it renders its body, as
+    transformers renders it when no mask is asked for."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class GenerationTag(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return GenerationTag
 
 
 @cache
@@ -47,7 +66,7 @@ def _environment():
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", _generation_tag()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -75,9 +94,17 @@ class ChatTemplate:
         that do not alternate) raises RequestError."""
         import jinja2
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+            # tools and documents are None, not undefined, as transformers passes them: a
+            # template's `tools is not none` must be false when the request has none
+            return self._compiled.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=True, **self.special_tokens)
         except jinja2.exceptions.TemplateError as err:
             raise RequestError(f"messages: the model's chat template refuses them ({err})") from None
+        except (TypeError, ValueError, LookupError, ArithmeticError) as err:
+            # a template that fails on these messages' data ('+' of text and a number, a
+            # missing key): the client's to see, not an opaque internal error
+            raise RequestError(f"messages: the model's chat template fails on them "
+                               f"({type(err).__name__}: {err})") from None
 
     def manifest_entry(self) -> dict:
         return {"template": self.source, "special_tokens": dict(self.special_tokens)}
@@ -94,10 +121,14 @@ class ChatTemplate:
     @classmethod
     def from_tokenizer_dir(cls, directory: Path) -> ChatTemplate | None:
         """The template shipped beside a tokenizer.json (chat_template.jinja, else
-        tokenizer_config.json's), with that config's special tokens; None without one."""
+        tokenizer_config.json's), with its special tokens (serve.tokenizer.special_tokens_in);
+        None without one."""
         jinja_file = directory / "chat_template.jinja"
-        return cls._from_config(_json_object(directory / "tokenizer_config.json"),
-                                jinja_file.read_text() if jinja_file.is_file() else None)
+        source = (jinja_file.read_text() if jinja_file.is_file()
+                  else _config_template(read_json_object(directory / "tokenizer_config.json")))
+        if source is None or not source.strip():
+            return None
+        return cls(source, special_tokens_in(directory))
 
     @classmethod
     def from_file(cls, path: str | Path, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
@@ -108,33 +139,21 @@ class ChatTemplate:
             raise ChatTemplateError(f"--chat-template {path}: no such file")
         if path.suffix != ".json":
             return cls(path.read_text(), dict(special_tokens or {}))
-        template = cls._from_config(_json_object(path))
-        if template is None:
+        config = read_json_object(path)
+        source = _config_template(config)
+        if source is None:
             raise ChatTemplateError(f"--chat-template {path}: holds no chat_template")
-        return template
-
-    @classmethod
-    def _from_config(cls, config: dict, source: str | None = None) -> ChatTemplate | None:
-        """From a tokenizer_config.json: ``chat_template`` is a string, or a list of named
-        templates of which 'default' is the chat one."""
-        source = config.get("chat_template") if source is None else source
-        if isinstance(source, list):
-            source = next((t.get("template") for t in source
-                           if isinstance(t, dict) and t.get("name") == "default"), None)
-        if not isinstance(source, str) or not source.strip():
-            return None
-        return cls(source, {name: text for name in SPECIAL_TOKENS
-                            if (text := special_token_text(config.get(name))) is not None})
+        return cls(source, special_tokens_of(config))
 
 
-def _json_object(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+def _config_template(config: dict) -> str | None:
+    """A tokenizer_config.json's ``chat_template``: a string, or a list of named templates of
+    which 'default' is the chat one; None when it has none."""
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        source = next((t.get("template") for t in source
+                       if isinstance(t, dict) and t.get("name") == "default"), None)
+    return source if isinstance(source, str) and source.strip() else None
 
 
 def parse_messages(value) -> list[dict]:

@@ -169,10 +169,9 @@ def run_http(args) -> int:
     from serve.http import serve_forever
     chat = None if args.chat_template is None else ChatTemplate.from_file(args.chat_template)
     engine = load_engine(args, max_waiting=args.max_queue)
-    shipped = engine.tokenizer.chat_template
     if chat is not None:      # a bare Jinja file uses the special tokens the tokenizer ships
-        if not chat.special_tokens and shipped is not None:
-            chat = dataclasses.replace(chat, special_tokens=dict(shipped.special_tokens))
+        if not chat.special_tokens:
+            chat = dataclasses.replace(chat, special_tokens=dict(engine.tokenizer.special_tokens))
         engine.tokenizer.chat_template = chat
     return serve_forever(engine, host=args.host, port=args.port, max_body=args.max_body,
                          model_name=args.name)

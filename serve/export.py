@@ -39,7 +39,7 @@ from moejax.layer_stack import unstack_layers
 from moejax.model import Transformer
 from serve import tensorfile
 from serve.chat import ChatTemplate
-from serve.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, eos_from_files
+from serve.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, eos_from_files, special_tokens_in
 
 FORMAT, VERSION = "moejax-serving", 1
 SERVING_DTYPES = ("float32", "bfloat16")
@@ -121,6 +121,10 @@ def find_tokenizer(run: Path, vocab_size: int) -> tuple[dict, Path | None]:
                 raise ExportError(f"{path}: {tok.vocab_size} tokens, more than the model's "
                                   f"vocab_size {vocab_size}")
             entry = {"kind": "hf", "file": "tokenizer.json", "eos_token_id": eos_from_files(path.parent, tok)}
+            # with or without a template: one given later (--chat-template) renders them too
+            special = special_tokens_in(path.parent)
+            if special:
+                entry["special_tokens"] = special
             try:
                 chat = ChatTemplate.from_tokenizer_dir(path.parent)
             except TokenizerError as err:

@@ -126,11 +126,21 @@ def parse_messages_field(body, model_name: str) -> list[dict]:
         raise HTTPError(400, str(err), str(err).split(":")[0]) from None
 
 
-def chat_sampling(body: dict, room: int) -> tuple[SamplingParams, bool]:
-    """(sampling params, stream) of a checked chat body; without max_tokens /
-    max_completion_tokens the reply may take the ``room`` the prompt leaves in the context."""
+def chat_sampling(body: dict, prompt_tokens: int, max_len: int) -> tuple[SamplingParams, bool]:
+    """(sampling params, stream) of a checked chat body whose messages render to
+    ``prompt_tokens``; without max_tokens / max_completion_tokens the reply may take the room
+    that prompt leaves in the ``max_len`` context. A prompt that leaves none, or a limit larger
+    than the room, is a 400 naming messages or the limit field (the request has no prompt)."""
+    room = max_len - prompt_tokens
+    if room < 1:
+        raise HTTPError(400, f"messages: the chat template renders them to {prompt_tokens} tokens, which "
+                             f"leaves no room for a reply in the context of {max_len} tokens", "messages")
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    params, seeded = _sampling(body, limit, max(room, 1))
+    params, seeded = _sampling(body, limit, room)
+    if params.max_new_tokens > room:
+        raise HTTPError(400, f"{limit}: {params.max_new_tokens} new tokens do not fit; the messages render "
+                             f"to {prompt_tokens} tokens of the context of {max_len}, which leaves {room}",
+                        limit)
     if not seeded:
         params = params.replace(seed=secrets.randbits(62))
     return params, _field(body, "stream", (bool,), False, "true or false")
@@ -294,7 +304,9 @@ class ChatCompletions(Completions):
             tokens = self.engine.tokenizer.encode(template.render(messages), special_tokens=False)
         except RequestError as err:
             raise HTTPError(400, str(err), "messages") from None
-        params, stream = chat_sampling(body, self.engine.max_len - len(tokens))
+        if not tokens:
+            raise HTTPError(400, "messages: the model's chat template renders them to no tokens", "messages")
+        params, stream = chat_sampling(body, len(tokens), self.engine.max_len)
         return [tokens], [params], stream
 
     def choice(self, index, text, finish_reason):

@@ -24,6 +24,7 @@ class ByteTokenizer:
     eos_token_ids: tuple[int, ...] = ()
 
     chat_template = None     # a ChatTemplate (serve.chat) when one is given
+    special_tokens: dict[str, str] = {}     # none: a chat template's bos_token etc. are empty
 
     def encode(self, text: str, special_tokens: bool = True) -> list[int]:
         del special_tokens   # bytes have none
@@ -42,12 +43,14 @@ class HFTokenizer:
 
     ``eos_token_id``: an id or a list of ids, as transformers writes it (chat models end a
     turn with one of several: Llama 3 <|eot_id|> beside <|end_of_text|>); any of them ends
-    a request.
+    a request. ``special_tokens``: the special-token strings (``bos_token``, ...; see
+    :func:`special_tokens_in`) a chat template renders, also one given later (--chat-template).
     """
 
     kind = "hf"
 
-    def __init__(self, path: str | Path, eos_token_id: int | list[int] | None = None, chat_template=None):
+    def __init__(self, path: str | Path, eos_token_id: int | list[int] | None = None, chat_template=None,
+                 special_tokens: dict[str, str] | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -59,6 +62,7 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size()
         self.eos_token_ids = eos_ids(eos_token_id)
         self.chat_template = chat_template     # a serve.chat.ChatTemplate, or None
+        self.special_tokens = dict(special_tokens or {})
 
     def encode(self, text: str, special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=special_tokens).ids)
@@ -86,23 +90,51 @@ def special_token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                  "mask_token")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file's object; {} when the file is missing, unreadable or not an object."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def special_tokens_of(*configs: dict) -> dict[str, str]:
+    """The special-token strings (``bos_token``, ...) the first of ``configs`` to write each has."""
+    found = {}
+    for config in configs:
+        for name in SPECIAL_TOKENS:
+            text = special_token_text(config.get(name))
+            if text is not None:
+                found.setdefault(name, text)
+    return found
+
+
+def special_tokens_in(directory: Path) -> dict[str, str]:
+    """The special-token strings beside a tokenizer.json, as transformers loads them:
+    tokenizer_config.json's, then the legacy special_tokens_map.json's for names it lacks."""
+    return special_tokens_of(read_json_object(directory / "tokenizer_config.json"),
+                             read_json_object(directory / "special_tokens_map.json"))
+
+
 def eos_from_files(directory: Path, tokenizer: HFTokenizer | None = None) -> int | list[int] | None:
     """eos_token_id (an id or, kept whole, a list of them) from generation_config.json /
-    config-style files beside a tokenizer; where none writes one, tokenizer_config.json's
-    ``eos_token`` text looked up in ``tokenizer``'s vocabulary (a chat model's end of turn)."""
-    configs = {}
+    config-style files beside a tokenizer; where none writes one, the ``eos_token`` text
+    (:func:`special_tokens_in`) looked up in ``tokenizer``'s vocabulary (a chat model's end of turn)."""
     for name in ("generation_config.json", "tokenizer_config.json"):
-        path = directory / name
-        if path.is_file():
-            try:
-                config = json.loads(path.read_text())
-                value = config.get("eos_token_id")
-                configs[name] = config
-                if value is not None and eos_ids(value):
-                    return value
-            except (ValueError, AttributeError):   # TokenizerError is a ValueError
-                continue
-    text = special_token_text(configs.get("tokenizer_config.json", {}).get("eos_token"))
+        value = read_json_object(directory / name).get("eos_token_id")
+        try:
+            if value is not None and eos_ids(value):
+                return value
+        except TokenizerError:
+            continue
+    text = special_tokens_in(directory).get("eos_token")
     return None if text is None or tokenizer is None else tokenizer.token_id(text)
 
 
@@ -118,7 +150,10 @@ def load_tokenizer(spec: dict, directory: Path):
         if chat is not None:
             from serve.chat import ChatTemplate
             chat = ChatTemplate.from_manifest(chat)
-        return HFTokenizer(path, spec.get("eos_token_id"), chat)
+        special = spec.get("special_tokens", chat.special_tokens if chat is not None else {})
+        if not (isinstance(special, dict) and all(isinstance(v, str) for v in special.values())):
+            raise TokenizerError("manifest tokenizer.special_tokens: must be {name: str}")
+        return HFTokenizer(path, spec.get("eos_token_id"), chat, special)
     raise TokenizerError(f"unknown tokenizer kind {spec.get('kind')!r} (bytes | hf)")
 
 

@@ -76,6 +76,34 @@ def test_template_renders_and_encodes_as_transformers(tokenizer_dir):
         template.render([{"role": "assistant", "content": "hi"}])
 
 
+# what transformers' environment has beyond plain Jinja: tools / documents passed as None (a
+# Mistral-style `tools is not none` is false), the {% generation %} block of assistant masks
+REFERENCE_TEMPLATES = [
+    "{{ bos_token }}{% for m in messages %}{% if tools is not none and loop.last %}[TOOLS]"
+    "{{ tools | tojson }}{% endif %}[INST] {{ m['content'] }} [/INST]{% endfor %}",
+    "{% if documents is not none %}[DOCS]{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}"
+    "{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("source", REFERENCE_TEMPLATES, ids=["tools-none", "documents-none", "generation-tag"])
+def test_template_features_render_as_transformers(tokenizer_dir, tmp_path, source):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": source}))
+    messages = parse_messages(MESSAGES)
+    want = transformers.AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False)
+    assert ChatTemplate.from_tokenizer_dir(tmp_path).render(messages) == want
+
+
+def test_a_template_failing_on_the_data_is_a_request_error():
+    with pytest.raises(RequestError, match="^messages: .*TypeError"):
+        ChatTemplate("{{ messages[0]['content'] + 1 }}").render(parse_messages(MESSAGES[:1]))
+
+
 @pytest.mark.parametrize("messages, field", [
     ([], "messages"),
     ("hello", "messages"),
@@ -132,7 +160,11 @@ def test_chat_errors_are_400s_naming_the_field(chat_engine, micro_model):
                         ({"messages": [{"role": "user"}]}, "messages[0].content"),
                         ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
                         ({"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens"),
-                        ({"messages": MESSAGES, "max_tokens": 60}, "prompt")]:
+                        ({"messages": MESSAGES, "max_tokens": 60}, "max_tokens"),
+                        ({"messages": MESSAGES, "max_completion_tokens": 60, "max_tokens": 1},
+                         "max_completion_tokens"),
+                        # a conversation that fills the context: no reply fits, whatever the limit
+                        ({"messages": [{"role": "user", "content": "hello " * 70}]}, "messages")]:
         status, data = asgi_client.post(app, "/v1/chat/completions", body)
         assert status == 400 and json.loads(data)["error"]["param"] == field, (body, data)
     # a model whose tokenizer ships no template: a 400 that says what to do

@@ -16,6 +16,7 @@ from moejax import checkpoint as mckpt
 from serve import Engine, ExportError, export
 from serve.export import find_tokenizer, key_of
 from serve.tensorfile import MappedFile
+from serve.tokenizer import load_tokenizer
 
 
 def _flat(model) -> dict[str, np.ndarray]:
@@ -108,14 +109,24 @@ def test_tokenizer_json_travels_with_the_checkpoint(micro_run, tmp_path):
         {"chat_template": template, "bos_token": "[BOS]", "eos_token": "!"}))
     export(run, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    special = {"bos_token": "[BOS]", "eos_token": "!"}
     assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "eos_token_id": [3, 2],
-                                     "chat_template": {"template": template, "special_tokens": {
-                                         "bos_token": "[BOS]", "eos_token": "!"}}}
+                                     "special_tokens": special,
+                                     "chat_template": {"template": template, "special_tokens": special}}
     engine = Engine.load(tmp_path / "out", num_slots=1, max_chunk=4)
     assert engine.tokenizer.chat_template.render([{"role": "user", "content": "hello"}]) == "[BOS]hello "
     # no eos_token_id written anywhere: tokenizer_config's eos_token text, looked up ("!" is 3)
     (run / "tokenizer" / "generation_config.json").unlink()
     assert find_tokenizer(run, 256)[0]["eos_token_id"] == 3
+    # a base tokenizer without a template still carries its special tokens, for the template
+    # --chat-template gives (its {{ bos_token }} rendered empty); a legacy special_tokens_map.json
+    # fills in the names tokenizer_config.json lacks, as transformers does
+    (run / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "[BOS]"}))
+    (run / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "hello", "eos_token": {"content": "!", "special": True}}))
+    entry = find_tokenizer(run, 256)[0]
+    assert "chat_template" not in entry and entry["special_tokens"] == special and entry["eos_token_id"] == 3
+    assert load_tokenizer(entry, run / "tokenizer").special_tokens == special
     assert engine.tokenizer.encode("hello world") == [4, 1, 2]
     assert engine.tokenizer.eos_token_ids == (3, 2)
     from serve.offload.tracesim_cli import load_model   # trace-sim of the run directory: the same ids
