@@ -9,8 +9,8 @@ Rendering follows transformers' ``apply_chat_template``: a sandboxed Jinja envir
 (trim_blocks, lstrip_blocks, loop controls, the ``{% generation %}`` block) with the
 ``tojson`` filter and the ``raise_exception`` and ``strftime_now`` functions, given
 ``messages``, ``tools=None``, ``documents=None``, ``add_generation_prompt=True`` and the
-tokenizer's special-token strings (``bos_token``, ``eos_token``, ...). The rendered text already holds its special tokens, so it is encoded
-without adding them again.
+tokenizer's special-token strings (``bos_token``, ``eos_token``, ...). The rendered text
+already holds its special tokens, so it is encoded without adding them again.
 """
 
 from __future__ import annotations
