@@ -136,6 +136,9 @@ def recall(args) -> None:
 
 # ----------------------------------------------------------------------------- corpus
 
+CORPUS_CHUNK = 10   # steps per interleaved round
+
+
 def corpus(args) -> None:
     train_cfg = TrainConfig(steps=args.corpus_steps, batch_size=16, seq_len=128)
     files = data_lib.stdlib_files()
@@ -151,7 +154,7 @@ def corpus(args) -> None:
         entries.append(dict(name=preset, step=jax.jit(train_step_fn(graphdef, tx), donate_argnums=(0, 1, 2)),
                             state=[params, tx.init(params), nonparam], eval=evaluate, rates=[],
                             params=sum(x.size for x in jax.tree.leaves(params))))
-    chunk = 10
+    chunk = CORPUS_CHUNK
     tokens = chunk * train_cfg.tokens_per_step
     for r in range(math.ceil(args.corpus_steps / chunk)):
         batches = [jnp.asarray(sampler.batch(r * chunk + i)) for i in range(chunk)]
@@ -207,6 +210,9 @@ def speed(args) -> None:
               f"{np.median(samples['dense~' + name]) / tokens * 1e6:.2f} us/token")
 
 
+PARTS = {"recall": recall, "corpus": corpus, "speed": speed}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="recall,corpus,speed")
@@ -228,7 +234,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7, help="speed: interleaved rounds")
     args = p.parse_args()
     parts = args.parts.split(",")
-    for name, fn in (("recall", recall), ("corpus", corpus), ("speed", speed)):
+    if not set(parts) <= set(PARTS):
+        p.error(f"--parts: {args.parts!r}; allowed: a comma-separated subset of {','.join(PARTS)}")
+    if "corpus" in parts and args.corpus_steps <= CORPUS_CHUNK:
+        # the first chunk of steps holds the compilation and is not timed
+        p.error(f"--corpus-steps must be > {CORPUS_CHUNK} (steps run in timed chunks of "
+                f"{CORPUS_CHUNK} after an untimed first one), got {args.corpus_steps}")
+    for name, fn in PARTS.items():
         if name in parts:
             fn(args)
             print(flush=True)
