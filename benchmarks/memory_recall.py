@@ -127,11 +127,11 @@ def recall(args) -> None:
                                         for e in entries.values()), flush=True)
     eval_rng = np.random.default_rng(2)
     eval_batches = [jnp.asarray(recall_batch(facts, args.batch, args.triples, eval_rng)) for _ in range(8)]
-    print(f"{'model':<8} {'params':>9} {'value loss':>11} {'value acc':>10} {'train s':>8}")
+    print(f"{'model':<8} {'params':>9} {'value loss':>11} {'value acc':>10} {'train s (incl. compile)':>24}")
     for name, e in entries.items():
         res = [e["eval"](e["state"][0], e["nonparam"], b) for b in eval_batches]
         print(f"{name:<8} {e['params'] / 1e6:>8.2f}M {np.mean([float(r[0]) for r in res]):>11.3f} "
-              f"{np.mean([float(r[1]) for r in res]):>10.3f} {e['seconds']:>8.1f}")
+              f"{np.mean([float(r[1]) for r in res]):>10.3f} {e['seconds']:>24.1f}")
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -167,7 +167,7 @@ def corpus(args) -> None:
                 e["rates"].append(tokens / (time.perf_counter() - start))
     steps = math.ceil(args.corpus_steps / chunk) * chunk
     print(f"corpus: {steps} steps of 16 x 128 bytes (python -m train's step and defaults), interleaved "
-          f"rounds of {chunk} steps")
+          f"rounds of {chunk} steps; tok/s: median over rounds after the first (it compiles)")
     print(f"{'preset':<12} {'params':>8} {'val bits/byte':>14} {'median tok/s':>13} {'vs ' + entries[0]['name']:>9}")
     base_rates = entries[0]["rates"]
     for e in entries:
