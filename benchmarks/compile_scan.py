@@ -46,6 +46,14 @@ def memory(compiled) -> tuple[float, float]:
     return m.temp_size_in_bytes / 2 ** 20, peak / 2 ** 20
 
 
+LAYOUTS = ("unrolled", "scanned")
+
+
+def _cell(value: float, unit: str = "") -> str:
+    """A table cell; '-' for a layout that was not compiled (NaN)."""
+    return "-" if value != value else f"{value:.1f}{unit}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="tiny")
@@ -58,17 +66,20 @@ def main(argv=None) -> None:
     base = ModelConfig.preset(args.preset).replace(max_seq_len=max(args.seq, 256))
 
     print(f"train-step compile seconds ({args.preset}, batch {args.batch}x{args.seq}, "
-          f"{jax.default_backend()})")
+          f"{jax.default_backend()}): one lower + compile per cell, a depth's layouts back to back")
     print("| layers | unrolled s | scanned s | unrolled / scanned |")
     print("|---|---|---|---|")
     layouts = args.layouts.split(",")
+    if not set(layouts) <= set(LAYOUTS):
+        parser.error(f"--layouts: {args.layouts!r}; allowed: a comma-separated subset of "
+                     f"{','.join(LAYOUTS)}")
     for n in (int(x) for x in args.layers.split(",") if x):
         cfg = base.replace(n_layers=n)
         secs = {layout: compiled_step(cfg.replace(scan_layers=layout == "scanned"), args.batch,
                                       args.seq)[0] if layout in layouts else float("nan")
-                for layout in ("unrolled", "scanned")}
-        print(f"| {n} | {secs['unrolled']:.1f} | {secs['scanned']:.1f} | "
-              f"{secs['unrolled'] / secs['scanned']:.1f}x |", flush=True)
+                for layout in LAYOUTS}
+        print(f"| {n} | {_cell(secs['unrolled'])} | {_cell(secs['scanned'])} | "
+              f"{_cell(secs['unrolled'] / secs['scanned'], 'x')} |", flush=True)
 
     n = args.remat_layers
     if not n:

@@ -33,6 +33,7 @@ from moejax import sharding  # noqa: E402
 MESHES = ("data=2,expert=4", "expert=8")
 EXPERTS = ((8, 2), (64, 8))               # (num_experts, top_k)
 EXCHANGES = (("all_to_all", None), ("all_to_all", 1.25), ("ragged", None), ("ragged", 1.25))
+SEQ = 512                                 # tokens per sequence: --tokens is a multiple of it
 
 
 def skew(layer: moejax.MoE) -> None:
@@ -46,7 +47,7 @@ def measure(mesh_spec, num_experts, top_k, exchange, factor, routing, args):
     cfg = moejax.MoEConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=num_experts,
                            top_k=top_k, capacity_factor=factor, ep_exchange=exchange)
     layer = moejax.MoE(cfg, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (args.tokens // 512, 512, args.d_model))
+    x = jax.random.normal(jax.random.key(1), (args.tokens // SEQ, SEQ, args.d_model))
     if routing == "skewed":
         skew(layer)
         x = x.at[..., 0].add(2.0)
@@ -59,10 +60,14 @@ def measure(mesh_spec, num_experts, top_k, exchange, factor, routing, args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=2048, help=f"T, a multiple of {SEQ}")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--d-ff", type=int, default=256)
     args = parser.parse_args()
+    if args.tokens <= 0 or args.tokens % SEQ:
+        # the batch is [tokens / SEQ, SEQ]: a remainder would be dropped while T and the
+        # uniform minimum below still counted it
+        parser.error(f"--tokens must be a positive multiple of {SEQ}, got {args.tokens}")
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} devices, "
           f"T={args.tokens} tokens, D={args.d_model}, float32; forward pass, MB = 1e6 bytes")
     header = ("| mesh | E, K | routing | exchange | bytes MB | min (routing) MB | "

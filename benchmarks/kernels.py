@@ -59,7 +59,7 @@ def bench_gmm(args):
     what = "forward+backward" if args.grad else "forward"
     _print_table(f"gmm {what}: M={m} K={k} N={n} G={g} {dtype.name} on "
                  f"{jax.devices()[0].device_kind} ({jax.default_backend()}), "
-                 f"median of {args.rounds}", flops, seconds, "dense matmul (same FLOPs)")
+                 f"median of {args.rounds} interleaved rounds", flops, seconds, "dense matmul (same FLOPs)")
 
 
 OPS = {"gmm": bench_gmm}
@@ -71,10 +71,9 @@ def main(argv=None):
     op, rest = op_parser.parse_known_args(argv)
     if op.op == "embedding_bag":  # its own flags (GB/s vs an XLA gather + sum)
         return kernels_embedding_bag.main(rest)
-    if op.op == "all":
-        kernels_embedding_bag.main([])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--op", choices=[*OPS, "embedding_bag", "all"], default="all")
+    parser.add_argument("--op", choices=[*OPS, "embedding_bag", "all"], default="all",
+                        help="'all' also runs embedding_bag at its default shapes")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on TPU/GPU, else float32")
     parser.add_argument("--grad", action="store_true", help="time forward+backward")
@@ -84,7 +83,10 @@ def main(argv=None):
     gmm_args.add_argument("--d-ff", type=int, default=None, help="N")
     gmm_args.add_argument("--experts", type=int, default=8, help="G")
     gmm_args.add_argument("--backend", default="auto", help="gmm backend")
+    # parsed before anything runs: --help or a bad flag must not wait for a benchmark first
     args = parser.parse_args(argv)
+    if args.op == "all":
+        kernels_embedding_bag.main([])
     big = jax.default_backend() in ("tpu", "gpu")
     args.tokens = args.tokens or (16384 if big else 2048)
     args.d_model = args.d_model or (4096 if big else 512)

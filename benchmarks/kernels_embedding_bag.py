@@ -97,6 +97,8 @@ def run(args):
     print(f"embedding_bag  N={args.rows} D={args.dim} T={args.tokens} k={args.k} "
           f"{args.dtype}  device={jax.devices()[0].device_kind}  "
           f"max |ours - xla| fwd = {max_diff:.3g}")
+    print(f"{args.iters} interleaved rounds (each: best of two back-to-back calls per variant, "
+          "shuffled order); medians over rounds; 'vs xla' = xla median / variant median")
     print(f"{'variant':42s} {'median ms':>10s} {'GB/s':>8s} {'vs xla':>7s}")
     medians = {name: float(np.median(ts)) for name, ts in times.items()}
     for name, med in medians.items():

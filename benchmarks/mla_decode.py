@@ -67,7 +67,8 @@ def main(argv=None) -> None:
         err = float(jnp.max(jnp.abs(outs["absorbed"] - outs["expanded"])) / jnp.max(jnp.abs(outs["expanded"])))
         samples = interleaved_samples({n: (lambda f=f: f(x, cache, pos)) for n, f in fns.items()},
                                       rounds=args.rounds)
-        print(f"\ndecode step, one MLA layer, B={b}, cache length T={t} (float32, CPU); "
+        print(f"\ndecode step, one MLA layer, B={b}, cache length T={t} "
+              f"(float32, {jax.default_backend()}); "
               f"max rel diff {err:.1e}")
         print(format_table(samples, baseline="expanded"))
 

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 PROMPT_LEN = 16
+PARTS = ("decode", "rows", "batching")
+MAX_NEW_TOKENS = 128   # the engines' max_len is PROMPT_LEN + this
 
 
 def build_hf(directory: Path, seed: int = 0):
@@ -62,7 +64,7 @@ def to_engine(hf_dir: Path, work: Path, num_slots: int, row_buckets: bool = True
         model, cfg = moejax.convert.load_hf(hf_dir)
         save_model(work / "run", model, cfg)
         export(work / "run", work / "serving")
-    return Engine.load(work / "serving", num_slots=num_slots, max_len=PROMPT_LEN + 128, max_chunk=PROMPT_LEN,
+    return Engine.load(work / "serving", num_slots=num_slots, max_len=PROMPT_LEN + MAX_NEW_TOKENS, max_chunk=PROMPT_LEN,
                        row_buckets=row_buckets)
 
 
@@ -159,17 +161,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--parts", default="decode,batching", help="which parts to run (comma-separated)")
+    parser.add_argument("--parts", default="decode,batching",
+                        help=f"which parts to run, comma-separated: {','.join(PARTS)}")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        parser.error(f"--parts: {args.parts!r}; allowed: a comma-separated subset of {','.join(PARTS)}")
+    if not 2 <= args.new_tokens <= MAX_NEW_TOKENS or args.rounds < 1:
+        # decode tokens/s is (N - 1) tokens over the time a run of N takes beyond a run of 1
+        parser.error(f"need 2 <= --new-tokens <= {MAX_NEW_TOKENS} and --rounds >= 1, "
+                     f"got {args.new_tokens} and {args.rounds}")
     import torch
-    torch.set_num_threads(os.cpu_count())
+    threads = len(os.sched_getaffinity(0))   # XLA:CPU runs one intra-op thread per usable core
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         hf_model = build_hf(work)
         n_params = sum(p.numel() for p in hf_model.parameters())
         print(f"Mixtral, {n_params / 1e6:.0f}M parameters (8 experts, top-2), float32, prompt {PROMPT_LEN} "
-              f"tokens, {args.new_tokens} new, {os.cpu_count()} CPU threads (torch {torch.get_num_threads()}), "
+              f"tokens, {args.new_tokens} new, {threads} CPU threads (torch {torch.get_num_threads()}), "
               f"jax {jax.__version__}, {args.rounds} interleaved rounds")
         if "decode" in parts:
             decode_part(hf_model, work, args)

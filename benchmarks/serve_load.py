@@ -60,6 +60,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--slots", type=int, default=16)
     args = parser.parse_args()
+    for flag in ("requests", "concurrency", "max_tokens", "slots"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else make_model(Path(tmp))
         with socket.socket() as s:

@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args()
+    if args.model and args.quantize:
+        p.error("--quantize applies to the random --preset model; --model is used as exported")
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.model) if args.model else random_checkpoint(Path(tmp.name), args.preset, args.quantize)
     kw = dict(num_slots=args.batch, max_len=128, max_chunk=16)
@@ -84,14 +86,15 @@ def main() -> None:
     samples = interleaved_samples({n: run(n) for n in engines}, rounds=args.rounds, warmup=1)
     ref = [o.tokens for o in outs["resident"]]
     print(f"model {path} ({cfg.name}): {num_experts} experts top-{top_k}, {cfg.num_moe_layers} MoE layers; "
-          f"batch {args.batch}, {args.new_tokens} new tokens, {args.rounds} rounds "
-          f"({time.perf_counter() - start:.0f} s)")
+          f"batch {args.batch}, {args.new_tokens} new tokens, {args.rounds} interleaved rounds "
+          f"({time.perf_counter() - start:.0f} s); tok/s = generated tokens / median generate time")
     print(f"  {'candidate':<16} {'tok/s':>8} {'ratio':>6} {'H2D KiB/tok':>12} {'disk KiB/tok':>13} "
           f"{'hit rate':>9} {'same tokens':>12}")
-    tokens = args.batch * args.new_tokens
-    base = tokens / np.median(samples["resident"])
+    # a request that meets EOS generates fewer than --new-tokens: count what came out
+    tokens = {name: sum(len(o.tokens) for o in out) for name, out in outs.items()}
+    base = tokens["resident"] / np.median(samples["resident"])
     for name, engine in engines.items():
-        rate = tokens / np.median(samples[name])
+        rate = tokens[name] / np.median(samples[name])
         figures = engine.stats().get("expert_store", {})
         h2d = figures.get("bytes_host_to_device_per_token", 0) / 1024
         disk = figures.get("bytes_disk_to_host_per_token", 0) / 1024

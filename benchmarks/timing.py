@@ -60,13 +60,25 @@ def format_table(samples: Mapping[str, list[float]], baseline: str) -> str:
     """One line per candidate: median and fastest ms, and both as ratios to ``baseline``.
 
     The median is the headline figure; the fastest call is the one least
-    disturbed by other work on a shared machine.
+    disturbed by other work on a shared machine. A first line says how many
+    rounds each figure comes from and which way the ratios go.
     """
     med = {name: float(np.median(s)) for name, s in samples.items()}
     low = {name: float(np.min(s)) for name, s in samples.items()}
     width = max(len(n) for n in samples)
-    lines = [f"  {'':<{width}}  {'median':>9}  {'ratio':>6}  {'fastest':>9}  {'ratio':>6}"]
+    counts = {name: len(s) for name, s in samples.items()}
+    rounds = (str(counts[baseline]) if len(set(counts.values())) == 1
+              else ", ".join(f"{n} {name}" for name, n in counts.items()))
+    lines = [f"  time per call over interleaved rounds ({rounds}); ratio = time / {baseline}'s",
+             f"  {'':<{width}}  {'median':>9}  {'ratio':>6}  {'fastest':>9}  {'ratio':>6}"]
     for name in samples:
-        lines.append(f"  {name:<{width}}  {med[name] * 1e3:6.0f} ms  {med[name] / med[baseline]:5.2f}x"
-                     f"  {low[name] * 1e3:6.0f} ms  {low[name] / low[baseline]:5.2f}x")
+        lines.append(f"  {name:<{width}}  {_ms(med[name])}  {med[name] / med[baseline]:5.2f}x"
+                     f"  {_ms(low[name])}  {low[name] / low[baseline]:5.2f}x")
     return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds to three significant figures or more, so a sub-ms call does not print as 0."""
+    ms = seconds * 1e3
+    decimals = 0 if ms >= 100 else 1 if ms >= 10 else 2 if ms >= 1 else 3
+    return f"{ms:6.{decimals}f} ms"

@@ -75,7 +75,8 @@ def main() -> None:
             entry["cpu"].append(cpu / args.steps_per_round)
 
     print(f"train throughput, {jax.default_backend()} ({jax.device_count()} device), batch "
-          f"{cfg.batch_size}x{cfg.seq_len}, {args.rounds} rounds x {args.steps_per_round} steps, "
+          f"{cfg.batch_size}x{cfg.seq_len}, {args.rounds} interleaved rounds (order alternating) x "
+          f"{args.steps_per_round} steps, "
           f"compute {cfg.dtype or 'float32'}")
     print(f"{'preset':<12} {'params':>8} {'active':>8} {'median tok/s':>13} {'best tok/s':>11} "
           f"{'cpu s/step':>11}")
