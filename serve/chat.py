@@ -106,18 +106,6 @@ class ChatTemplate:
             raise RequestError(f"messages: the model's chat template fails on them "
                                f"({type(err).__name__}: {err})") from None
 
-    def manifest_entry(self) -> dict:
-        return {"template": self.source, "special_tokens": dict(self.special_tokens)}
-
-    @classmethod
-    def from_manifest(cls, entry) -> ChatTemplate:
-        if not (isinstance(entry, dict) and isinstance(entry.get("template"), str)
-                and isinstance(entry.get("special_tokens", {}), dict)):
-            raise ChatTemplateError("manifest tokenizer.chat_template: must be {template: str, "
-                                    "special_tokens: {name: str}}")
-        return cls(entry["template"], {k: v for k, v in entry.get("special_tokens", {}).items()
-                                       if isinstance(v, str)})
-
     @classmethod
     def from_tokenizer_dir(cls, directory: Path) -> ChatTemplate | None:
         """The template shipped beside a tokenizer.json (chat_template.jinja, else
@@ -131,14 +119,14 @@ class ChatTemplate:
         return cls(source, special_tokens_in(directory))
 
     @classmethod
-    def from_file(cls, path: str | Path, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
-        """``--chat-template``: a Jinja file (with these special tokens), or a
-        tokenizer_config.json holding a ``chat_template`` (with its own)."""
+    def from_file(cls, path: str | Path) -> ChatTemplate:
+        """``--chat-template``: a Jinja file (no special tokens of its own: the server gives it
+        the tokenizer's), or a tokenizer_config.json holding a ``chat_template`` (with its own)."""
         path = Path(path)
         if not path.is_file():
             raise ChatTemplateError(f"--chat-template {path}: no such file")
         if path.suffix != ".json":
-            return cls(path.read_text(), dict(special_tokens or {}))
+            return cls(path.read_text())
         config = read_json_object(path)
         source = _config_template(config)
         if source is None:

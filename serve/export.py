@@ -129,8 +129,8 @@ def find_tokenizer(run: Path, vocab_size: int) -> tuple[dict, Path | None]:
                 chat = ChatTemplate.from_tokenizer_dir(path.parent)
             except TokenizerError as err:
                 raise ExportError(f"{path.parent}: {err}") from None
-            if chat is not None:
-                entry["chat_template"] = chat.manifest_entry()
+            if chat is not None:     # its special tokens are the entry's
+                entry["chat_template"] = chat.source
             return entry, path
     if vocab_size < ByteTokenizer.vocab_size:
         raise ExportError(f"--ckpt {run}: no tokenizer.json and vocab_size {vocab_size} < 256, "

@@ -109,12 +109,8 @@ def parse_completion(body, model_name: str) -> tuple[list, list[SamplingParams],
     """Validate a /v1/completions body -> (prompts, sampling params of each prompt, stream)."""
     _check_body(body, model_name, UNSUPPORTED)
     prompts = _prompts(body)
-    params, seeded = _sampling(body, "max_tokens", DEFAULT_MAX_TOKENS)
-    stream = _field(body, "stream", (bool,), False, "true or false")
-    # one params per prompt: without a seed each prompt draws its own, so a prompt sent
-    # several times (the way to get several samples, n being 1) gives different samples
-    per_prompt = [params if seeded else params.replace(seed=secrets.randbits(62)) for _ in prompts]
-    return prompts, per_prompt, stream
+    params = _sampling(body, "max_tokens", DEFAULT_MAX_TOKENS, len(prompts))
+    return prompts, params, _field(body, "stream", (bool,), False, "true or false")
 
 
 def parse_messages_field(body, model_name: str) -> list[dict]:
@@ -136,19 +132,18 @@ def chat_sampling(body: dict, prompt_tokens: int, max_len: int) -> tuple[Samplin
         raise HTTPError(400, f"messages: the chat template renders them to {prompt_tokens} tokens, which "
                              f"leaves no room for a reply in the context of {max_len} tokens", "messages")
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    params, seeded = _sampling(body, limit, room)
+    [params] = _sampling(body, limit, room, 1)
     if params.max_new_tokens > room:
         raise HTTPError(400, f"{limit}: {params.max_new_tokens} new tokens do not fit; the messages render "
                              f"to {prompt_tokens} tokens of the context of {max_len}, which leaves {room}",
                         limit)
-    if not seeded:
-        params = params.replace(seed=secrets.randbits(62))
     return params, _field(body, "stream", (bool,), False, "true or false")
 
 
-def _sampling(body: dict, limit: str, default_limit: int) -> tuple[SamplingParams, bool]:
-    """(the body's sampling params, whether it set a seed); ``limit``: the field holding
-    the most new tokens."""
+def _sampling(body: dict, limit: str, default_limit: int, prompts: int) -> list[SamplingParams]:
+    """The body's sampling params for each of its ``prompts``; ``limit``: the field holding the
+    most new tokens. Without a seed each prompt draws its own, so a prompt sent several times
+    (the way to several samples, n being 1) gives different samples; with one, all use it."""
     num = (int, float)
     max_tokens = _field(body, limit, (int,), default_limit, "an integer")
     stop = body.get("stop")
@@ -167,7 +162,8 @@ def _sampling(body: dict, limit: str, default_limit: int) -> tuple[SamplingParam
         field, _, problem = str(err).partition(":")
         name = limit if field == "max_new_tokens" else field
         raise HTTPError(400, f"{name}:{problem}", name) from None
-    return params, seed is not None
+    return [params if seed is not None else params.replace(seed=secrets.randbits(62))
+            for _ in range(prompts)]
 
 
 async def _read_body(request, max_body: int) -> bytes:

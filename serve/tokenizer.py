@@ -146,13 +146,15 @@ def load_tokenizer(spec: dict, directory: Path):
         path = directory / spec["file"]
         if not path.is_file():
             raise TokenizerError(f"{path}: tokenizer file named by the manifest is missing")
-        chat = spec.get("chat_template")
-        if chat is not None:
-            from serve.chat import ChatTemplate
-            chat = ChatTemplate.from_manifest(chat)
-        special = spec.get("special_tokens", chat.special_tokens if chat is not None else {})
+        special = spec.get("special_tokens", {})
         if not (isinstance(special, dict) and all(isinstance(v, str) for v in special.values())):
             raise TokenizerError("manifest tokenizer.special_tokens: must be {name: str}")
+        chat = spec.get("chat_template")
+        if chat is not None:
+            if not isinstance(chat, str):
+                raise TokenizerError("manifest tokenizer.chat_template: must be the template's Jinja source")
+            from serve.chat import ChatTemplate
+            chat = ChatTemplate(chat, special)
         return HFTokenizer(path, spec.get("eos_token_id"), chat, special)
     raise TokenizerError(f"unknown tokenizer kind {spec.get('kind')!r} (bytes | hf)")
 

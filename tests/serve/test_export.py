@@ -111,8 +111,7 @@ def test_tokenizer_json_travels_with_the_checkpoint(micro_run, tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     special = {"bos_token": "[BOS]", "eos_token": "!"}
     assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "eos_token_id": [3, 2],
-                                     "special_tokens": special,
-                                     "chat_template": {"template": template, "special_tokens": special}}
+                                     "special_tokens": special, "chat_template": template}
     engine = Engine.load(tmp_path / "out", num_slots=1, max_chunk=4)
     assert engine.tokenizer.chat_template.render([{"role": "user", "content": "hello"}]) == "[BOS]hello "
     # no eos_token_id written anywhere: tokenizer_config's eos_token text, looked up ("!" is 3)
