@@ -1,8 +1,9 @@
 """``python -m serve http``: an OpenAI-compatible completions server (Starlette + Uvicorn).
 
     POST /v1/completions   {"prompt": str | [str] | [int] | [[int]], "max_tokens", "temperature",
-                            "top_p", "top_k", "seed", "stop", "stream"}
-                           (without a seed every prompt draws its own; with one, all use it)
+                            "top_p", "top_k", "seed", "stop", "stream", "stream_options"}
+                           (without a seed every prompt draws its own; with one, all use it;
+                           stream_options.include_usage adds a last chunk with the usage)
     POST /v1/chat/completions  {"messages": [{"role", "content"}], "max_tokens" |
                             "max_completion_tokens" (default: the rest of the context), and the
                             sampling fields above}: the model's chat template (serve.chat)
@@ -113,6 +114,24 @@ def parse_completion(body, model_name: str) -> tuple[list, list[SamplingParams],
     return prompts, params, _field(body, "stream", (bool,), False, "true or false")
 
 
+def stream_usage(body: dict, stream: bool) -> bool:
+    """Whether a stream ends with a usage chunk: OpenAI's ``stream_options.include_usage``
+    (a last chunk with ``choices: []``); other chunks carry no usage. stream_options on a
+    request that does not stream is refused as OpenAI does."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise HTTPError(400, "stream_options: only allowed with stream: true", "stream_options")
+    if not isinstance(options, dict):
+        raise HTTPError(400, "stream_options: must be an object", "stream_options")
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise HTTPError(400, "stream_options.include_usage: must be true or false",
+                        "stream_options.include_usage")
+    return bool(include)
+
+
 def parse_messages_field(body, model_name: str) -> list[dict]:
     """Validate a /v1/chat/completions body and return its messages (serve.chat)."""
     _check_body(body, model_name, CHAT_UNSUPPORTED)
@@ -207,12 +226,14 @@ class Completions:
         except (ValueError, RecursionError) as err:    # RecursionError: nested too deep to parse
             raise HTTPError(400, f"the body is not valid JSON ({err})") from None
         prompts, params, stream = self.parse(body)
+        with_usage = stream_usage(body, stream)
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
         jobs = self._submit(prompts, params, loop, updates)
         meta = {"id": f"{self.id_prefix}-{secrets.token_hex(12)}", "created": int(time.time()),
                 "model": self.model_name}
         if stream:
-            return StreamingResponse(self._events(jobs, updates, meta), media_type="text/event-stream")
+            return StreamingResponse(self._events(jobs, updates, meta, with_usage),
+                                     media_type="text/event-stream")
         try:
             remaining = len(jobs)
             while remaining:
@@ -256,13 +277,13 @@ class Completions:
         for job in jobs:
             self.engine.cancel(job)
 
-    async def _events(self, jobs, updates, meta):
+    async def _events(self, jobs, updates, meta, with_usage: bool):
         streams = [TextStream(self.engine.tokenizer, job.params.stop) for job in jobs]
         remaining = len(jobs)
 
-        def event(choice, usage=None):
-            chunk = {**meta, "object": self.chunk_name, "choices": [choice]}
-            return f"data: {json.dumps(chunk if usage is None else {**chunk, 'usage': usage})}\n\n"
+        def event(*choices, usage=None):
+            chunk = {**meta, "object": self.chunk_name, "choices": list(choices)}
+            return f"data: {json.dumps({**chunk, 'usage': usage} if with_usage else chunk)}\n\n"
 
         try:
             for index in range(len(jobs)):
@@ -275,9 +296,9 @@ class Completions:
                 text = streams[index].finish(snap["text"]) if done else streams[index].push(snap["tokens"])
                 remaining -= done
                 if text or done:
-                    last = done and not remaining
-                    yield event(self.chunk_choice(index, text, snap["finish_reason"]),
-                                _usage(jobs) if last else None)
+                    yield event(self.chunk_choice(index, text, snap["finish_reason"]))
+            if with_usage:
+                yield event(usage=_usage(jobs))
             yield "data: [DONE]\n\n"
         finally:
             self._cancel([j for j in jobs if not j.done])

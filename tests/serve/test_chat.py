@@ -149,7 +149,25 @@ def test_chat_reply_is_the_engine_greedy_reply_and_the_stream_joins_to_it(chat_e
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert "".join(d.get("content", "") for d in deltas) == solo.text
     assert chunks[-2]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks[:-1])
+
+
+def test_stream_usage_only_when_asked_in_a_last_chunk_without_choices(chat_engine):
+    """OpenAI's stream_options.include_usage: every chunk has usage null, then one more chunk
+    with choices [] carries the usage of the whole request (the one a plain reply reports)."""
+    from serve.http import create_app
+    app = create_app(chat_engine[0], model_name="micro")
+    body = {"messages": MESSAGES[:2], "max_tokens": 5, "temperature": 0}
+    plain = json.loads(asgi_client.post(app, "/v1/chat/completions", body)[1])
+    status, data = asgi_client.post(app, "/v1/chat/completions",
+                                    {**body, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = asgi_client.events(data)
+    assert status == 200 and chunks[-1] == "[DONE]"
+    *replies, last = chunks[:-1]
+    assert last["choices"] == [] and last["usage"] == plain["usage"]
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in replies)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in replies) == \
+        plain["choices"][0]["message"]["content"]
 
 
 def test_chat_errors_are_400s_naming_the_field(chat_engine, micro_model):
