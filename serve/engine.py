@@ -171,17 +171,27 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile the step for every (row bucket, width bucket) now (idle rows: no state changes);
-        a runner that steps from Python (``serve.offload``) compiles its pieces too."""
-        for b, width in itertools.product(self.scheduler.row_buckets, self.scheduler.buckets):
-            zeros_B = np.zeros((b,), np.int32)
-            next_B, self._runner_state = self._step_fn(
-                self._model_state, self._runner_state, np.zeros((b, width), np.int32), zeros_B,
-                np.zeros((b,), bool), np.zeros((b,), np.float32), np.ones((b,), np.float32), zeros_B,
-                np.zeros((b, 2), np.uint32), zeros_B)
+        a runner that steps from Python (``serve.offload``) compiles its pieces too. The shapes
+        compile side by side (``runner.precompile``); the idle steps then find them compiled."""
+        shapes = self.step_shapes()
+        runner_lib.precompile(self._step_fn, (self._idle_step_args(b, width) for b, width in shapes))
+        for b, width in shapes:
+            next_B, self._runner_state = self._step_fn(*self._idle_step_args(b, width))
             jax.block_until_ready(next_B)
         runner_warmup = getattr(self.runner, "warmup", None)
         if runner_warmup is not None:     # after the idle steps: it forgets what they did
             runner_warmup(self.scheduler.buckets)
+
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """(rows, width) of every step the engine may run: one compile each."""
+        return list(itertools.product(self.scheduler.row_buckets, self.scheduler.buckets))
+
+    def _idle_step_args(self, rows: int, width: int) -> tuple:
+        """Step arguments for ``rows`` idle rows of ``width`` tokens (nothing changes)."""
+        zeros_B = np.zeros((rows,), np.int32)
+        return (self._model_state, self._runner_state, np.zeros((rows, width), np.int32), zeros_B,
+                np.zeros((rows,), bool), np.zeros((rows,), np.float32), np.ones((rows,), np.float32),
+                zeros_B, np.zeros((rows, 2), np.uint32), zeros_B)
 
     def moe_layers(self) -> list[tuple[int, nnx.Module]]:
         """(layer index, MoE module) of every MoE layer (unrolled layers: serving configs are)."""

@@ -434,6 +434,9 @@ def serve_forever(engine: Engine, *, host: str, port: int, max_body: int, model_
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="on", timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
+    print(f"compiling {len(engine.step_shapes())} step shapes (rows x widths) before taking requests...",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
     engine.warmup()
     # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, drain, lifespan shutdown)
     # and afterwards re-raises them to the handler it found: make that one a no-op, so a
@@ -441,7 +444,8 @@ def serve_forever(engine: Engine, *, host: str, port: int, max_body: int, model_
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     print(f"serving {name} on http://{host}:{port} (slots {engine.scheduler.num_slots}, "
-          f"context {engine.max_len})", file=sys.stderr, flush=True)
+          f"context {engine.max_len}; compiled in {time.perf_counter() - start:.0f} s)",
+          file=sys.stderr, flush=True)
     server.run()
     stats = engine.stats()
     print(f"server stopped after draining ({stats['requests_submitted']} requests, "

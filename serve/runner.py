@@ -17,7 +17,9 @@ The per-row state is the model's own decode cache (``model.init_cache`` /
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -113,3 +115,19 @@ def compile_step(graphdef, runner):
         return next_B, runner_state
 
     return jax.jit(step, donate_argnums=(1,))
+
+
+def precompile(step_fn, arg_sets: Iterable[tuple]) -> None:
+    """Compile the jitted ``step_fn`` for each argument set, several at once.
+
+    Tracing and lowering hold the GIL, so they run one by one here; XLA compiles
+    without it, so each lowered step compiles on a pool thread while the next one
+    lowers. Later calls with those shapes find them compiled. A step made in Python
+    (no ``lower``) is left alone: its runner compiles its own pieces.
+    """
+    lower = getattr(step_fn, "lower", None)
+    if lower is None:
+        return
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for compiled in [pool.submit(lower(*args).compile) for args in arg_sets]:
+            compiled.result()

@@ -48,8 +48,11 @@ PROMPTS = [[5], [7, 200, 3, 9, 81], list(range(30, 43)), [1, 2, 3, 4, 5, 6, 7, 8
 @pytest.fixture(scope="module")
 def micro_engine(micro_model):
     model, _ = micro_model
-    # 2 slots for 4 prompts: requests queue; chunk 8: the longer prompts prefill in chunks
-    return Engine(model, ByteTokenizer(), num_slots=2, max_len=PAD_LEN, max_chunk=8)
+    # 2 slots for 4 prompts: requests queue; chunk 8: the longer prompts prefill in chunks.
+    # warmup(): every step shape compiled here (side by side), none in the tests
+    engine = Engine(model, ByteTokenizer(), num_slots=2, max_len=PAD_LEN, max_chunk=8)
+    engine.warmup()
+    return engine
 
 
 @pytest.mark.parametrize("preset", moejax.ModelConfig.preset_names())
@@ -69,9 +72,11 @@ def test_greedy_equals_full_forward_every_preset(preset):
         assert out.finish_reason == "length"
 
 
-def test_batch_gives_each_prompt_its_solo_result(micro_model, micro_engine):
+def test_batch_gives_each_prompt_its_solo_result(micro_model, micro_engine, caplog):
     model, _ = micro_model
-    batched = micro_engine.generate(PROMPTS, max_new_tokens=6)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):     # warmup() compiled every shape
+        batched = micro_engine.generate(PROMPTS, max_new_tokens=6)
+    assert [r.message for r in caplog.records if "Compiling" in r.message] == []
     for prompt, out in zip(PROMPTS, batched):
         solo = micro_engine.generate([prompt], max_new_tokens=6)[0]
         assert out.tokens == solo.tokens
