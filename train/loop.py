@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from train.plot import PLOT_NAME, plot_run
 from train.start import StartPoint
 from train.runtime import StopSignal, build_mesh, maybe_initialize_distributed
 from train.state import build_state, parameter_counts
-from train.summary import print_summary, summarize
+from train.summary import print_summary, summarize, write_summary
 from train.step import batch_parallelism, jit_eval_step, jit_train_step
 
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
@@ -224,7 +223,7 @@ class Trainer:
         # the first step (compile) is outside ``wall``, evaluations and saves are in ``paused_s``:
         # neither is counted in tokens/s
         summary = summarize(records, step, wall, wall - paused_s, trained, self.cfg.tokens_per_step)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(self.out / "summary.json", summary)
         print_summary(summary, self.out, plot, self.checkpoints.steps(), self.log.tb is not None)
         return 0
 
