@@ -79,10 +79,10 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------
     def _warn_if_resumed_differently(self) -> None:
-        meta = self.state.meta
-        if meta and (meta.get("seed") != self.cfg.seed or meta.get("data") != self.corpus.fingerprint()):
-            print("note: the seed or the data differ from the checkpoint's; the batches "
-                  "will differ from an uninterrupted run")
+        changed = resume_differences(self.state.meta, self.cfg, self.corpus.fingerprint())
+        if changed:
+            print(f"note: {', '.join(changed)} differ from the checkpoint's; the batches "
+                  f"will differ from an uninterrupted run")
 
     def _device_batch(self, rows_BS1: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(self.state.shardings.batch, rows_BS1)
@@ -98,7 +98,9 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         meta = {"step": step, "seed": self.cfg.seed, "data": self.corpus.fingerprint(),
-                "tokens_seen": step * self.cfg.tokens_per_step, "model": self.model_cfg.name}
+                "batch_size": self.cfg.batch_size, "seq_len": self.cfg.seq_len,
+                "tokens_seen": tokens_seen(self.state.meta, self.state.step, step, self.cfg),
+                "model": self.model_cfg.name}
         self.checkpoints.save(step, self.state.checkpoint_tree(), meta)
 
     def _eval_line(self, step: int, record: dict) -> str:
@@ -230,6 +232,25 @@ class Trainer:
     def close(self) -> None:
         self.checkpoints.close()
         self.log.close()
+
+
+def resume_differences(meta: dict, cfg: TrainConfig, data_fingerprint: str) -> list[str]:
+    """The flags whose values differ from those of the checkpoint ``meta`` and change the
+    batches (checkpoints from before the batch shape was recorded: taken as unchanged)."""
+    if not meta:
+        return []
+    saved_and_now = {"--seed": (meta.get("seed"), cfg.seed),
+                     "--data": (meta.get("data"), data_fingerprint),
+                     "--batch-size": (meta.get("batch_size", cfg.batch_size), cfg.batch_size),
+                     "--seq-len": (meta.get("seq_len", cfg.seq_len), cfg.seq_len)}
+    return [flag for flag, (saved, now) in saved_and_now.items() if saved != now]
+
+
+def tokens_seen(meta: dict, start_step: int, step: int, cfg: TrainConfig) -> int:
+    """Training tokens up to ``step``: the checkpoint's count plus this run's steps (the
+    batch shape may have changed at the resume)."""
+    before = meta.get("tokens_seen", start_step * cfg.tokens_per_step)
+    return before + (step - start_step) * cfg.tokens_per_step
 
 
 def run(cfg: TrainConfig, corpus: data_lib.Corpus, start: StartPoint) -> int:
