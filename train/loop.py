@@ -81,8 +81,8 @@ class Trainer:
     def _warn_if_resumed_differently(self) -> None:
         changed = resume_differences(self.state.meta, self.cfg, self.corpus.fingerprint())
         if changed:
-            print(f"note: {', '.join(changed)} differ from the checkpoint's; the batches "
-                  f"will differ from an uninterrupted run")
+            print(f"note: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from "
+                  f"the checkpoint's; the batches will differ from an uninterrupted run")
 
     def _device_batch(self, rows_BS1: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(self.state.shardings.batch, rows_BS1)
