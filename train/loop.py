@@ -4,7 +4,7 @@
    checkpoint), train state on the mesh, jitted steps.
 2. For each step: this host's rows of the batch for ``step`` -> train step.
    The host reads step i's metrics while step i+1 runs (one step of
-   pipelining) and stops on a non-finite loss or gradient.
+   pipelining) and stops on a non-finite loss, gradient or parameter.
 3. Every ``log_every`` steps a metrics record; every ``eval_every`` the
    validation loss (nats/token and bits/byte); every ``checkpoint_every``,
    at the end, and on SIGTERM/SIGINT an async checkpoint.
@@ -155,8 +155,12 @@ class Trainer:
     def _check(self, done: int, metrics) -> dict:
         host = jax.device_get(metrics)
         if not host["finite"]:
-            raise NonFiniteError(f"non-finite loss ({float(host['total_loss'])}) or gradient norm "
-                                 f"({float(host['grad_norm'])}) at step {done}")
+            loss, grad_norm = float(host["total_loss"]), float(host["grad_norm"])
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                raise NonFiniteError(f"non-finite parameters after the update of step {done}, from a "
+                                     f"finite loss ({loss}) and gradient norm ({grad_norm}): too "
+                                     f"large an --lr?")
+            raise NonFiniteError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {done}")
         host["step"] = done
         return host
 
