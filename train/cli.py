@@ -4,7 +4,8 @@ Exit status (also in ``--help``): 0 done; 2 bad input, reported as one
 ``error:`` line on stderr (flags, data, the run directory, a checkpoint of
 another model, a file-system error on a path it was given); 3 a non-finite
 loss (the last good checkpoint is kept); 130/143 stopped by SIGINT/SIGTERM
-after saving a checkpoint. Flags, paths and data are checked before jax is
+after saving a checkpoint (130 with nothing saved: a SIGINT during set-up, or a
+second SIGINT). Flags, paths and data are checked before jax is
 imported, so bad input fails in well under a second and writes nothing.
 """
 
@@ -44,7 +45,8 @@ SIGTERM/SIGINT save a checkpoint and exit (143/130); rerun to resume.
 
 Exit status: 0 done; 2 bad input or an unusable path (one `error:` line on
 stderr, nothing written); 3 non-finite loss (last good checkpoint kept);
-130/143 stopped by SIGINT/SIGTERM after saving a checkpoint.
+130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (130 with nothing
+saved for a SIGINT during set-up or a second SIGINT).
 """
 
 EXAMPLES = """\
@@ -154,3 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return command_line.report(err, err.exit_code)
     except OSError as err:  # a path that cannot be used: disk full, I/O error, ...
         return command_line.report(err)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop's handler (set-up, first eval) or a second one
+        return command_line.report(TrainError(
+            f"interrupted by SIGINT outside a training step, nothing saved now; run the same command "
+            f"again to resume from the newest checkpoint in {cfg.out}/checkpoints, if any"), 130)

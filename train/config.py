@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,7 @@ class TrainConfig:
         if not self.out:
             raise TrainError("--out must name a directory")
         requested_model(self)  # --preset/--set errors now, before any data is read
+        parse_param_groups(self.param_groups)  # their syntax; what they match needs the model
 
     @property
     def tokens_per_step(self) -> int:
@@ -112,6 +114,25 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def parse_param_groups(rules: tuple[str, ...]) -> list[tuple[re.Pattern, float]]:
+    """``--param-group`` rules -> (pattern, lr multiplier); see ``train.optim``."""
+    groups = []
+    for rule in rules:
+        pattern, eq, mult = rule.rpartition("=")
+        try:
+            groups.append((re.compile(pattern), float(mult)))
+            ok = bool(eq and pattern) and 0 <= float(mult) < math.inf   # inf: NaN updates
+            why = ""
+        except re.error as err:
+            ok, why = False, f" ({pattern!r} is not a regular expression: {err})"
+        except ValueError:
+            ok, why = False, ""
+        if not ok:
+            raise TrainError(f"--param-group {rule!r}: expected REGEX=LR_MULT with a finite "
+                             f"LR_MULT >= 0, e.g. 'layers/0/.*=0.5'{why}")
+    return groups
 
 
 def _flag(field_name: str) -> str:

@@ -4,7 +4,7 @@
    checkpoint), train state on the mesh, jitted steps.
 2. For each step: this host's rows of the batch for ``step`` -> train step.
    The host reads step i's metrics while step i+1 runs (one step of
-   pipelining) and stops on a non-finite loss or gradient.
+   pipelining) and stops on a non-finite loss, gradient or parameter.
 3. Every ``log_every`` steps a metrics record; every ``eval_every`` the
    validation loss (nats/token and bits/byte); every ``checkpoint_every``,
    at the end, and on SIGTERM/SIGINT an async checkpoint.
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from train.plot import PLOT_NAME, plot_run
 from train.start import StartPoint
 from train.runtime import StopSignal, build_mesh, maybe_initialize_distributed
 from train.state import build_state, parameter_counts
-from train.summary import print_summary, summarize
+from train.summary import print_summary, summarize, write_summary
 from train.step import batch_parallelism, jit_eval_step, jit_train_step
 
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}
@@ -80,10 +79,10 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------
     def _warn_if_resumed_differently(self) -> None:
-        meta = self.state.meta
-        if meta and (meta.get("seed") != self.cfg.seed or meta.get("data") != self.corpus.fingerprint()):
-            print("note: the seed or the data differ from the checkpoint's; the batches "
-                  "will differ from an uninterrupted run")
+        changed = resume_differences(self.state.meta, self.cfg, self.corpus.fingerprint())
+        if changed:
+            print(f"note: {', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} from "
+                  f"the checkpoint's; the batches will differ from an uninterrupted run")
 
     def _device_batch(self, rows_BS1: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(self.state.shardings.batch, rows_BS1)
@@ -99,7 +98,9 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         meta = {"step": step, "seed": self.cfg.seed, "data": self.corpus.fingerprint(),
-                "tokens_seen": step * self.cfg.tokens_per_step, "model": self.model_cfg.name}
+                "batch_size": self.cfg.batch_size, "seq_len": self.cfg.seq_len,
+                "tokens_seen": tokens_seen(self.state.meta, self.state.step, step, self.cfg),
+                "model": self.model_cfg.name}
         self.checkpoints.save(step, self.state.checkpoint_tree(), meta)
 
     def _eval_line(self, step: int, record: dict) -> str:
@@ -154,8 +155,12 @@ class Trainer:
     def _check(self, done: int, metrics) -> dict:
         host = jax.device_get(metrics)
         if not host["finite"]:
-            raise NonFiniteError(f"non-finite loss ({float(host['total_loss'])}) or gradient norm "
-                                 f"({float(host['grad_norm'])}) at step {done}")
+            loss, grad_norm = float(host["total_loss"]), float(host["grad_norm"])
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                raise NonFiniteError(f"non-finite parameters after the update of step {done}, from a "
+                                     f"finite loss ({loss}) and gradient norm ({grad_norm}): too "
+                                     f"large an --lr?")
+            raise NonFiniteError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {done}")
         host["step"] = done
         return host
 
@@ -224,13 +229,32 @@ class Trainer:
         # the first step (compile) is outside ``wall``, evaluations and saves are in ``paused_s``:
         # neither is counted in tokens/s
         summary = summarize(records, step, wall, wall - paused_s, trained, self.cfg.tokens_per_step)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(self.out / "summary.json", summary)
         print_summary(summary, self.out, plot, self.checkpoints.steps(), self.log.tb is not None)
         return 0
 
     def close(self) -> None:
         self.checkpoints.close()
         self.log.close()
+
+
+def resume_differences(meta: dict, cfg: TrainConfig, data_fingerprint: str) -> list[str]:
+    """The flags whose values differ from those of the checkpoint ``meta`` and change the
+    batches (checkpoints from before the batch shape was recorded: taken as unchanged)."""
+    if not meta:
+        return []
+    saved_and_now = {"--seed": (meta.get("seed"), cfg.seed),
+                     "--data": (meta.get("data"), data_fingerprint),
+                     "--batch-size": (meta.get("batch_size", cfg.batch_size), cfg.batch_size),
+                     "--seq-len": (meta.get("seq_len", cfg.seq_len), cfg.seq_len)}
+    return [flag for flag, (saved, now) in saved_and_now.items() if saved != now]
+
+
+def tokens_seen(meta: dict, start_step: int, step: int, cfg: TrainConfig) -> int:
+    """Training tokens up to ``step``: the checkpoint's count plus this run's steps (the
+    batch shape may have changed at the resume)."""
+    before = meta.get("tokens_seen", start_step * cfg.tokens_per_step)
+    return before + (step - start_step) * cfg.tokens_per_step
 
 
 def run(cfg: TrainConfig, corpus: data_lib.Corpus, start: StartPoint) -> int:

@@ -17,14 +17,11 @@ leading layer axis of scanned layers (``stacks/...``) does not count.
 
 from __future__ import annotations
 
-import math
-import re
-
 import jax
 import optax
 
 from moejax.memory import VALUES
-from train.config import TrainConfig, TrainError
+from train.config import TrainConfig, TrainError, parse_param_groups
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -33,24 +30,6 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
         decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
-
-
-def parse_param_groups(rules: tuple[str, ...]) -> list[tuple[re.Pattern, float]]:
-    groups = []
-    for rule in rules:
-        pattern, eq, mult = rule.rpartition("=")
-        try:
-            groups.append((re.compile(pattern), float(mult)))
-            ok = bool(eq and pattern) and 0 <= float(mult) < math.inf   # inf: NaN updates
-            why = ""
-        except re.error as err:
-            ok, why = False, f" ({pattern!r} is not a regular expression: {err})"
-        except ValueError:
-            ok, why = False, ""
-        if not ok:
-            raise TrainError(f"--param-group {rule!r}: expected REGEX=LR_MULT with a finite "
-                             f"LR_MULT >= 0, e.g. 'layers/0/.*=0.5'{why}")
-    return groups
 
 
 def param_path(path) -> str:

@@ -8,9 +8,9 @@ optimizer only ever sees ``params``. One train step:
    already weighted by the MoE config's coefficients).
 2. grads, global grad norm, optimizer update (clip, AdamW, schedule, groups).
 3. aux-loss-free balancing: router biases nudged from this step's expert load.
-4. If the loss or the gradients are not finite, every state is kept as it
-   was (the host then stops the run), so a bad step never reaches a
-   checkpoint.
+4. If the loss, the gradients or the updated parameters are not finite,
+   every state is kept as it was (the host then stops the run), so a bad
+   step never reaches a checkpoint.
 
 The steps are jitted with shardings from a logical-axis rules value
 (``moejax.sharding.DEFAULT_RULES`` unless given) and trace the model under
@@ -70,12 +70,15 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation,
         model.update_router_biases(jax.lax.stop_gradient(aux["expert_load"]))
         new_nonparam = split_model(model)[2]
 
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        # finite loss and gradients can still give non-finite parameters: an update that
+        # overflows (an lr beyond float32 is inf, and inf * 0 is NaN)
+        params_finite = jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new_params)]).all()
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & params_finite
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         metrics = {"loss": loss, "total_loss": total, "aux_loss": aux["aux_loss"],
                    "z_loss": aux["z_loss"], "router_loss": aux["router_loss"],
                    "dropped_fraction": aux["dropped_fraction"], "expert_load": aux["expert_load"],
-                   "grad_norm": grad_norm, "finite": finite}
+                   "grad_norm": grad_norm, "finite": finite, "params_finite": params_finite}
         return (keep(new_params, params), keep(new_opt_state, opt_state),
                 keep(new_nonparam, nonparam), metrics)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,19 @@ def summarize(records: list[dict], step: int, wall_s: float, train_s: float, tra
         summary["expert_load_min_over_mean"] = float(load_LE.min() / load_LE.mean())
         summary["dropped_fraction"] = train[-1].get("dropped_fraction", 0.0)
     return summary
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """Write summary.json, except over the summary of the run that reached this step when
+    this one trained nothing (the same command run again after the end): its time and
+    tokens/s would be replaced by 0s and null."""
+    if summary["trained_steps"] == 0 and path.is_file():
+        try:
+            if json.loads(path.read_text()).get("step") == summary["step"]:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass  # unreadable: replace it
+    path.write_text(json.dumps(summary, indent=2))
 
 
 def print_summary(summary: dict, out: Path, plot: Path | None, checkpoint_steps: list[int],

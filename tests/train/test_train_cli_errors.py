@@ -311,3 +311,19 @@ def test_text_for_a_run_with_a_tokenizer_is_read_with_it(tmp_path):
     (out / "train_config.json").write_text(json.dumps({"tokenizer": str(tmp_path / "gone.json")}))
     with pytest.raises(Exception, match="gone.json.*which is gone; pass --tokenizer"):
         preflight(cfg)
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """A SIGINT during set-up (imports, restore, first evaluation: before the loop's handler)
+    used to end in a KeyboardInterrupt traceback; like the loop's stop it exits 130."""
+    import train.start
+    from train.cli import main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.start, "preflight", interrupted)
+    status = main(["--out", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 130 and len(lines) == 1, lines
+    assert lines[0].startswith("error: interrupted by SIGINT") and str(tmp_path / "run") in lines[0]

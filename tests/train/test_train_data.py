@@ -130,3 +130,25 @@ def test_eval_batches_are_fixed_windows():
         np.testing.assert_array_equal(b, b[:, :1] + np.arange(10))
     with pytest.raises(TrainError, match="validation split"):
         data_lib.eval_batches(val[:5], 4, 9, 1)
+
+
+def test_resume_note_names_every_flag_that_changes_the_batches():
+    """A resumed run whose --batch-size or --seq-len differ from the checkpoint's draws other
+    batches; the note used to name only the seed and the data (and tokens_seen counted the
+    whole run at the new batch shape)."""
+    from train.config import TrainConfig
+    from train.loop import resume_differences, tokens_seen
+
+    tokens = np.arange(10_000, dtype=np.int32) % 251
+    saved = TrainConfig(batch_size=8, seq_len=16, seed=3)
+    meta = {"seed": 3, "data": "fp", "batch_size": 8, "seq_len": 16, "tokens_seen": 5 * 8 * 16}
+    batch = lambda c: data_lib.BatchSampler(tokens, c.batch_size, c.seq_len, c.seed).batch(5)  # noqa: E731
+    for flags in ({}, dict(batch_size=4), dict(seq_len=8), dict(seed=4), dict(batch_size=4, seed=4)):
+        now = saved.replace(**flags)
+        same = np.array_equal(batch(saved), batch(now))
+        changed = resume_differences(meta, now, "fp")
+        assert (changed == []) == same, flags
+        assert sorted(changed) == sorted(f"--{k.replace('_', '-')}" for k in flags)
+    assert resume_differences({"seed": 3, "data": "fp"}, saved, "fp") == []  # an older checkpoint
+    assert resume_differences(meta, saved, "other") == ["--data"]
+    assert tokens_seen(meta, 5, 7, saved.replace(batch_size=4)) == 5 * 8 * 16 + 2 * 4 * 16

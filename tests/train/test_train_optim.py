@@ -77,6 +77,14 @@ def test_bad_param_groups(rule, needle):
         make_optimizer(TrainConfig(param_groups=(rule,)), PARAMS)
 
 
+@pytest.mark.parametrize("rule", ["values", "=2", "([=2", "w=inf", "w=-1", "w=abc"])
+def test_param_group_syntax_is_checked_with_the_other_flags(rule):
+    """A malformed --param-group fails with the flags, before jax is imported and the
+    model is built (it used to fail only once the optimizer was made)."""
+    with pytest.raises(TrainError, match="expected REGEX=LR_MULT"):
+        TrainConfig(param_groups=(rule,))
+
+
 def test_memory_values_get_their_own_lr_and_no_weight_decay_by_default():
     params = {"w": jnp.full((2, 3), 2.0), "ffn": {"values": {"mem_values": jnp.full((4, 3), 2.0)}}}
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)

@@ -70,6 +70,23 @@ def test_non_finite_step_keeps_every_state(setup):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_step_whose_update_is_not_finite_keeps_every_state(setup):
+    """Finite loss and gradients, non-finite update (here a first moment at inf; from the
+    command line --lr 1e39, finite in Python but inf in float32, where inf * 0 = NaN). The
+    step used to pass as finite, so its NaN parameters reached a checkpoint reported as
+    the last good one."""
+    _, params, nonparam, tx, step, batch = setup
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, jnp.inf) if "mu" in jax.tree_util.keystr(path) else x,
+        tx.init(params))
+    new_params, new_opt, new_nonparam, m = step(params, opt_state, nonparam, batch)
+    assert np.isfinite(float(m["total_loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"]) and not bool(m["params_finite"])
+    for new, old in ((new_params, params), (new_opt, opt_state), (new_nonparam, nonparam)):
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bfloat16_compute_keeps_float32_state(setup):
     """--dtype bfloat16: same step, bf16 matmuls; parameters and Adam moments stay float32."""
     graphdef, params, nonparam, tx, step, batch = setup
