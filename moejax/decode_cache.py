@@ -81,7 +81,10 @@ def valid_mask(lengths_B: Int[Array, "B"] | None, batch: int, seq: int
     naming the row; under ``jit`` it is clipped to that range."""
     if lengths_B is None:
         return None, jnp.full((batch,), seq, jnp.int32)
-    lengths_B = jnp.asarray(lengths_B, jnp.int32)
+    lengths_B = jnp.asarray(lengths_B)
+    if not jnp.issubdtype(lengths_B.dtype, jnp.integer):   # a cast would turn 2.7 into 2, True into 1
+        raise TypeError(f"extend: lengths_B must hold integer counts, got dtype {lengths_B.dtype}")
+    lengths_B = lengths_B.astype(jnp.int32)
     if lengths_B.shape != (batch,):
         raise ValueError(f"extend: lengths_B must have shape ({batch},), got {lengths_B.shape}")
     if not isinstance(lengths_B, jax.core.Tracer):

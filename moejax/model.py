@@ -178,6 +178,8 @@ class Transformer(nnx.Module):
         Tokens past the cache's ``max_len`` are a ValueError outside ``jit``; under
         ``jit`` they are not stored and their logits (and every later step's) are NaN.
         """
+        if tokens_BS.ndim != 2:
+            raise ValueError(f"extend: tokens_BS must be [batch, seq], got shape {tuple(tokens_BS.shape)}")
         b, s = tokens_BS.shape
         if b != cache.batch_size:
             raise ValueError(f"extend: tokens have batch {b}, the cache {cache.batch_size}")

@@ -54,6 +54,7 @@ def moe_input(x_BSD, d_model: int) -> None:
 def token_ids(tokens_BS, vocab_size: int) -> None:
     """``Transformer`` input: integer token ids [B, S] with at least one token, in
     ``[0, vocab_size)`` when the values are concrete (not traced)."""
+    import jax
     import jax.numpy as jnp
     dtype = jnp.dtype(tokens_BS.dtype)
     if not jnp.issubdtype(dtype, jnp.integer):
@@ -64,7 +65,10 @@ def token_ids(tokens_BS, vocab_size: int) -> None:
         raise ValueError(f"tokens of shape {tuple(tokens_BS.shape)} hold no token")
     if _is_traced(tokens_BS) or not getattr(tokens_BS, "is_fully_addressable", True):
         return
-    low, high = int(jnp.min(tokens_BS)), int(jnp.max(tokens_BS))
+    # concrete ids can still meet a trace (an array closed over by a jitted function): the
+    # reductions must run now, not be staged as tracers that int() cannot read
+    with jax.ensure_compile_time_eval():
+        low, high = int(jnp.min(tokens_BS)), int(jnp.max(tokens_BS))
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}) "

@@ -113,6 +113,11 @@ def test_bad_sizes_are_clear_errors():
         model.extend(jnp.zeros((2, 2), jnp.int32), cache)
     with pytest.raises(ValueError, match="lengths_B must have shape"):
         model.extend(jnp.zeros((2, 1), jnp.int32), cache, jnp.ones((3,), jnp.int32))
+    with pytest.raises(ValueError, match=r"tokens_BS must be \[batch, seq\], got shape \(3,\)"):
+        model.extend(jnp.zeros((3,), jnp.int32), cache)     # was an unpacking error
+    for bad in (jnp.asarray([1.7, 1.0]), jnp.asarray([True, False])):   # were cast to 1 and 1, 0
+        with pytest.raises(TypeError, match="lengths_B must hold integer counts"):
+            model.extend(jnp.zeros((2, 1), jnp.int32), cache, bad)
 
 
 def test_lengths_outside_the_chunk_are_refused_or_clipped_under_jit():

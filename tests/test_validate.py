@@ -82,6 +82,17 @@ def test_under_jit_out_of_range_ids_follow_jnp_take_as_documented(model):
     np.testing.assert_array_equal(np.asarray(wrapped), np.asarray(last))
 
 
+def test_ids_closed_over_by_a_jitted_function_are_checked_not_a_tracer_error(model):
+    """Concrete ids inside a trace (a loss closing over its batch): checked as outside jit
+    (min / max were staged as tracers and int() raised ConcretizationTypeError)."""
+    for ids in (jnp.asarray([[3, 31]]), np.asarray([[3, 31]], np.int32)):
+        got = jax.jit(lambda: model(ids)[0])()
+        np.testing.assert_allclose(np.asarray(got), np.asarray(model(ids)[0]), rtol=1e-6, atol=1e-6)
+    bad = jnp.asarray([[3, 32]])
+    with pytest.raises(ValueError, match="token id 32 is outside"):
+        jax.jit(lambda: model(bad)[0])()
+
+
 def test_in_range_ids_of_any_integer_dtype_pass(model):
     for dtype in (np.int32, np.int64, np.uint16, np.uint8):
         validate.token_ids(np.asarray([[0, 31, 7]], dtype), CFG.vocab_size)
