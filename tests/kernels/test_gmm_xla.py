@@ -233,6 +233,26 @@ def test_negative_group_sizes_count_as_zero(backend):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["xla", "reference", "pallas"])
+def test_sizes_past_int32_are_cut_at_the_last_row(backend):
+    """A uint32 size of 2**31 (or an int64 one past it) owns every row to M, as any size
+    past M does; the int32 cast of the kernels used to wrap it to a negative size."""
+    lhs, rhs, cot = operands(7, 4, 3, 3, jnp.float32, seed=13)
+    got = gmm_vjp_and_tgmm(lhs, rhs, jnp.asarray([2, 2**31, 4], jnp.uint32), cot, backend)
+    sizes = np.asarray([2, 5, 0])  # group 1 owns the rows left after group 0
+    (want_out, _), (want_dlhs, _) = numpy_gmm(lhs, rhs, sizes), numpy_gmm(cot, np.swapaxes(rhs, 1, 2), sizes)
+    want_drhs, _ = numpy_tgmm(lhs, cot, sizes, 3)
+    for g, w in zip(got, (want_out, want_dlhs, want_drhs, want_drhs)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_group_sizes_may_be_a_list():
+    # a list used to fail the shape check as "group_sizes must be 1-D [G], got shape ()"
+    lhs, rhs, _ = operands(7, 4, 3, 3, jnp.float32, seed=17)
+    np.testing.assert_allclose(gmm(lhs, rhs, [2, 0, 4]), numpy_gmm(lhs, rhs, [2, 0, 4])[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["xla", "reference"])
 def test_non_finite_rows_stay_in_their_group(backend):
     # M = 32 < T_min: one 32-row tile per group, so group 0's tile overlaps group 1's rows
