@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.gmm.reference import gmm_int8_reference, gmm_reference, tgmm_reference
 from kernels_pallas.gmm.tiling import GmmTiling
-from kernels_pallas.gmm.validate import check_gmm, check_int8, check_tgmm
+from kernels_pallas.gmm.validate import check_floating, check_gmm, check_int8, check_tgmm
 from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
 from kernels_pallas.gmm.xla import gmm_xla, tgmm_xla
 from kernels_pallas.shard_map_types import match_varying
@@ -72,9 +72,7 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     lhs, rhs, group_sizes = _arrays(lhs, rhs, group_sizes)
     check_gmm("gmm", lhs, rhs, group_sizes)
     backend, choice = _resolve("gmm", backend, tiling, interpret)
-    if not (jnp.issubdtype(lhs.dtype, jnp.floating) and jnp.issubdtype(rhs.dtype, jnp.floating)):
-        raise ValueError(f"gmm: lhs and rhs must be floating point (for int8 weights use "
-                         f"gmm_int8), got {lhs.dtype} and {rhs.dtype}")
+    check_floating("gmm", " (for int8 weights use gmm_int8)", lhs=lhs, rhs=rhs)
     dtype = jnp.result_type(lhs, rhs)
     lhs, rhs, group_sizes = match_varying(lhs.astype(dtype), rhs.astype(dtype),
                                           _clamped_sizes(group_sizes, lhs.shape[0]))
@@ -100,6 +98,7 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
     """
     lhs, grad, group_sizes = _arrays(lhs, grad, group_sizes)
     check_tgmm("tgmm", lhs, grad, group_sizes)
+    check_floating("tgmm", lhs=lhs, grad=grad)
     backend, choice = _resolve("tgmm", backend, tiling, interpret)
     dtype = jnp.result_type(lhs, grad)
     lhs, grad, group_sizes = match_varying(lhs.astype(dtype), grad.astype(dtype),
@@ -130,6 +129,7 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
     lhs, rhs, rhs_scale, group_sizes = _arrays(lhs, rhs, rhs_scale, group_sizes)
     check_gmm("gmm_int8", lhs, rhs, group_sizes)
     check_int8("gmm_int8", rhs, rhs_scale)
+    check_floating("gmm_int8", lhs=lhs)
     backend, choice = _resolve("gmm_int8", backend, tiling, interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     if 0 in lhs.shape or 0 in rhs.shape:
