@@ -117,7 +117,8 @@ def _tgmm_kernel(offsets_ref, lhs_ref, grad_ref, out_ref, *, k_size, n_size, tm,
                              mask=row_ok[:, None] & col_ok[None, :], other=0)
         return acc + _dot(lhs, grad, trans_a=True)
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(end - start, tm), m_step,
+    # tm as int32: a Python int is int64 under jax_enable_x64, and lax.div will not mix them
+    acc = jax.lax.fori_loop(0, pl.cdiv(end - start, jnp.int32(tm)), m_step,
                             jnp.zeros((tk, tn), jnp.float32))
     pltriton.store(out_ref.at[group, pl.ds(k0, tk), pl.ds(col0, tn)], acc.astype(out_ref.dtype),
                    mask=k_ok[:, None] & col_ok[None, :])

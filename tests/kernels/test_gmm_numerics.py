@@ -114,6 +114,20 @@ def test_tgmm_forward_and_vjp_match_numpy(platform, case):
     assert not np.asarray(out)[sizes == 0].any()
 
 
+def test_gpu_kernels_run_with_x64_enabled():
+    # jax_enable_x64 types a Python int as int64: the GPU tgmm's row-step count mixed it
+    # with int32 group offsets in lax.div (TypeError in every gmm backward)
+    lhs, rhs, rng = _operands("tiny", jnp.float32, seed=4)
+    sizes = np.array([2, 3], np.int32)
+    d_out = jnp.asarray(rng.standard_normal((lhs.shape[0], rhs.shape[2])), jnp.float32)
+    with jax.enable_x64(True):
+        out, d_lhs, d_rhs = _gmm_and_vjp("gpu", "float32")(lhs, rhs, jnp.asarray(sizes), d_out)
+    want_lhs, want_rhs = gmm_vjp_np(lhs, rhs, sizes, d_out)
+    assert_close(out, gmm_np(lhs, rhs, sizes), "float32", "out")
+    assert_close(d_lhs, want_lhs, "float32", "d_lhs")
+    assert_close(d_rhs, want_rhs, "float32", "d_rhs")
+
+
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_gmm_int8_forward_and_vjp_match_dequantized_numpy(platform):
     m, k, n, g = SHAPES["remainders"]
