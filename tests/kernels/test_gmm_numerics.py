@@ -158,6 +158,23 @@ def test_gmm_int8_forward_and_vjp_match_dequantized_numpy(platform):
     assert_close(ref, gmm_np(lhs, weights, sizes), "float32", "int8 reference")
 
 
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_int8_rows_past_the_groups_stay_zero_with_a_non_finite_scale(platform):
+    # The kernels stored 0 * scale[G - 1] in the rows past sum(group_sizes): NaN when the
+    # last group (empty here) has an inf scale. The rows of the groups must not see it.
+    m, k, n, _ = SHAPES["tiny"]
+    rng = np.random.default_rng(1)
+    lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    rhs_q = jnp.asarray(rng.integers(-127, 128, (2, k, n)), jnp.int8)
+    scale = jnp.asarray([[0.01] * n, [np.inf] * n], jnp.float32)
+    sizes = np.array([3, 0], np.int32)
+    choice = KernelChoice(TILING[platform], interpret=True, platform=platform)
+    out = gmm_int8_pallas(lhs, rhs_q, scale, jnp.asarray(sizes), jnp.dtype(jnp.float32), choice)
+    weights = np.asarray(rhs_q, np.float64) * np.array([0.01, 0.0])[:, None, None]
+    np.testing.assert_array_equal(np.asarray(out)[3:], 0)
+    assert_close(out, gmm_np(lhs, weights, sizes), "float32", "out")
+
+
 def test_public_gmm_pallas_backend_and_auto_agree_with_numpy():
     """The public entry point: 'pallas' (interpreted here, default tiling) and 'auto'."""
     lhs, rhs, _ = _operands("remainders", jnp.float32, 7)
