@@ -9,7 +9,7 @@ from kernels_pallas.gmm.reference import gmm_int8_reference, gmm_reference, tgmm
 from kernels_pallas.gmm.tiling import GmmTiling
 from kernels_pallas.gmm.validate import check_floating, check_gmm, check_int8, check_tgmm
 from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
-from kernels_pallas.gmm.xla import gmm_xla, tgmm_xla
+from kernels_pallas.gmm.xla import gmm_int8_xla, gmm_xla, tgmm_xla
 from kernels_pallas.shard_map_types import match_varying
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
@@ -140,7 +140,9 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
         return gmm_int8_pallas(lhs, rhs, rhs_scale, group_sizes, out_dtype, choice)
     if backend == "auto":
         return _per_lowering_platform(
-            lambda a, q, sc, s: gmm_int8_reference(a, q, sc, s, out_dtype),
+            lambda a, q, sc, s: gmm_int8_xla(a, q, sc, s, out_dtype),
             lambda a, q, sc, s, c: gmm_int8_pallas(a, q, sc, s, out_dtype, c),
             choice, lhs, rhs, rhs_scale, group_sizes)
+    if backend == "xla":
+        return gmm_int8_xla(lhs, rhs, rhs_scale, group_sizes, out_dtype)
     return gmm_int8_reference(lhs, rhs, rhs_scale, group_sizes, out_dtype)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels_pallas import gmm, tgmm
+from kernels_pallas.gmm import gmm_int8
 from kernels_pallas.gmm.xla import gmm_xla, tgmm_xla, tile_sizes
 
 U_F32 = 2.0**-24
@@ -244,6 +245,19 @@ def test_sizes_past_int32_are_cut_at_the_last_row(backend):
     want_drhs, _ = numpy_tgmm(lhs, cot, sizes, 3)
     for g, w in zip(got, (want_out, want_dlhs, want_drhs, want_drhs)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["xla", "auto"])
+def test_int8_non_finite_scale_of_one_group_stays_in_it(backend):
+    # int8 on CPU ran ragged_dot, which spread the NaN scale of group 1 (empty here) and
+    # the inf of group 3 to every row; the tile loop touches only each group's rows
+    lhs, _, _ = operands(7, 4, 3, 4, jnp.float32, seed=19)
+    rhs_q = jnp.asarray(np.random.default_rng(19).integers(-127, 128, (4, 4, 3)), jnp.int8)
+    scale = jnp.asarray([[0.5] * 3, [np.nan] * 3, [0.25] * 3, [np.inf] * 3], jnp.float32)
+    sizes = np.asarray([2, 0, 3, 0])
+    out = gmm_int8(lhs, rhs_q, scale, jnp.asarray(sizes), backend=backend)
+    weights = np.asarray(rhs_q, np.float64) * np.array([0.5, 0, 0.25, 0])[:, None, None]
+    np.testing.assert_allclose(out, numpy_gmm(lhs, weights, sizes)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_group_sizes_may_be_a_list():
