@@ -81,7 +81,7 @@ def _fetch_rows(ids_ref, table_hbm, rows_vmem, sems, bt, k):
     """Start the next block's copies, wait for this block's; returns this block's slot."""
     split, b, blocks = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
     block = split * blocks + b
-    slot = jax.lax.rem(b, 2)
+    slot = jax.lax.rem(b, jnp.int32(2))  # int32 also under jax_enable_x64
     copy_this = _row_copies(ids_ref, table_hbm, rows_vmem, sems, block, slot, bt, k)
     copy_next = _row_copies(ids_ref, table_hbm, rows_vmem, sems, block + 1, 1 - slot, bt, k)
 

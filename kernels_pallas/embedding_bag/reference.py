@@ -23,8 +23,13 @@ CHUNK_BYTES = 256 * 2**20  # gathered f32 rows per chunk
 
 
 def clamp_indices(indices_Tk, num_rows):
-    """Out-of-range indices read the nearest valid row (jnp.take mode='clip')."""
-    return jnp.clip(indices_Tk.astype(jnp.int32), 0, num_rows - 1)
+    """Out-of-range indices read the nearest valid row (jnp.take mode='clip') -> int32.
+
+    Clipped before the cast: an int64 or uint32 index of 2**31 or more wrapped
+    around in int32 (to a negative or small index, so another row was read)."""
+    if jnp.dtype(indices_Tk.dtype).itemsize < 4:  # narrow: widen first, N - 1 may not fit
+        indices_Tk = indices_Tk.astype(jnp.int32)
+    return jnp.clip(indices_Tk, 0, num_rows - 1).astype(jnp.int32)
 
 
 def _bag_sum(table_ND, indices_Tk, weights_Tk):

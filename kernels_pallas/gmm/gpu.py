@@ -69,8 +69,9 @@ def _gmm_kernel(offsets_ref, group_ids_ref, m_tile_ids_ref, num_items_ref,
         # The tail pseudo-group (group == num_groups) multiplies nothing: it stores zeros.
         num_k = jnp.where(group < num_groups, pl.cdiv(k_size, tk), 0)
         acc = jax.lax.fori_loop(0, num_k, k_step, jnp.zeros((tm, tn), jnp.float32))
-        if has_scale:
-            scale = pltriton.load(scale_ref.at[weights, pl.ds(col0, tn)], mask=col_ok, other=0)
+        if has_scale:  # the tail loads none (scale 1): 0 * a non-finite scale would be NaN
+            scale = pltriton.load(scale_ref.at[weights, pl.ds(col0, tn)],
+                                  mask=col_ok & (group < num_groups), other=1)
             acc = acc * scale.astype(jnp.float32)[None, :]
         pltriton.store(out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)], acc.astype(out_ref.dtype),
                        mask=in_group[:, None] & col_ok[None, :])
@@ -117,7 +118,8 @@ def _tgmm_kernel(offsets_ref, lhs_ref, grad_ref, out_ref, *, k_size, n_size, tm,
                              mask=row_ok[:, None] & col_ok[None, :], other=0)
         return acc + _dot(lhs, grad, trans_a=True)
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(end - start, tm), m_step,
+    # tm as int32: a Python int is int64 under jax_enable_x64, and lax.div will not mix them
+    acc = jax.lax.fori_loop(0, pl.cdiv(end - start, jnp.int32(tm)), m_step,
                             jnp.zeros((tk, tn), jnp.float32))
     pltriton.store(out_ref.at[group, pl.ds(k0, tk), pl.ds(col0, tn)], acc.astype(out_ref.dtype),
                    mask=k_ok[:, None] & col_ok[None, :])

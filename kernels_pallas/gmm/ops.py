@@ -7,9 +7,9 @@ import jax.numpy as jnp
 
 from kernels_pallas.gmm.reference import gmm_int8_reference, gmm_reference, tgmm_reference
 from kernels_pallas.gmm.tiling import GmmTiling
-from kernels_pallas.gmm.validate import check_gmm, check_int8, check_tgmm
+from kernels_pallas.gmm.validate import check_floating, check_gmm, check_int8, check_tgmm
 from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
-from kernels_pallas.gmm.xla import gmm_xla, tgmm_xla
+from kernels_pallas.gmm.xla import gmm_int8_xla, gmm_xla, tgmm_xla
 from kernels_pallas.shard_map_types import match_varying
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
@@ -29,10 +29,21 @@ def _resolve(op, backend, tiling, interpret):
     return backend, KernelChoice(tiling=GmmTiling.coerce(tiling), interpret=bool(interpret))
 
 
-def _nonnegative(group_sizes):
-    """Negative group sizes count as 0 on every backend (the XLA tile loop's rule): the
-    Pallas metadata and ragged_dot gave garbage or NaN rows for them."""
-    return jnp.maximum(group_sizes, 0)
+def _arrays(*operands):
+    """Array-likes as arrays, as jnp functions take them: a list of group sizes was
+    refused as "must be 1-D [G], got shape ()"."""
+    return tuple(jnp.asarray(x) for x in operands)
+
+
+def _clamped_sizes(group_sizes, num_rows):
+    """int32 sizes clipped to [0, M], the same groups on every backend: negative sizes
+    count as 0 (the XLA tile loop's rule; the Pallas metadata and ragged_dot gave garbage
+    or NaN rows for them) and a size past M is cut at M, as its rows would be. Clipped
+    before the cast: the kernels add sizes in int32, where an int64 or uint32 size of
+    2**31 or more wrapped around (to a negative or small size, silently wrong rows)."""
+    if jnp.dtype(group_sizes.dtype).itemsize < 4:  # narrow: widen first, M may not fit
+        group_sizes = group_sizes.astype(jnp.int32)
+    return jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
 
 
 def _per_lowering_platform(xla_fn, pallas_fn, choice, *args):
@@ -58,14 +69,13 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     tiling: None (heuristic), a GmmTiling or (tm, tk, tn); used by 'pallas'.
     interpret: None = interpret mode unless running on TPU/GPU.
     """
+    lhs, rhs, group_sizes = _arrays(lhs, rhs, group_sizes)
     check_gmm("gmm", lhs, rhs, group_sizes)
     backend, choice = _resolve("gmm", backend, tiling, interpret)
-    if not (jnp.issubdtype(lhs.dtype, jnp.floating) and jnp.issubdtype(rhs.dtype, jnp.floating)):
-        raise ValueError(f"gmm: lhs and rhs must be floating point (for int8 weights use "
-                         f"gmm_int8), got {lhs.dtype} and {rhs.dtype}")
+    check_floating("gmm", " (for int8 weights use gmm_int8)", lhs=lhs, rhs=rhs)
     dtype = jnp.result_type(lhs, rhs)
     lhs, rhs, group_sizes = match_varying(lhs.astype(dtype), rhs.astype(dtype),
-                                          _nonnegative(group_sizes))
+                                          _clamped_sizes(group_sizes, lhs.shape[0]))
     out_dtype = jnp.dtype(preferred_element_type or dtype)
     if 0 in lhs.shape or 0 in rhs.shape:   # nothing to multiply (no rows, width or groups)
         return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
@@ -86,11 +96,13 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
 
     Groups with no rows give zeros; rows past sum(group_sizes) are ignored.
     """
+    lhs, grad, group_sizes = _arrays(lhs, grad, group_sizes)
     check_tgmm("tgmm", lhs, grad, group_sizes)
+    check_floating("tgmm", lhs=lhs, grad=grad)
     backend, choice = _resolve("tgmm", backend, tiling, interpret)
     dtype = jnp.result_type(lhs, grad)
     lhs, grad, group_sizes = match_varying(lhs.astype(dtype), grad.astype(dtype),
-                                           _nonnegative(group_sizes))
+                                           _clamped_sizes(group_sizes, lhs.shape[0]))
     out_dtype = jnp.dtype(preferred_element_type or dtype)
     if 0 in lhs.shape or 0 in grad.shape or group_sizes.shape[0] == 0:
         return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
@@ -114,19 +126,23 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
     groups. The Pallas kernels dequantize each weight tile in VMEM/SRAM, so the
     weights cross HBM as int8; 'xla'/'reference' dequantize up front.
     """
+    lhs, rhs, rhs_scale, group_sizes = _arrays(lhs, rhs, rhs_scale, group_sizes)
     check_gmm("gmm_int8", lhs, rhs, group_sizes)
     check_int8("gmm_int8", rhs, rhs_scale)
+    check_floating("gmm_int8", lhs=lhs)
     backend, choice = _resolve("gmm_int8", backend, tiling, interpret)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     if 0 in lhs.shape or 0 in rhs.shape:
         return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
     lhs, rhs, rhs_scale, group_sizes = match_varying(
-        lhs, rhs, rhs_scale.astype(jnp.float32), _nonnegative(group_sizes))
+        lhs, rhs, rhs_scale.astype(jnp.float32), _clamped_sizes(group_sizes, lhs.shape[0]))
     if backend == "pallas":
         return gmm_int8_pallas(lhs, rhs, rhs_scale, group_sizes, out_dtype, choice)
     if backend == "auto":
         return _per_lowering_platform(
-            lambda a, q, sc, s: gmm_int8_reference(a, q, sc, s, out_dtype),
+            lambda a, q, sc, s: gmm_int8_xla(a, q, sc, s, out_dtype),
             lambda a, q, sc, s, c: gmm_int8_pallas(a, q, sc, s, out_dtype, c),
             choice, lhs, rhs, rhs_scale, group_sizes)
+    if backend == "xla":
+        return gmm_int8_xla(lhs, rhs, rhs_scale, group_sizes, out_dtype)
     return gmm_int8_reference(lhs, rhs, rhs_scale, group_sizes, out_dtype)

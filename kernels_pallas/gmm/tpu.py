@@ -69,15 +69,24 @@ def _gmm_kernel(offsets_ref, group_ids_ref, m_tile_ids_ref, num_items_ref,
         acc_ref[...] += jax.lax.dot_general(lhs, rhs, dims,
                                             preferred_element_type=jnp.float32)
 
-    @pl.when(is_real & (k_step == pl.num_programs(2) - 1))
-    def _store():
+    def store(result):
         rows = m_tile_ids_ref[item] * tm + jax.lax.broadcasted_iota(
             jnp.int32, (tm, 1), 0)
         in_group = (rows >= offsets_ref[group]) & (rows < offsets_ref[group + 1])
+        out_ref[...] = jnp.where(in_group, result.astype(out_ref.dtype), out_ref[...])
+
+    is_last_k = is_real & (k_step == pl.num_programs(2) - 1)
+
+    @pl.when(is_last_k & (group < num_groups))
+    def _store_group():
         result = acc_ref[...]
         if has_scale:
             result = result * scale_ref[...].astype(jnp.float32)
-        out_ref[...] = jnp.where(in_group, result.astype(out_ref.dtype), out_ref[...])
+        store(result)
+
+    @pl.when(is_last_k & (group == num_groups))
+    def _store_tail():  # zeros, not acc * the last group's scale (0 * inf or NaN is NaN)
+        store(jnp.zeros_like(acc_ref[...]))
 
 
 def gmm_tpu(lhs_MK, rhs_GKN, group_sizes_G, *, tiling, out_dtype, interpret=False,

@@ -49,3 +49,11 @@ def check_int8(op, rhs, rhs_scale):
                          f"{_shape(rhs_scale)}")
     if not jnp.issubdtype(rhs_scale.dtype, jnp.floating):
         raise ValueError(f"{op}: rhs_scale must be floating point, got {rhs_scale.dtype}")
+
+
+def check_floating(op, hint="", **operands):
+    """Floating operands only: integer inputs ran and came back truncated to an integer dtype."""
+    if not all(jnp.issubdtype(x.dtype, jnp.floating) for x in operands.values()):
+        names = " and ".join(operands)
+        dtypes = " and ".join(str(x.dtype) for x in operands.values())
+        raise ValueError(f"{op}: {names} must be floating point{hint}, got {dtypes}")

@@ -59,8 +59,12 @@ def _per_platform(choice, tpu_fn, gpu_fn, fallback_fn, *args):
     if backend in ("tpu", "gpu"):
         return (tpu_fn if backend == "tpu" else gpu_fn)(*args)
     # Traced elsewhere for a compiled kernel (jax.export): choose at lowering time.
-    return jax.lax.platform_dependent(*args, tpu=tpu_fn, cuda=gpu_fn, rocm=gpu_fn,
-                                      default=fallback_fn)
+    try:
+        return jax.lax.platform_dependent(*args, tpu=tpu_fn, cuda=gpu_fn, rocm=gpu_fn,
+                                          default=fallback_fn)
+    except ValueError as e:  # e.g. a TPU-only tiling refused by the GPU rules on a TPU export
+        raise ValueError(f"{e} (traced on {jax.default_backend()}, both the TPU and the GPU "
+                         "kernel are staged, so a tiling must be legal for both)") from e
 
 
 def run_gmm(choice, lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False,

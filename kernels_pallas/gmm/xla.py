@@ -323,3 +323,13 @@ def tgmm_xla(lhs_MK: Float[Array, "M K"], grad_MN: Float[Array, "M N"],
         return jnp.zeros((num_groups, lhs_MK.shape[1], grad_MN.shape[1]), out_dtype)
     plan = tile_plan(group_sizes_G, lhs_MK.shape[0], sizes)
     return _grouped_weight_grad(lhs_MK, grad_MN, plan, sizes, num_groups, out_dtype)
+
+
+def gmm_int8_xla(lhs_MK: Float[Array, "M K"], rhs_GKN_int8, scale_GN: Float[Array, "G N"],
+                 group_sizes_G: Integer[Array, " G"], out_dtype) -> Float[Array, "M N"]:
+    """Weight-only int8 gmm on the tile loop: dequantize in float32 up front, multiply in
+    float32. Not ragged_dot (the reference): on XLA:CPU it spreads a non-finite weight
+    or scale of any group, even an empty one, to every row of the output."""
+    rhs_GKN = rhs_GKN_int8.astype(jnp.float32) * scale_GN[:, None, :].astype(jnp.float32)
+    return gmm_xla(lhs_MK.astype(jnp.float32), rhs_GKN, group_sizes_G,
+                   jnp.float32).astype(out_dtype)

@@ -134,6 +134,34 @@ def test_out_of_range_indices_are_clamped():
     assert_close(got[0], o, o_s, 8 * float(jnp.finfo(jnp.float32).eps), "out")
 
 
+def assert_matches_bruteforce(got, table, indices, weights, grad):
+    """float32 forward and vjp against the float64 loops (bounds as check_against_bruteforce)."""
+    (o, o_s), (dt, dt_s, counts), (dw, dw_s) = bruteforce(table, indices, weights, grad)
+    eps = float(jnp.finfo(jnp.float32).eps)
+    assert_close(got[0], o, o_s, (1 + indices.shape[1]) * eps, "out")
+    assert_close(got[1], dt, dt_s, (1 + counts.max()) * eps, "d_table")
+    assert_close(got[2], dw, dw_s, table.shape[1] * eps, "d_weights")
+
+
+def test_indices_past_int32_are_clamped_too():
+    # uint32 ids of 2**31 and more read row N - 1; the int32 cast before the clip
+    # wrapped them to negative ids, which read row 0.
+    table, indices, weights, grad = make_inputs(SHAPES[1], np.float32, "uniform", 1)
+    wild = indices.astype(np.uint32)
+    wild[::3, 0] = 2**31 + 5
+    for backend in ("pallas_tpu", "xla", "reference"):
+        got = forward_and_vjp(table, wild, weights, grad, backend=backend)
+        assert_matches_bruteforce(got, table, wild.astype(np.int64), weights, grad)
+
+
+def test_tpu_kernel_runs_with_x64_enabled():
+    # jax_enable_x64 made a Python 2 in the kernel's slot arithmetic int64: TypeError
+    table, indices, weights, grad = make_inputs(SHAPES[1], np.float32, "uniform", 2)
+    with jax.enable_x64(True):
+        got = forward_and_vjp(table, indices, weights, grad, backend="pallas_tpu")
+    assert_matches_bruteforce(got, table, indices, weights, grad)
+
+
 def test_xla_chunked_path_matches(monkeypatch):
     # Calls whose gathered rows exceed CHUNK_BYTES run in token chunks
     # (lax.map, forward and d_weights); shrink the limit so that a small

@@ -73,7 +73,8 @@ def test_explicit_tiling_exports_for_tpu():
 @pytest.mark.parametrize("tiling, message", [
     ((100, 128, 128), "tiling.tm=100 is not legal on TPU"),   # not a multiple of 16 (bf16)
     ((128, 200, 128), "tiling.tk=200 is not legal on TPU"),
-    ((48, 128, 128), "tiling.tm=48 is not legal for the GPU"),  # TPU-legal, not a power of 2
+    # TPU-legal, not a power of 2: staged for both platforms, so refused, saying why
+    ((48, 128, 128), "tiling.tm=48 is not legal for the GPU.*must be legal for both"),
 ])
 def test_tiling_illegal_for_hardware_is_a_value_error(tiling, message):
     args = (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16), S((G,), jnp.int32))
@@ -111,6 +112,11 @@ def test_bad_tiling_argument_is_a_value_error():
      "backend must be one of"),
     (lambda: tgmm(jnp.ones((4, 3)), jnp.ones((5, 6)), jnp.array([2, 2])),
      "lhs has 4 rows but grad has 5"),
+    (lambda: tgmm(jnp.ones((4, 3), jnp.int32), jnp.ones((4, 6)), jnp.array([2, 2])),
+     "tgmm: lhs and grad must be floating point, got int32 and float32"),
+    (lambda: gmm_int8(jnp.ones((4, 3), jnp.int32), jnp.ones((2, 3, 6), jnp.int8), jnp.ones((2, 6)),
+                      jnp.array([2, 2])),
+     "gmm_int8: lhs must be floating point, got int32"),
     (lambda: gmm_int8(jnp.ones((4, 3)), jnp.ones((2, 3, 6)), jnp.ones((2, 6)), jnp.array([2, 2])),
      "rhs must be int8"),
     (lambda: gmm_int8(jnp.ones((4, 3)), jnp.ones((2, 3, 6), jnp.int8), jnp.ones((2, 3)),

@@ -114,6 +114,20 @@ def test_tgmm_forward_and_vjp_match_numpy(platform, case):
     assert not np.asarray(out)[sizes == 0].any()
 
 
+def test_gpu_kernels_run_with_x64_enabled():
+    # jax_enable_x64 types a Python int as int64: the GPU tgmm's row-step count mixed it
+    # with int32 group offsets in lax.div (TypeError in every gmm backward)
+    lhs, rhs, rng = _operands("tiny", jnp.float32, seed=4)
+    sizes = np.array([2, 3], np.int32)
+    d_out = jnp.asarray(rng.standard_normal((lhs.shape[0], rhs.shape[2])), jnp.float32)
+    with jax.enable_x64(True):
+        out, d_lhs, d_rhs = _gmm_and_vjp("gpu", "float32")(lhs, rhs, jnp.asarray(sizes), d_out)
+    want_lhs, want_rhs = gmm_vjp_np(lhs, rhs, sizes, d_out)
+    assert_close(out, gmm_np(lhs, rhs, sizes), "float32", "out")
+    assert_close(d_lhs, want_lhs, "float32", "d_lhs")
+    assert_close(d_rhs, want_rhs, "float32", "d_rhs")
+
+
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_gmm_int8_forward_and_vjp_match_dequantized_numpy(platform):
     m, k, n, g = SHAPES["remainders"]
@@ -142,6 +156,23 @@ def test_gmm_int8_forward_and_vjp_match_dequantized_numpy(platform):
     ref = gmm_int8(lhs, rhs_q, scale, jnp.asarray(sizes), backend="reference",
                    preferred_element_type=jnp.float32)
     assert_close(ref, gmm_np(lhs, weights, sizes), "float32", "int8 reference")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_int8_rows_past_the_groups_stay_zero_with_a_non_finite_scale(platform):
+    # The kernels stored 0 * scale[G - 1] in the rows past sum(group_sizes): NaN when the
+    # last group (empty here) has an inf scale. The rows of the groups must not see it.
+    m, k, n, _ = SHAPES["tiny"]
+    rng = np.random.default_rng(1)
+    lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    rhs_q = jnp.asarray(rng.integers(-127, 128, (2, k, n)), jnp.int8)
+    scale = jnp.asarray([[0.01] * n, [np.inf] * n], jnp.float32)
+    sizes = np.array([3, 0], np.int32)
+    choice = KernelChoice(TILING[platform], interpret=True, platform=platform)
+    out = gmm_int8_pallas(lhs, rhs_q, scale, jnp.asarray(sizes), jnp.dtype(jnp.float32), choice)
+    weights = np.asarray(rhs_q, np.float64) * np.array([0.01, 0.0])[:, None, None]
+    np.testing.assert_array_equal(np.asarray(out)[3:], 0)
+    assert_close(out, gmm_np(lhs, weights, sizes), "float32", "out")
 
 
 def test_public_gmm_pallas_backend_and_auto_agree_with_numpy():

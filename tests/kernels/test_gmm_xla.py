@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels_pallas import gmm, tgmm
+from kernels_pallas.gmm import gmm_int8
 from kernels_pallas.gmm.xla import gmm_xla, tgmm_xla, tile_sizes
 
 U_F32 = 2.0**-24
@@ -231,6 +232,39 @@ def test_negative_group_sizes_count_as_zero(backend):
     want = gmm_vjp_and_tgmm(lhs, rhs, jnp.asarray([0, 4, 3], jnp.int32), cot, "xla")
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["xla", "reference", "pallas"])
+def test_sizes_past_int32_are_cut_at_the_last_row(backend):
+    """A uint32 size of 2**31 (or an int64 one past it) owns every row to M, as any size
+    past M does; the int32 cast of the kernels used to wrap it to a negative size."""
+    lhs, rhs, cot = operands(7, 4, 3, 3, jnp.float32, seed=13)
+    got = gmm_vjp_and_tgmm(lhs, rhs, jnp.asarray([2, 2**31, 4], jnp.uint32), cot, backend)
+    sizes = np.asarray([2, 5, 0])  # group 1 owns the rows left after group 0
+    (want_out, _), (want_dlhs, _) = numpy_gmm(lhs, rhs, sizes), numpy_gmm(cot, np.swapaxes(rhs, 1, 2), sizes)
+    want_drhs, _ = numpy_tgmm(lhs, cot, sizes, 3)
+    for g, w in zip(got, (want_out, want_dlhs, want_drhs, want_drhs)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["xla", "auto"])
+def test_int8_non_finite_scale_of_one_group_stays_in_it(backend):
+    # int8 on CPU ran ragged_dot, which spread the NaN scale of group 1 (empty here) and
+    # the inf of group 3 to every row; the tile loop touches only each group's rows
+    lhs, _, _ = operands(7, 4, 3, 4, jnp.float32, seed=19)
+    rhs_q = jnp.asarray(np.random.default_rng(19).integers(-127, 128, (4, 4, 3)), jnp.int8)
+    scale = jnp.asarray([[0.5] * 3, [np.nan] * 3, [0.25] * 3, [np.inf] * 3], jnp.float32)
+    sizes = np.asarray([2, 0, 3, 0])
+    out = gmm_int8(lhs, rhs_q, scale, jnp.asarray(sizes), backend=backend)
+    weights = np.asarray(rhs_q, np.float64) * np.array([0.5, 0, 0.25, 0])[:, None, None]
+    np.testing.assert_allclose(out, numpy_gmm(lhs, weights, sizes)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_group_sizes_may_be_a_list():
+    # a list used to fail the shape check as "group_sizes must be 1-D [G], got shape ()"
+    lhs, rhs, _ = operands(7, 4, 3, 3, jnp.float32, seed=17)
+    np.testing.assert_allclose(gmm(lhs, rhs, [2, 0, 4]), numpy_gmm(lhs, rhs, [2, 0, 4])[0],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["xla", "reference"])
