@@ -180,3 +180,31 @@ def test_rope_scaling_overrides_rope_parameters_as_in_transformers(rope_scaling,
         assert (cfg.rope_yarn.factor, cfg.rope_yarn.original_max_position_embeddings, cfg.rope_yarn.beta_fast,
                 cfg.rope_yarn.truncate) == (theirs["factor"], theirs["original_max_position_embeddings"],
                                             theirs["beta_fast"], theirs.get("truncate", True))
+
+
+def test_tied_config_with_its_own_lm_head(references, workdir):
+    # Checkpoints may store lm_head.weight under tie_word_embeddings=true. transformers ties
+    # an exact copy of the embedding but keeps a different head untied: dropping that head
+    # (as a tied moejax model does) would change every logit, so it is refused by name.
+    from safetensors.numpy import load_file, save_file
+    from moejax.convert import UnsupportedConfigError
+    ref = references("mixtral-b")
+    assert ref.model.config.tie_word_embeddings
+    tensors = load_file(str(ref.path / "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+
+    def with_head(name, head):
+        path = workdir / f"mixtral-b-tied-head-{name}"
+        path.mkdir()
+        save_file({**tensors, "lm_head.weight": head}, str(path / "model.safetensors"))
+        (path / "config.json").write_text((ref.path / "config.json").read_text())
+        return path
+
+    _, cfg = load_hf(with_head("copy", embed.copy()))     # the embedding again: tied, as transformers
+    assert cfg.tie_embeddings
+    path = with_head("other", np.random.default_rng(0).normal(size=embed.shape).astype(np.float32))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = ref_lib.hf_logits(hf, ref.tokens)
+    assert ref_lib.rel_err(expected, ref.logits) > 0.1      # transformers uses the stored head
+    with pytest.raises(UnsupportedConfigError, match="tie_word_embeddings"):
+        load_hf(path)
