@@ -37,9 +37,10 @@ def _moe_prefix(reader: TensorReader, cfg: ModelConfig, family: Family) -> str:
                    f"in the checkpoint at {reader.directory}")
 
 
-def _ignorable(name: str, cfg: ModelConfig) -> bool:
-    """Tensors transformers itself skips: rotary caches, multi-token-prediction layers."""
-    if name.endswith("rotary_emb.inv_freq"):
+def _ignorable(name: str, cfg: ModelConfig, reader: TensorReader) -> bool:
+    """Tensors transformers itself skips (rotary caches, multi-token-prediction layers) and empty
+    ones, which add nothing (DeepSeek's shared experts of width moe_intermediate_size * 0)."""
+    if name.endswith("rotary_emb.inv_freq") or 0 in reader.shape(name):
         return True
     match = re.match(r"model\.layers\.(\d+)\.", name)
     return cfg.mla is not None and match is not None and int(match.group(1)) >= cfg.n_layers
@@ -104,12 +105,12 @@ def _fill_variables(pure: dict, reader: TensorReader, cfg: ModelConfig, family: 
             filled.add(sub)
     _check_tied_head(reader, cfg, pure["embed"])
     left = [n for n in reader.names() if n not in reader.read_names]
-    unused = [n for n in left if not _ignorable(n, cfg)]
+    unused = [n for n in left if not _ignorable(n, cfg, reader)]
     if unused:
         raise UnsupportedConfigError(f"{family.model_type}: checkpoint tensors not understood by "
                                      f"moejax.convert: {unused[:8]}{' ...' if len(unused) > 8 else ''}")
     if len(left) > len(unused):
-        log.info("skipped %d tensors transformers also ignores", len(left) - len(unused))
+        log.info("skipped %d tensors transformers also ignores or that are empty", len(left) - len(unused))
     missing = [p for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]
                if tuple(k.key for k in p) not in filled]
     if missing:

@@ -29,6 +29,9 @@ class Family:
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     shared_prefix: str | None = None
     shared_gate: str | None = None
+    # transformers builds these shared experts even when there are none (width
+    # moe_intermediate_size * 0), so save_hf writes them empty
+    empty_shared: bool = False
 
 
 def _cannot(family: str, problems: list[str]) -> None:
@@ -37,7 +40,7 @@ def _cannot(family: str, problems: list[str]) -> None:
             f"this moejax config cannot be written as {family}: " + "; ".join(problems))
 
 
-def _moe_problems(cfg: ModelConfig, *, router: str, shared: bool, gate: bool,
+def _moe_problems(cfg: ModelConfig, *, router: str, shared: bool | None, gate: bool,
                   scaling: bool = False, groups: bool = False) -> list[str]:
     moe = cfg.moe
     if moe is None:
@@ -48,7 +51,7 @@ def _moe_problems(cfg: ModelConfig, *, router: str, shared: bool, gate: bool,
         problems.append(f"ffn_kinds has {others} (only 'dense' and 'moe' exist in HF checkpoints)")
     if moe.router != router:
         problems.append(f"router={moe.router!r} (needs {router!r})")
-    if bool(moe.num_shared_experts) != shared:
+    if shared is not None and bool(moe.num_shared_experts) != shared:   # None: with or without
         problems.append(f"num_shared_experts={moe.num_shared_experts} ({'needs' if shared else 'no'} "
                         "shared experts)")
     if moe.shared_expert_gate != gate:
@@ -250,7 +253,7 @@ def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
 
 
 def _write_deepseek_v3(cfg: ModelConfig) -> dict[str, Any]:
-    problems = _moe_problems(cfg, router="sigmoid", shared=True, gate=False, scaling=True, groups=True)
+    problems = _moe_problems(cfg, router="sigmoid", shared=None, gate=False, scaling=True, groups=True)
     problems = [p for p in problems if p != "it uses MLA attention"]
     moe, mla = cfg.moe, cfg.mla
     if mla is None:
@@ -293,7 +296,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            lambda cfg: _write_qwen(cfg, qwen3=True)),
     Family("olmoe", "OlmoeForCausalLM", _read_olmoe, _write_olmoe),
     Family("deepseek_v3", "DeepseekV3ForCausalLM", _read_deepseek_v3, _write_deepseek_v3,
-           shared_prefix="shared_experts"),
+           shared_prefix="shared_experts", empty_shared=True),
 )}
 
 
