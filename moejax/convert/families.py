@@ -71,7 +71,7 @@ def _placement(cfg: ModelConfig) -> list[int]:
 
 # ----------------------------------------------------------------- Mixtral
 def _read_mixtral(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf, rope_theta=1e6, rms_norm_eps=1e-5)
+    common = read_common(hf, max_positions=4096 * 32, rope_theta=1e6, rms_norm_eps=1e-5)
     hf.expect("sliding_window", (None,), "moejax attention is full causal")
     hf.expect("router_jitter_noise", (0.0, 0), "training-time input jitter is not implemented")
     d_ff = hf.require("intermediate_size")
@@ -113,7 +113,7 @@ def _qwen_moe_layers(hf: HFConfig, n_layers: int) -> tuple[int, ...]:
 
 
 def _read_qwen(hf: HFConfig, *, qwen3: bool) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, max_positions=32768)
     if hf.flag("use_sliding_window", False):
         raise UnsupportedConfigError(f"{hf.model_type} config.json: use_sliding_window=True is not "
                                      "supported (moejax attention is full causal)")
@@ -177,7 +177,7 @@ def _write_qwen(cfg: ModelConfig, *, qwen3: bool) -> dict[str, Any]:
 
 # ------------------------------------------------------------------- OLMoE
 def _read_olmoe(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf, rms_norm_eps=1e-5)
+    common = read_common(hf, max_positions=4096, rms_norm_eps=1e-5)
     hf.expect("clip_qkv", (None,), "q/k/v clipping is not implemented")
     hf.expect("attention_bias", (False,), "OLMoE attention bias is not implemented")
     head_dim = hf.get("head_dim")
@@ -210,7 +210,7 @@ def _write_olmoe(cfg: ModelConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------- DeepSeek-V3
 def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, max_positions=4096)
     hf.expect("attention_bias", (False,), "MLA projection biases are not implemented")
     hf.expect("scoring_func", ("sigmoid",), "DeepSeek-V3 routing scores are sigmoids")
     hf.expect("topk_method", ("noaux_tc",), "DeepSeek-V3 selects with the correction bias")
@@ -222,7 +222,7 @@ def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
         raise UnsupportedConfigError(
             f"deepseek_v3 config.json: num_key_value_heads={common['n_kv_heads']} differs from "
             f"num_attention_heads={common['n_heads']} (MLA expands its latent to every head)")
-    _, _, softmax_mscale = read_rope(hf)  # YaRN's mscale_all_dim also scales MLA's softmax
+    _, _, softmax_mscale = read_rope(hf, common["max_seq_len"])  # YaRN's mscale_all_dim also scales MLA's softmax
     # Keys config.json leaves out take transformers' DeepseekV3Config defaults (2.5, 8, 4, ...),
     # not neutral values: a missing routed_scaling_factor scales the routed experts by 2.5 there.
     mla = MLAConfig(kv_lora_rank=hf.require("kv_lora_rank"),

@@ -134,7 +134,7 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     deepseek_keys = ("routed_scaling_factor", "n_group", "topk_group", "n_shared_experts",
                      "first_k_dense_replace", "q_lora_rank")
     for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "norm_topk_prob", "tie_word_embeddings",
-                *(deepseek_keys if model_type == "deepseek_v3" else ())):
+                "max_position_embeddings", *(deepseek_keys if model_type == "deepseek_v3" else ())):
         config.pop(key, None)
     path = workdir / f"{model_type}-defaults"
     path.mkdir()
@@ -144,6 +144,7 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     assert cfg.rms_norm_eps == defaults.rms_norm_eps
     assert cfg.rope_theta == defaults.rope_parameters["rope_theta"]
     assert cfg.tie_embeddings == defaults.tie_word_embeddings
+    assert cfg.max_seq_len == defaults.max_position_embeddings
     assert cfg.moe.norm_topk_prob == getattr(defaults, "norm_topk_prob", True)
     if model_type == "deepseek_v3":   # not neutral values: transformers scales by 2.5, routes in 8 groups
         assert (cfg.moe.routed_scaling_factor, cfg.moe.n_group, cfg.moe.topk_group, cfg.moe.num_shared_experts,
@@ -208,3 +209,21 @@ def test_tied_config_with_its_own_lm_head(references, workdir):
     assert ref_lib.rel_err(expected, ref.logits) > 0.1      # transformers uses the stored head
     with pytest.raises(UnsupportedConfigError, match="tie_word_embeddings"):
         load_hf(path)
+
+
+def test_yarn_without_factor_scales_by_the_default_max_positions(references, workdir):
+    # transformers' YaRN takes factor = max_position_embeddings / original_max_position_embeddings
+    # when factor is null, with the family's default max_position_embeddings when that is absent too.
+    import json
+    from moejax.convert import read_hf_config
+    ref = references("qwen3_moe-yarn")
+    config = json.loads((ref.path / "config.json").read_text())
+    config.pop("max_position_embeddings")
+    config["rope_parameters"]["factor"] = None        # null: inferred (transformers 5 needs the key)
+    path = workdir / "qwen3_moe-yarn-no-factor"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, _, _ = read_hf_config(path)
+    theirs = transformers.AutoConfig.from_pretrained(path)
+    original = config["rope_parameters"]["original_max_position_embeddings"]
+    assert cfg.rope_yarn.factor == theirs.max_position_embeddings / original
