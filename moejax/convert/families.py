@@ -71,7 +71,7 @@ def _placement(cfg: ModelConfig) -> list[int]:
 
 # ----------------------------------------------------------------- Mixtral
 def _read_mixtral(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf, max_positions=4096 * 32, rope_theta=1e6, rms_norm_eps=1e-5)
+    common = read_common(hf, max_positions=4096 * 32, n_kv_heads=8, rope_theta=1e6, rms_norm_eps=1e-5)
     hf.expect("sliding_window", (None,), "moejax attention is full causal")
     hf.expect("router_jitter_noise", (0.0, 0), "training-time input jitter is not implemented")
     d_ff = hf.require("intermediate_size")
@@ -113,7 +113,7 @@ def _qwen_moe_layers(hf: HFConfig, n_layers: int) -> tuple[int, ...]:
 
 
 def _read_qwen(hf: HFConfig, *, qwen3: bool) -> ModelConfig:
-    common = read_common(hf, max_positions=32768)
+    common = read_common(hf, max_positions=32768, n_kv_heads=4 if qwen3 else 16)
     if hf.flag("use_sliding_window", False):
         raise UnsupportedConfigError(f"{hf.model_type} config.json: use_sliding_window=True is not "
                                      "supported (moejax attention is full causal)")
@@ -210,7 +210,7 @@ def _write_olmoe(cfg: ModelConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------- DeepSeek-V3
 def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf, max_positions=4096)
+    common = read_common(hf, max_positions=4096)   # kv heads: MLA has one per head
     hf.expect("attention_bias", (False,), "MLA projection biases are not implemented")
     hf.expect("scoring_func", ("sigmoid",), "DeepSeek-V3 routing scores are sigmoids")
     hf.expect("topk_method", ("noaux_tc",), "DeepSeek-V3 selects with the correction bias")

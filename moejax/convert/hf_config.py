@@ -107,12 +107,13 @@ def read_fp8_block(hf: HFConfig) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
-def read_common(hf: HFConfig, *, max_positions: int, rope_theta: float = 10000.0,
-                rms_norm_eps: float = 1e-6) -> dict[str, Any]:
+def read_common(hf: HFConfig, *, max_positions: int, n_kv_heads: int | None = None,
+                rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6) -> dict[str, Any]:
     """Fields every supported family shares -> ModelConfig keyword arguments.
 
-    ``max_positions`` / ``rope_theta`` / ``rms_norm_eps`` are the family's
-    transformers defaults, used when config.json leaves the key out.
+    ``max_positions`` / ``n_kv_heads`` / ``rope_theta`` / ``rms_norm_eps`` are
+    the family's transformers defaults, used when config.json leaves the key
+    out (``n_kv_heads`` None: one per attention head).
     """
     hf.expect("hidden_act", ("silu",), "experts and dense FFNs are SwiGLU")
     hf.expect("attention_dropout", (0.0, 0), "moejax attention has no dropout")
@@ -124,13 +125,18 @@ def read_common(hf: HFConfig, *, max_positions: int, rope_theta: float = 10000.0
         d_model=hf.require("hidden_size"),
         n_layers=hf.require("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads", n_heads),   # 0 is refused by ModelConfig, not defaulted
+        # absent: the family's default; null: one per head (0 is refused by ModelConfig, not defaulted)
+        n_kv_heads=_or(hf.written("num_key_value_heads", n_kv_heads), n_heads),
         rope_theta=theta,
         rope_yarn=yarn,
         rms_norm_eps=float(hf.get("rms_norm_eps", rms_norm_eps)),
         tie_embeddings=hf.get("tie_word_embeddings", False),   # ModelConfig checks the types
         max_seq_len=max_positions,
     )
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 YARN_KEYS = frozenset({"factor", "original_max_position_embeddings", "beta_fast", "beta_slow",

@@ -227,3 +227,18 @@ def test_yarn_without_factor_scales_by_the_default_max_positions(references, wor
     theirs = transformers.AutoConfig.from_pretrained(path)
     original = config["rope_parameters"]["original_max_position_embeddings"]
     assert cfg.rope_yarn.factor == theirs.max_position_embeddings / original
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_absent_num_key_value_heads_takes_the_transformers_default(model_type, references, workdir):
+    # The defaults differ by family (Mixtral 8, Qwen2-MoE 16, Qwen3-MoE 4, OLMoE one per head).
+    import json
+    from moejax.convert import read_hf_config
+    config = json.loads((references(f"{model_type}-a").path / "config.json").read_text())
+    del config["num_key_value_heads"]
+    config.update(num_attention_heads=32, hidden_size=64)      # 32: no family default
+    path = workdir / f"{model_type}-no-kv-heads"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, _, _ = read_hf_config(path)
+    assert cfg.n_kv_heads == transformers.AutoConfig.from_pretrained(path).num_key_value_heads
