@@ -37,12 +37,11 @@ def _moe_prefix(reader: TensorReader, cfg: ModelConfig, family: Family) -> str:
                    f"in the checkpoint at {reader.directory}")
 
 
-def _ignorable(name: str, cfg: ModelConfig) -> bool:
-    """Tensors transformers itself skips: rotary caches, multi-token-prediction layers."""
-    if name.endswith("rotary_emb.inv_freq"):
+def _ignorable(name: str, cfg: ModelConfig, reader: TensorReader) -> bool:
+    """Tensors transformers itself skips (rotary caches, multi-token-prediction layers) and empty
+    ones, which add nothing (DeepSeek's shared experts of width moe_intermediate_size * 0)."""
+    if name.endswith("rotary_emb.inv_freq") or 0 in reader.shape(name):
         return True
-    if cfg.tie_embeddings and name == "lm_head.weight":
-        return True  # tied: the head is the embedding
     match = re.match(r"model\.layers\.(\d+)\.", name)
     return cfg.mla is not None and match is not None and int(match.group(1)) >= cfg.n_layers
 
@@ -104,17 +103,34 @@ def _fill_variables(pure: dict, reader: TensorReader, cfg: ModelConfig, family: 
             # next read (an async transfer would keep several alive at once).
             _set(pure, sub, jnp.array(array, jnp.float32, copy=True).block_until_ready())
             filled.add(sub)
+    _check_tied_head(reader, cfg, pure["embed"])
     left = [n for n in reader.names() if n not in reader.read_names]
-    unused = [n for n in left if not _ignorable(n, cfg)]
+    unused = [n for n in left if not _ignorable(n, cfg, reader)]
     if unused:
         raise UnsupportedConfigError(f"{family.model_type}: checkpoint tensors not understood by "
                                      f"moejax.convert: {unused[:8]}{' ...' if len(unused) > 8 else ''}")
     if len(left) > len(unused):
-        log.info("skipped %d tensors transformers also ignores", len(left) - len(unused))
+        log.info("skipped %d tensors transformers also ignores or that are empty", len(left) - len(unused))
     missing = [p for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]
                if tuple(k.key for k in p) not in filled]
     if missing:
         raise KeyError(f"moejax variables not found in the checkpoint: {missing[:8]}")
+
+
+def _check_tied_head(reader: TensorReader, cfg: ModelConfig, embed_VD) -> None:
+    """A tied config whose checkpoint still stores ``lm_head.weight``: the copy must be the embedding.
+
+    transformers ties only an lm_head equal to the embedding; a different one it keeps as an untied
+    head, so dropping it (as a tied moejax model would) changes every logit.
+    """
+    if not cfg.tie_embeddings or "lm_head.weight" not in reader:
+        return
+    head_VD = reader.get("lm_head.weight")
+    if head_VD.shape != embed_VD.shape or not np.array_equal(head_VD, np.asarray(embed_VD)):
+        raise UnsupportedConfigError(
+            "config.json has tie_word_embeddings=true, but the checkpoint's lm_head.weight differs from "
+            "model.embed_tokens.weight (transformers then keeps a separate head); set "
+            "tie_word_embeddings to false in config.json if the checkpoint's head is the one meant")
 
 
 def _check_model_fits(pure: dict, cfg: ModelConfig) -> None:

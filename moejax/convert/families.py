@@ -29,6 +29,9 @@ class Family:
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     shared_prefix: str | None = None
     shared_gate: str | None = None
+    # transformers builds these shared experts even when there are none (width
+    # moe_intermediate_size * 0), so save_hf writes them empty
+    empty_shared: bool = False
 
 
 def _cannot(family: str, problems: list[str]) -> None:
@@ -37,7 +40,7 @@ def _cannot(family: str, problems: list[str]) -> None:
             f"this moejax config cannot be written as {family}: " + "; ".join(problems))
 
 
-def _moe_problems(cfg: ModelConfig, *, router: str, shared: bool, gate: bool,
+def _moe_problems(cfg: ModelConfig, *, router: str, shared: bool | None, gate: bool,
                   scaling: bool = False, groups: bool = False) -> list[str]:
     moe = cfg.moe
     if moe is None:
@@ -48,7 +51,7 @@ def _moe_problems(cfg: ModelConfig, *, router: str, shared: bool, gate: bool,
         problems.append(f"ffn_kinds has {others} (only 'dense' and 'moe' exist in HF checkpoints)")
     if moe.router != router:
         problems.append(f"router={moe.router!r} (needs {router!r})")
-    if bool(moe.num_shared_experts) != shared:
+    if shared is not None and bool(moe.num_shared_experts) != shared:   # None: with or without
         problems.append(f"num_shared_experts={moe.num_shared_experts} ({'needs' if shared else 'no'} "
                         "shared experts)")
     if moe.shared_expert_gate != gate:
@@ -68,7 +71,7 @@ def _placement(cfg: ModelConfig) -> list[int]:
 
 # ----------------------------------------------------------------- Mixtral
 def _read_mixtral(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf, rope_theta=1e6, rms_norm_eps=1e-5)
+    common = read_common(hf, max_positions=4096 * 32, n_kv_heads=8, rope_theta=1e6, rms_norm_eps=1e-5)
     hf.expect("sliding_window", (None,), "moejax attention is full causal")
     hf.expect("router_jitter_noise", (0.0, 0), "training-time input jitter is not implemented")
     d_ff = hf.require("intermediate_size")
@@ -110,7 +113,7 @@ def _qwen_moe_layers(hf: HFConfig, n_layers: int) -> tuple[int, ...]:
 
 
 def _read_qwen(hf: HFConfig, *, qwen3: bool) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, max_positions=32768, n_kv_heads=4 if qwen3 else 16)
     if hf.flag("use_sliding_window", False):
         raise UnsupportedConfigError(f"{hf.model_type} config.json: use_sliding_window=True is not "
                                      "supported (moejax attention is full causal)")
@@ -174,7 +177,7 @@ def _write_qwen(cfg: ModelConfig, *, qwen3: bool) -> dict[str, Any]:
 
 # ------------------------------------------------------------------- OLMoE
 def _read_olmoe(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf, rms_norm_eps=1e-5)
+    common = read_common(hf, max_positions=4096, rms_norm_eps=1e-5)
     hf.expect("clip_qkv", (None,), "q/k/v clipping is not implemented")
     hf.expect("attention_bias", (False,), "OLMoE attention bias is not implemented")
     head_dim = hf.get("head_dim")
@@ -207,7 +210,7 @@ def _write_olmoe(cfg: ModelConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------- DeepSeek-V3
 def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, max_positions=4096)   # kv heads: MLA has one per head
     hf.expect("attention_bias", (False,), "MLA projection biases are not implemented")
     hf.expect("scoring_func", ("sigmoid",), "DeepSeek-V3 routing scores are sigmoids")
     hf.expect("topk_method", ("noaux_tc",), "DeepSeek-V3 selects with the correction bias")
@@ -219,7 +222,7 @@ def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
         raise UnsupportedConfigError(
             f"deepseek_v3 config.json: num_key_value_heads={common['n_kv_heads']} differs from "
             f"num_attention_heads={common['n_heads']} (MLA expands its latent to every head)")
-    _, _, softmax_mscale = read_rope(hf)  # YaRN's mscale_all_dim also scales MLA's softmax
+    _, _, softmax_mscale = read_rope(hf, common["max_seq_len"])  # YaRN's mscale_all_dim also scales MLA's softmax
     # Keys config.json leaves out take transformers' DeepseekV3Config defaults (2.5, 8, 4, ...),
     # not neutral values: a missing routed_scaling_factor scales the routed experts by 2.5 there.
     mla = MLAConfig(kv_lora_rank=hf.require("kv_lora_rank"),
@@ -250,7 +253,7 @@ def _read_deepseek_v3(hf: HFConfig) -> ModelConfig:
 
 
 def _write_deepseek_v3(cfg: ModelConfig) -> dict[str, Any]:
-    problems = _moe_problems(cfg, router="sigmoid", shared=True, gate=False, scaling=True, groups=True)
+    problems = _moe_problems(cfg, router="sigmoid", shared=None, gate=False, scaling=True, groups=True)
     problems = [p for p in problems if p != "it uses MLA attention"]
     moe, mla = cfg.moe, cfg.mla
     if mla is None:
@@ -293,7 +296,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            lambda cfg: _write_qwen(cfg, qwen3=True)),
     Family("olmoe", "OlmoeForCausalLM", _read_olmoe, _write_olmoe),
     Family("deepseek_v3", "DeepseekV3ForCausalLM", _read_deepseek_v3, _write_deepseek_v3,
-           shared_prefix="shared_experts"),
+           shared_prefix="shared_experts", empty_shared=True),
 )}
 
 

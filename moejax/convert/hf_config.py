@@ -107,29 +107,36 @@ def read_fp8_block(hf: HFConfig) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
-def read_common(hf: HFConfig, *, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6
-                ) -> dict[str, Any]:
+def read_common(hf: HFConfig, *, max_positions: int, n_kv_heads: int | None = None,
+                rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6) -> dict[str, Any]:
     """Fields every supported family shares -> ModelConfig keyword arguments.
 
-    ``rope_theta`` / ``rms_norm_eps`` are the family's transformers defaults,
-    used when config.json leaves the key out.
+    ``max_positions`` / ``n_kv_heads`` / ``rope_theta`` / ``rms_norm_eps`` are
+    the family's transformers defaults, used when config.json leaves the key
+    out (``n_kv_heads`` None: one per attention head).
     """
     hf.expect("hidden_act", ("silu",), "experts and dense FFNs are SwiGLU")
     hf.expect("attention_dropout", (0.0, 0), "moejax attention has no dropout")
     n_heads = hf.require("num_attention_heads")
-    theta, yarn, _ = read_rope(hf, rope_theta)
+    max_positions = hf.get("max_position_embeddings", max_positions)
+    theta, yarn, _ = read_rope(hf, max_positions, rope_theta)
     return dict(
         vocab_size=hf.require("vocab_size"),
         d_model=hf.require("hidden_size"),
         n_layers=hf.require("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads", n_heads),   # 0 is refused by ModelConfig, not defaulted
+        # absent: the family's default; null: one per head (0 is refused by ModelConfig, not defaulted)
+        n_kv_heads=_or(hf.written("num_key_value_heads", n_kv_heads), n_heads),
         rope_theta=theta,
         rope_yarn=yarn,
         rms_norm_eps=float(hf.get("rms_norm_eps", rms_norm_eps)),
         tie_embeddings=hf.get("tie_word_embeddings", False),   # ModelConfig checks the types
-        max_seq_len=hf.get("max_position_embeddings", 2048),
+        max_seq_len=max_positions,
     )
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 YARN_KEYS = frozenset({"factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
@@ -141,8 +148,12 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def read_rope(hf: HFConfig, default_theta: float = 10000.0) -> tuple[float, YarnConfig | None, float]:
+def read_rope(hf: HFConfig, max_positions: int, default_theta: float = 10000.0
+              ) -> tuple[float, YarnConfig | None, float]:
     """(rope_theta, YaRN config or None, DeepSeek softmax mscale) from config.json.
+
+    ``max_positions`` is the model's max_position_embeddings (YaRN without a
+    ``factor`` scales by its ratio to original_max_position_embeddings).
 
     transformers 5 writes ``rope_parameters``; 4.x writes ``rope_theta`` and
     ``rope_scaling``. When both are present, ``rope_scaling`` is the one that
@@ -170,7 +181,7 @@ def read_rope(hf: HFConfig, default_theta: float = 10000.0) -> tuple[float, Yarn
     if not original:
         raise UnsupportedConfigError(f"{hf.model_type} config.json: yarn needs "
                                      "original_max_position_embeddings")
-    factor = float(entry.get("factor") or hf.data["max_position_embeddings"] / original)
+    factor = float(entry.get("factor") or max_positions / original)
     attention_factor = entry.get("attention_factor")
     mscale, mscale_all_dim = entry.get("mscale"), entry.get("mscale_all_dim")
     if attention_factor is None:  # transformers' inference of the cos/sin magnitude

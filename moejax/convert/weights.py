@@ -72,6 +72,14 @@ def swiglu(path: Path, prefix: str, d_model: int, d_ff: int, names=("gate_proj",
             linear(path + ("w_down",), f"{prefix}.{down}.weight", (d_ff, d_model))]
 
 
+def empty_swiglu(prefix: str, d_model: int) -> Entry:
+    """A SwiGLU of width 0 (adds nothing): written so transformers finds every tensor it builds;
+    on load its empty tensors are skipped."""
+    shapes = {"gate_proj": (0, d_model), "up_proj": (0, d_model), "down_proj": (d_model, 0)}
+    return Entry((), lambda r: (), lambda: [(f"{prefix}.{name}.weight", np.zeros(shape, np.float32))
+                                            for name, shape in shapes.items()])
+
+
 def stacked_experts(path: Path, prefix: str, num_experts: int, d_model: int, d_ff: int,
                     names: tuple[str, str, str], fused: bool) -> Entry:
     """Routed experts: per-expert HF tensors or the fused 3-D pair <-> w_gate, w_up, w_down."""
@@ -191,6 +199,8 @@ def moe_entries(cfg: ModelConfig, family: Family, path: Path, prefix: str, fused
     if moe.num_shared_experts:
         entries += swiglu(path + ("shared",), f"{prefix}.{family.shared_prefix}", cfg.d_model,
                           moe.shared_hidden)
+    elif family.empty_shared:
+        entries.append(empty_swiglu(f"{prefix}.{family.shared_prefix}", cfg.d_model))
     if moe.shared_expert_gate:
         entries.append(linear(path + ("shared_gate",), f"{prefix}.{family.shared_gate}.weight",
                               (cfg.d_model, 1)))

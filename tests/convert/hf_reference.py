@@ -68,6 +68,14 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                           q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=6,
                                           v_head_dim=10, routed_scaling_factor=1.5, norm_topk_prob=False,
                                           rope_interleave=False)),
+    # n_shared_experts=0: transformers still builds the shared experts, 0 wide (empty tensors)
+    "deepseek_v3-noshared": ("deepseek_v3", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=4, n_routed_experts=4,
+                                                 num_experts_per_tok=2, n_group=2, topk_group=1,
+                                                 n_shared_experts=0, first_k_dense_replace=1, kv_lora_rank=16,
+                                                 q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                 v_head_dim=12, routed_scaling_factor=2.5)),
     # YaRN: blended frequencies, cos/sin magnitude, (DeepSeek) the softmax mscale, (Qwen3)
     # untruncated correction range with non-default betas.
     "deepseek_v3-yarn": ("deepseek_v3", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,

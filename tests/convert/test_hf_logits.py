@@ -134,7 +134,7 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     deepseek_keys = ("routed_scaling_factor", "n_group", "topk_group", "n_shared_experts",
                      "first_k_dense_replace", "q_lora_rank")
     for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "norm_topk_prob", "tie_word_embeddings",
-                *(deepseek_keys if model_type == "deepseek_v3" else ())):
+                "max_position_embeddings", *(deepseek_keys if model_type == "deepseek_v3" else ())):
         config.pop(key, None)
     path = workdir / f"{model_type}-defaults"
     path.mkdir()
@@ -144,6 +144,7 @@ def test_absent_keys_take_the_transformers_defaults(model_type, references, work
     assert cfg.rms_norm_eps == defaults.rms_norm_eps
     assert cfg.rope_theta == defaults.rope_parameters["rope_theta"]
     assert cfg.tie_embeddings == defaults.tie_word_embeddings
+    assert cfg.max_seq_len == defaults.max_position_embeddings
     assert cfg.moe.norm_topk_prob == getattr(defaults, "norm_topk_prob", True)
     if model_type == "deepseek_v3":   # not neutral values: transformers scales by 2.5, routes in 8 groups
         assert (cfg.moe.routed_scaling_factor, cfg.moe.n_group, cfg.moe.topk_group, cfg.moe.num_shared_experts,
@@ -180,3 +181,64 @@ def test_rope_scaling_overrides_rope_parameters_as_in_transformers(rope_scaling,
         assert (cfg.rope_yarn.factor, cfg.rope_yarn.original_max_position_embeddings, cfg.rope_yarn.beta_fast,
                 cfg.rope_yarn.truncate) == (theirs["factor"], theirs["original_max_position_embeddings"],
                                             theirs["beta_fast"], theirs.get("truncate", True))
+
+
+def test_tied_config_with_its_own_lm_head(references, workdir):
+    # Checkpoints may store lm_head.weight under tie_word_embeddings=true. transformers ties
+    # an exact copy of the embedding but keeps a different head untied: dropping that head
+    # (as a tied moejax model does) would change every logit, so it is refused by name.
+    from safetensors.numpy import load_file, save_file
+    from moejax.convert import UnsupportedConfigError
+    ref = references("mixtral-b")
+    assert ref.model.config.tie_word_embeddings
+    tensors = load_file(str(ref.path / "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"]
+
+    def with_head(name, head):
+        path = workdir / f"mixtral-b-tied-head-{name}"
+        path.mkdir()
+        save_file({**tensors, "lm_head.weight": head}, str(path / "model.safetensors"))
+        (path / "config.json").write_text((ref.path / "config.json").read_text())
+        return path
+
+    _, cfg = load_hf(with_head("copy", embed.copy()))     # the embedding again: tied, as transformers
+    assert cfg.tie_embeddings
+    path = with_head("other", np.random.default_rng(0).normal(size=embed.shape).astype(np.float32))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = ref_lib.hf_logits(hf, ref.tokens)
+    assert ref_lib.rel_err(expected, ref.logits) > 0.1      # transformers uses the stored head
+    with pytest.raises(UnsupportedConfigError, match="tie_word_embeddings"):
+        load_hf(path)
+
+
+def test_yarn_without_factor_scales_by_the_default_max_positions(references, workdir):
+    # transformers' YaRN takes factor = max_position_embeddings / original_max_position_embeddings
+    # when factor is null, with the family's default max_position_embeddings when that is absent too.
+    import json
+    from moejax.convert import read_hf_config
+    ref = references("qwen3_moe-yarn")
+    config = json.loads((ref.path / "config.json").read_text())
+    config.pop("max_position_embeddings")
+    config["rope_parameters"]["factor"] = None        # null: inferred (transformers 5 needs the key)
+    path = workdir / "qwen3_moe-yarn-no-factor"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, _, _ = read_hf_config(path)
+    theirs = transformers.AutoConfig.from_pretrained(path)
+    original = config["rope_parameters"]["original_max_position_embeddings"]
+    assert cfg.rope_yarn.factor == theirs.max_position_embeddings / original
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_absent_num_key_value_heads_takes_the_transformers_default(model_type, references, workdir):
+    # The defaults differ by family (Mixtral 8, Qwen2-MoE 16, Qwen3-MoE 4, OLMoE one per head).
+    import json
+    from moejax.convert import read_hf_config
+    config = json.loads((references(f"{model_type}-a").path / "config.json").read_text())
+    del config["num_key_value_heads"]
+    config.update(num_attention_heads=32, hidden_size=64)      # 32: no family default
+    path = workdir / f"{model_type}-no-kv-heads"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    cfg, _, _ = read_hf_config(path)
+    assert cfg.n_kv_heads == transformers.AutoConfig.from_pretrained(path).num_key_value_heads
