@@ -132,6 +132,14 @@ def test_scheduler_queue_limit():
     assert buckets_for(64) == (1, 16, 64)
 
 
+@pytest.mark.parametrize("field,value", [("num_slots", 0), ("num_slots", 2.5), ("max_chunk", 0),
+                                         ("max_waiting", 0)])   # 0: every submit refused, generate hung
+def test_bad_scheduler_sizes_name_the_argument(field, value):
+    sizes = dict(num_slots=2, max_chunk=4, max_waiting=8)
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
+        Scheduler(**{**sizes, field: value})
+
+
 def test_numpy_scalars_are_numbers():
     got = SamplingParams(max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_p=np.float64(0.9),
                          top_k=np.int32(5), seed=np.uint32(7))
