@@ -27,7 +27,6 @@ from flax import nnx
 
 from moejax.experts import quantize_experts
 from moejax.model import Transformer
-from moejax.moe import MoE
 from moejax.validate import as_int
 from serve import runner as runner_lib
 from serve.export import ExportError, key_of, read_checkpoint
@@ -194,15 +193,24 @@ class Engine:
                 zeros_B, np.zeros((rows, 2), np.uint32), zeros_B)
 
     def moe_layers(self) -> list[tuple[int, nnx.Module]]:
-        """(layer index, MoE module) of every MoE layer (unrolled layers: serving configs are)."""
-        return [(i, b.ffn) for i, b in enumerate(self.model.layers) if isinstance(b.ffn, MoE)]
+        """(layer index, MoE module) of every layer with routed experts, the MoE beside a memory
+        ('engram+moe', 'pkm+moe') included (unrolled layers: serving configs are)."""
+        from serve.offload.offloaded import moe_of
+        if not hasattr(self.model, "layers"):
+            raise ValueError("moe_layers: the model's layers are scanned (stacked); serve an "
+                             "exported checkpoint (python -m serve export unrolls them)")
+        return [(i, m[0]) for i, b in enumerate(self.model.layers) if (m := moe_of(b.ffn)) is not None]
 
     def replace_experts(self, layer: int, experts: nnx.Module) -> None:
         """Swap the experts object of MoE layer ``layer`` (idle engine only; recompiles)."""
         with self._lock:
             if self.scheduler.has_work():
                 raise RuntimeError("replace_experts needs an idle engine")
-            self.model.layers[layer].ffn.experts = experts
+            moes = dict(self.moe_layers())
+            if layer not in moes:
+                raise ValueError(f"replace_experts: layer {layer!r} is not an MoE layer (those are "
+                                 f"{sorted(moes)})")
+            moes[layer].experts = experts     # the MoE itself: beside a memory it is ffn.ffn
             self._build()
 
     # ------------------------------------------------------------------ requests

@@ -98,8 +98,10 @@ def _sample_row(logits_V, temperature, top_p, top_k, seed_2, index):
     # top-k: keep logits >= the k-th largest (k = 0 keeps all)
     kth = sorted_V[jnp.clip(jnp.where(top_k > 0, top_k, vocab) - 1, 0, vocab - 1)]
     # top-p: the smallest prefix of the sorted distribution whose mass reaches top_p; never
-    # empty (a top_p that is 0 in float32 keeps the top token), everything at top_p = 1
-    probs_V = jax.nn.softmax(sorted_V)
+    # empty (a top_p that is 0 in float32 keeps the top token), everything at top_p = 1.
+    # The mass is that of the top-k survivors, renormalised (top-k first, then top-p, as
+    # Hugging Face and vLLM filter): over the whole vocabulary it would keep more tokens
+    probs_V = jax.nn.softmax(jnp.where(sorted_V >= kth, sorted_V, -jnp.inf))
     before_V = jnp.cumsum(probs_V) - probs_V          # mass strictly above each entry
     cutoff = jnp.min(jnp.where((before_V < top_p) | (top_p >= 1.0), sorted_V, sorted_V[0]))
     keep_V = (scaled_V >= kth) & (scaled_V >= cutoff)

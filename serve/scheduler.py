@@ -99,9 +99,11 @@ class Scheduler:
     """Fixed slots, a FIFO queue, chunked prefill (see module docstring)."""
 
     def __init__(self, num_slots: int, max_chunk: int, max_waiting: int = 256, row_buckets: bool = False):
-        if num_slots < 1 or max_chunk < 1 or max_waiting < 0:
-            raise ValueError(f"need num_slots >= 1, max_chunk >= 1, max_waiting >= 0; got "
-                             f"{num_slots}, {max_chunk}, {max_waiting}")
+        # max_waiting >= 1 too: a request waits in the queue until a step admits it to a slot,
+        # so with no room there every submit is refused and generate() would wait forever
+        for name, value in (("num_slots", num_slots), ("max_chunk", max_chunk), ("max_waiting", max_waiting)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.num_slots, self.max_chunk, self.max_waiting = num_slots, max_chunk, max_waiting
         self.buckets = buckets_for(max_chunk)
         self.row_buckets = row_buckets_for(num_slots) if row_buckets else (num_slots,)

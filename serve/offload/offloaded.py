@@ -163,6 +163,17 @@ class OffloadedModel:
         else the S new tokens of each row appended to the per-layer caches of
         :meth:`init_caches` (``valid_BS`` False on padding, which is neither cached nor
         fetched for; a row whose first position is 0 starts afresh)."""
+        try:
+            return self._forward(tokens_BS, positions_BS, valid_BS, caches)
+        except BaseException:
+            # a slot table records a step's loads before the copies are made: a step that
+            # fails part-way (a store read error, Ctrl-C) leaves it naming experts their
+            # slots never received, which later steps would compute with
+            for table in self.tables:
+                table.clear()
+            raise
+
+    def _forward(self, tokens_BS, positions_BS, valid_BS, caches):
         tokens_BS = jnp.asarray(tokens_BS, jnp.int32)
         batch, seq = tokens_BS.shape
         if positions_BS is None:

@@ -261,3 +261,21 @@ def test_row_buckets_step_only_up_to_the_last_busy_slot():
     assert heights[last_4:] == sorted(heights[last_4:], reverse=True), heights
     for prompt, request in zip(PROMPTS, requests):
         assert request.generated == reference_greedy(model, prompt, len(request.generated))
+
+
+def test_replace_experts_swaps_the_moe_beside_a_memory():
+    # 'engram+moe' holds its MoE at ffn.ffn: the swap must reach it (setting ffn.experts on
+    # the wrapper left the float experts computing). Reference: the full forward of the same
+    # model with every routed expert quantized.
+    memory = moejax.MemoryConfig(ngram_orders=(2,), ngram_heads=2, ngram_table_rows=256, ngram_d_row=8)
+    cfg = micro_config(memory=memory, ffn_kinds=("engram+moe", "moe"))
+    model, quantized = (moejax.Transformer(cfg, rngs=nnx.Rngs(3)) for _ in range(2))
+    moejax.quantize_experts(quantized)
+    engine = Engine(model, ByteTokenizer(), num_slots=2, max_len=PAD_LEN, max_chunk=8)
+    assert [i for i, _ in engine.moe_layers()] == [0, 1]
+    for i, moe in engine.moe_layers():
+        engine.replace_experts(i, moejax.experts.Int8Experts.from_float(moe.experts))
+    outs = engine.generate(PROMPTS[1:3], max_new_tokens=6)
+    assert [o.tokens for o in outs] == [reference_greedy(quantized, p, 6) for p in PROMPTS[1:3]]
+    with pytest.raises(ValueError, match="layer 5 is not an MoE layer"):
+        engine.replace_experts(5, moe.experts)

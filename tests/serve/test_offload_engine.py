@@ -116,6 +116,26 @@ def test_continuous_batching_equals_solo(checkpoint):
     assert [r.generated for r in [first, *later]] == solo
 
 
+def test_a_copy_that_fails_mid_step_leaves_no_stale_slot(checkpoint):
+    """A store read that raises part-way through a step: the step's requests fail, and the
+    next generate still equals the resident engine (the slot table had recorded loads whose
+    copies never happened; computing from those slots gave other tokens)."""
+    path, _, _, batch = checkpoint
+    engine = offloaded(path, slots_per_layer=2, prefetch=False)
+    store, fetch, calls = engine.offloaded.store, engine.offloaded.store.fetch, []
+
+    def failing_third_copy(layer, expert):
+        calls.append((layer, expert))
+        if len(calls) == 3:
+            raise OSError("read failed")
+        return fetch(layer, expert)
+
+    store.fetch = failing_third_copy
+    with pytest.raises(OSError, match="read failed"):
+        engine.generate(PROMPTS, max_new_tokens=NEW)
+    assert [o.tokens for o in engine.generate(PROMPTS, max_new_tokens=NEW)] == batch
+
+
 def test_cached_decode_logits_match_full_forward(checkpoint):
     _, model, _, _ = checkpoint
     tokens = np.array([[3, 9, 4, 1, 7, 2, 8, 5]], np.int32)

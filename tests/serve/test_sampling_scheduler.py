@@ -33,6 +33,29 @@ def test_sampling_follows_the_filtered_softmax():
     assert set(draws(200, temperature=0.0)) == {0}
 
 
+def filtered_probs(logits, top_k, top_p):
+    """numpy reference of the filter order Hugging Face and vLLM use: top-k, renormalise,
+    then the smallest prefix of that distribution whose mass reaches top_p."""
+    order = np.argsort(-logits, kind="stable")
+    probs = np.exp(logits[order] - logits.max())
+    probs[top_k:] = 0.0
+    probs /= probs.sum()
+    keep = (np.cumsum(probs) - probs) < top_p
+    probs = np.where(keep, probs, 0.0)
+    out = np.zeros_like(probs)
+    out[order] = probs / probs.sum()
+    return out
+
+
+def test_top_p_measures_the_mass_of_the_top_k_survivors():
+    # top-2 leaves {0.4, 0.3} -> {0.57, 0.43}: top_p=0.5 keeps token 0 alone (over the whole
+    # vocabulary its mass 0.4 falls short of 0.5 and token 1 would stay too)
+    n = 2000
+    for top_k, top_p in ((2, 0.5), (3, 0.8)):
+        freq = np.bincount(draws(n, top_k=top_k, top_p=top_p), minlength=5) / n
+        np.testing.assert_allclose(freq, filtered_probs(LOGITS, top_k, top_p), atol=0.03)
+
+
 def test_top_p_that_underflows_float32_keeps_the_top_token():
     # 1e-46 is a valid top_p (> 0) but 0 in float32: the smallest prefix is still the top token
     for logits in (LOGITS, LOGITS[::-1]):
@@ -107,6 +130,14 @@ def test_scheduler_queue_limit():
     with pytest.raises(QueueFull):
         sched.submit(_req(1))
     assert buckets_for(64) == (1, 16, 64)
+
+
+@pytest.mark.parametrize("field,value", [("num_slots", 0), ("num_slots", 2.5), ("max_chunk", 0),
+                                         ("max_waiting", 0)])   # 0: every submit refused, generate hung
+def test_bad_scheduler_sizes_name_the_argument(field, value):
+    sizes = dict(num_slots=2, max_chunk=4, max_waiting=8)
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1"):
+        Scheduler(**{**sizes, field: value})
 
 
 def test_numpy_scalars_are_numbers():
