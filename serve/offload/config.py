@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from moejax.validate import as_int
 from serve.offload.policies import POLICIES
 from serve.offload.trace import RoutingTrace, budgets_from_trace, expert_frequency_LE
 
@@ -46,9 +47,10 @@ class OffloadConfig:
     lfru_decay: float = 0.75
 
     def __post_init__(self):
-        s = self.slots_per_layer
-        _need(isinstance(s, int) and not isinstance(s, bool) and s >= 1, "slots_per_layer",
-              f"must be an int >= 1 (device slots per MoE layer), got {s!r}")
+        s = as_int(self.slots_per_layer)     # numpy / JAX integer scalars count as ints
+        _need(s is not None and s >= 1, "slots_per_layer",
+              f"must be an int >= 1 (device slots per MoE layer), got {self.slots_per_layer!r}")
+        object.__setattr__(self, "slots_per_layer", s)
         _need(isinstance(self.policy, str) and self.policy in POLICIES, "policy", f"must be one of {tuple(POLICIES)}, got {self.policy!r}")
         _need(isinstance(self.prefetch, bool), "prefetch", f"must be True or False, got {self.prefetch!r}")
         _need(self.store in STORES, "store", f"must be one of {STORES}, got {self.store!r}")

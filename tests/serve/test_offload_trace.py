@@ -109,6 +109,8 @@ def test_expert_bytes_count_what_one_copy_moves(model):
 
 def test_offload_config_errors_name_the_field(tmp_path):
     for kwargs, field in [(dict(slots_per_layer=0), "slots_per_layer"),
+                          (dict(slots_per_layer=2.0), "slots_per_layer"),
+                          (dict(slots_per_layer=True), "slots_per_layer"),
                           (dict(policy="fifo"), "policy"),
                           (dict(policy=["lru"]), "policy"),
                           (dict(store="gpu"), "store"),
@@ -123,6 +125,8 @@ def test_offload_config_errors_name_the_field(tmp_path):
             OffloadConfig(**kwargs)
     with pytest.raises(OffloadConfigError, match="slots_per_layer.*only 6 experts"):
         OffloadConfig(slots_per_layer=7).resolve(2, 6)
+    # a numpy integer (e.g. read from an array of settings) is an int, kept as a Python one
+    assert type(OffloadConfig(slots_per_layer=np.int64(4)).slots_per_layer) is int
 
 
 def test_offload_config_budgets_from_trace():
