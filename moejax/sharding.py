@@ -26,9 +26,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.validate import as_int
+from moejax.mesh_spec import MESH_AXES, check_mesh_shape, parse_mesh_spec  # noqa: F401 (public here)
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 class FallbackWarning(UserWarning):
@@ -136,35 +135,6 @@ def use_rules(rules: ShardingRules | None):
         yield rules
     finally:
         _RULES.reset(token)
-
-
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """'data=2,expert=4' -> {'data': 2, 'expert': 4}, with clear errors."""
-    shape: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, eq, size = part.partition("=")
-        name, size = name.strip(), size.strip()
-        if not eq or not size.isdecimal() or int(size) < 1:
-            raise ValueError(f"bad mesh entry {part!r} in {spec!r}: expected AXIS=SIZE with SIZE >= 1")
-        if name in shape:
-            raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
-        shape[name] = int(size)
-    if not shape:
-        raise ValueError(f"empty mesh spec {spec!r}; expected e.g. 'data=2,expert=4'")
-    return check_mesh_shape(shape, spec)
-
-
-def check_mesh_shape(shape: Mapping[str, int], spec: object = None) -> dict[str, int]:
-    """A mesh shape {axis: size} with known axis names and integer sizes >= 1, as a dict
-    (``spec``: what the user wrote, for the messages)."""
-    spec = dict(shape) if spec is None else spec
-    for name, size in shape.items():
-        if name not in MESH_AXES:
-            raise ValueError(f"unknown mesh axis {name!r} in {spec!r}; allowed: {', '.join(MESH_AXES)}")
-        if as_int(size) is None or as_int(size) < 1:
-            raise ValueError(f"mesh axis {name!r} has size {size!r} in {spec!r}; "
-                             f"expected an integer >= 1")
-    return {name: as_int(size) for name, size in shape.items()}
 
 
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moejax.config import REMATS, ConfigError, ModelConfig
+from moejax.mesh_spec import parse_mesh_spec
 
 DEFAULT_PRESET = "tiny"
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -104,6 +105,11 @@ class TrainConfig:
             raise TrainError("--out must name a directory")
         requested_model(self)  # --preset/--set errors now, before any data is read
         parse_param_groups(self.param_groups)  # their syntax; what they match needs the model
+        if self.mesh is not None:  # its syntax and axis names; the device count needs jax
+            try:
+                parse_mesh_spec(self.mesh)
+            except ValueError as err:
+                raise TrainError(f"--mesh: {err}") from None
 
     @property
     def tokens_per_step(self) -> int:

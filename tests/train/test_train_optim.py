@@ -85,6 +85,14 @@ def test_param_group_syntax_is_checked_with_the_other_flags(rule):
         TrainConfig(param_groups=(rule,))
 
 
+@pytest.mark.parametrize("mesh", ["data=two", "expret=8", "data=2,data=2", "data=0", ""])
+def test_mesh_syntax_is_checked_with_the_other_flags(mesh):
+    """A malformed --mesh fails with the flags, before jax is imported (it used to fail
+    only once jax was imported and the devices listed, ~10 s later)."""
+    with pytest.raises(TrainError, match="--mesh: "):
+        TrainConfig(mesh=mesh)
+
+
 def test_memory_values_get_their_own_lr_and_no_weight_decay_by_default():
     params = {"w": jnp.full((2, 3), 2.0), "ffn": {"values": {"mem_values": jnp.full((4, 3), 2.0)}}}
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), params)
