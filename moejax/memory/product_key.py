@@ -35,6 +35,11 @@ def topk_from_halves(s1_Xn: Float[Array, "... n"], s2_Xn: Float[Array, "... n"],
     Differentiable in the scores (gathers only).
     """
     n = s1_Xn.shape[-1]
+    if s1_Xn.shape != s2_Xn.shape:
+        raise ValueError(f"topk_from_halves: the halves' scores need one shape, got {s1_Xn.shape} "
+                         f"and {s2_Xn.shape}")
+    if validate.as_int(k) is None or not 1 <= k <= n:
+        raise ValueError(f"topk_from_halves: k={k!r} must be an int in [1, n={n}]")
     v1_Xk, i1_Xk = _topk_in_index_order(s1_Xn, k)
     v2_Xk, i2_Xk = _topk_in_index_order(s2_Xn, k)
     lead = v1_Xk.shape[:-1]

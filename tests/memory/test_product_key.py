@@ -10,6 +10,7 @@ from flax import nnx
 
 from moejax.config import MemoryConfig
 from moejax.memory import ProductKeyMemory, MemoryValues, product_key_topk
+from moejax.memory.product_key import topk_from_halves
 
 
 @jax.jit
@@ -60,6 +61,12 @@ def test_topk_rejects_bad_arguments():
             product_key_topk(q, k1, k2, bad)
     with pytest.raises(ValueError, match="subkeys"):
         product_key_topk(q[:, :6], k1, k2, 2)
+    # the public half-scores form checks its k too (k > n failed inside lax.top_k)
+    s1, s2 = jnp.ones((3, 4)), jnp.ones((3, 4))
+    with pytest.raises(ValueError, match=r"topk_from_halves: k=5 must be an int in \[1, n=4\]"):
+        topk_from_halves(s1, s2, 5)
+    with pytest.raises(ValueError, match="one shape"):
+        topk_from_halves(s1, s2[:, :3], 2)
 
 
 def test_topk_gradients_match_finite_differences_in_float64():
