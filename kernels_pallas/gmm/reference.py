@@ -5,7 +5,11 @@ import jax.numpy as jnp
 
 
 def gmm_reference(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type=None):
-    """out[rows of group g] = lhs[rows of group g] @ rhs[g]; rows past sum(group_sizes) are 0."""
+    """out[rows of group g] = lhs[rows of group g] @ rhs[g]; rows past sum(group_sizes) are 0.
+
+    ``jax.lax.ragged_dot``: on XLA:CPU a non-finite weight of any group (an empty one too)
+    turns every output row non-finite; the other backends keep it to its group's rows.
+    """
     return jax.lax.ragged_dot(
         lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32),
         preferred_element_type=preferred_element_type,
