@@ -118,7 +118,7 @@ class Trainer:
         if s.step == 0:
             self._initial_eval()
         pending, window = None, []
-        t_start = t_log = time.perf_counter()
+        t_loop = t_start = t_log = time.perf_counter()   # after the first evaluation: not in step 1's time
         paused = 0.0     # seconds spent evaluating and checkpointing: not training, not in tokens/s
         first = self.first_step = s.step
         with StopSignal() as stop:
@@ -134,7 +134,7 @@ class Trainer:
                     jax.block_until_ready(metrics)
                     t_start = t_log = time.perf_counter()
                     self.progress.line(f"compiled and ran step {done} in "
-                                       f"{format_duration(t_start - self.t_setup)}")
+                                       f"{format_duration(t_start - t_loop)}")
                 boundary = (done % cfg.log_every == 0 or done % cfg.eval_every == 0 or
                             done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.received)
                 if not boundary:
@@ -206,7 +206,6 @@ class Trainer:
             f"device(s); {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens -> {self.out}")
         if self.model_cfg.moe is not None:
             self.progress.line(moe_backends(self.model_cfg.moe, self.mesh, s.shardings.rules))
-        self.t_setup = time.perf_counter()
 
     def _stopped(self, done: int, signame: str) -> int:
         self.checkpoints.wait()
