@@ -20,6 +20,15 @@ import transformers
 VOCAB = 97
 SEQ = 25          # one token shape everywhere: one compile per case
 
+# the first DeepSeek-V3 case, which the one without shared experts varies
+DEEPSEEK_A = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                  num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, n_routed_experts=8,
+                  num_experts_per_tok=2, n_group=2, topk_group=1,
+                  n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                  q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                  v_head_dim=12, routed_scaling_factor=2.5)
+
 # name -> (model_type, config kwargs). Widths, head counts, expert counts and
 # top-k differ between the two cases of each family.
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -53,13 +62,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "olmoe-b": ("olmoe", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2,
                               num_attention_heads=6, num_key_value_heads=2, num_experts=8,
                               num_experts_per_tok=3, norm_topk_prob=True)),
-    "deepseek_v3-a": ("deepseek_v3", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                                          num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=4, n_routed_experts=8,
-                                          num_experts_per_tok=2, n_group=2, topk_group=1,
-                                          n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
-                                          q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                          v_head_dim=12, routed_scaling_factor=2.5)),
+    "deepseek_v3-a": ("deepseek_v3", DEEPSEEK_A),
     "deepseek_v3-b": ("deepseek_v3", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=12,
                                           num_hidden_layers=2, num_attention_heads=3,
                                           num_key_value_heads=3, n_routed_experts=8,
@@ -69,13 +72,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                           v_head_dim=10, routed_scaling_factor=1.5, norm_topk_prob=False,
                                           rope_interleave=False)),
     # n_shared_experts=0: transformers still builds the shared experts, 0 wide (empty tensors)
-    "deepseek_v3-noshared": ("deepseek_v3", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                                                 num_hidden_layers=2, num_attention_heads=4,
-                                                 num_key_value_heads=4, n_routed_experts=4,
-                                                 num_experts_per_tok=2, n_group=2, topk_group=1,
-                                                 n_shared_experts=0, first_k_dense_replace=1, kv_lora_rank=16,
-                                                 q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                                 v_head_dim=12, routed_scaling_factor=2.5)),
+    "deepseek_v3-noshared": ("deepseek_v3", {**DEEPSEEK_A, "n_routed_experts": 4, "n_shared_experts": 0}),
     # YaRN: blended frequencies, cos/sin magnitude, (DeepSeek) the softmax mscale, (Qwen3)
     # untruncated correction range with non-default betas.
     "deepseek_v3-yarn": ("deepseek_v3", dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
