@@ -105,9 +105,12 @@ def sigmoid_topk(logits_TE: Float[Array, "T E"], bias_E: Float[Array, "E"], top_
 
 
 def expert_fraction(experts_TK: Int[Array, "T K"], num_experts: int) -> Float[Array, "E"]:
-    """Fraction of the T*K (token, slot) assignments that go to each expert."""
-    counts_E = jnp.zeros((num_experts,), jnp.float32).at[experts_TK.reshape(-1)].add(1.0)
-    return counts_E / experts_TK.size
+    """Fraction of the T*K (token, slot) assignments that go to each expert.
+
+    Counted in int32: a float32 count stops at 2**24 (adding 1.0 no longer changes it).
+    """
+    counts_E = jnp.bincount(experts_TK.reshape(-1), length=num_experts)
+    return counts_E.astype(jnp.float32) / experts_TK.size
 
 
 def load_balance_loss(probs_TE: Float[Array, "T E"], experts_TK: Int[Array, "T K"],

@@ -141,3 +141,12 @@ def test_public_routing_functions_refuse_what_moe_config_refuses(call, message):
     scores = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8)), jnp.float32)
     with pytest.raises(ValueError, match=message):
         call(scores)
+
+
+def test_expert_fraction_counts_past_float32_integers():
+    """One expert with more than 2**24 pairs (one collapsed expert, a large batch): a
+    float32 count stalled at 2**24 and under-reported its load and balance loss."""
+    pairs, minority = 2**24 + 2**22, 2**20
+    experts = jnp.zeros((pairs, 1), jnp.int32).at[:minority].set(1)
+    got = jax.jit(routing.expert_fraction, static_argnums=1)(experts, 2)
+    np.testing.assert_allclose(got, [(pairs - minority) / pairs, minority / pairs], rtol=1e-7)
