@@ -149,7 +149,7 @@ def capacity_dispatch(x_TD, gates_TK, experts_TK, experts, *, capacity_factor: f
     2. kept pairs are written to buffer slot ``e * C + position``; dropped
        pairs go to a spare row that nothing reads.
     3. experts run batched on [E, C, D] buffers; outputs are gathered back
-       and combined with the gates of the kept pairs.
+       (dropped pairs read a zero row) and combined with the gates of the kept pairs.
     Returns (out_TD, dropped_fraction).
     """
     (num_tokens, top_k), num_experts = experts_TK.shape, experts.num_experts
@@ -163,7 +163,10 @@ def capacity_dispatch(x_TD, gates_TK, experts_TK, experts, *, capacity_factor: f
         x_TD[token_TK.reshape(-1)])
     x_ECD = buffer_SD[:spare].reshape(num_experts, capacity, -1)
     y_SD = experts.batched(x_ECD).reshape(spare, -1)
-    y_TKD = y_SD[jnp.minimum(slot_TK, spare - 1)]
+    # Dropped pairs read a zero row, not another token's output: a zero gate times that
+    # output is NaN when it is non-finite, which would leak one token's inf into others.
+    y_SD = jnp.concatenate([y_SD, jnp.zeros((1, y_SD.shape[1]), y_SD.dtype)])
+    y_TKD = y_SD[slot_TK]
     kept_gates_TK = jnp.where(keep_TK, gates_TK.astype(jnp.float32), 0.0)
     out_TD = jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), kept_gates_TK)
     dropped = jnp.mean(jnp.logical_not(keep_TK).astype(jnp.float32))  # exact 0 when none drop

@@ -26,9 +26,13 @@ def group_limited_mask(scores_TE: Float[Array, "T E"], n_group: int, topk_group:
     A group's score is the sum of its two best expert scores (DeepSeek-V3);
     with one expert per group it is that expert's score.
     """
+    num_tokens, num_experts = scores_TE.shape
+    if not (1 <= n_group <= num_experts and num_experts % n_group == 0):
+        raise ValueError(f"n_group={n_group} must divide num_experts={num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
     if n_group == 1:
         return scores_TE
-    num_tokens, num_experts = scores_TE.shape
     per_group = num_experts // n_group
     scores_TGe = scores_TE.reshape(num_tokens, n_group, per_group)
     best_two = jax.lax.top_k(scores_TGe, min(2, per_group))[0]
@@ -38,6 +42,18 @@ def group_limited_mask(scores_TE: Float[Array, "T E"], n_group: int, topk_group:
         jnp.arange(num_tokens)[:, None], top_groups_TK].set(True)
     keep_TE = jnp.repeat(keep_TG, per_group, axis=1)
     return jnp.where(keep_TE, scores_TE, -jnp.inf)
+
+
+def _select_experts(choice_TE: Float[Array, "T E"], top_k: int, n_group: int, topk_group: int
+                    ) -> Int[Array, "T K"]:
+    """The top_k experts by choice score within the ``topk_group`` best groups."""
+    num_experts = choice_TE.shape[-1]
+    choice_TE = group_limited_mask(choice_TE, n_group, topk_group)
+    allowed = topk_group * (num_experts // n_group)
+    if not 1 <= top_k <= allowed:   # past the allowed experts top_k would pick masked ones
+        raise ValueError(f"top_k={top_k} must be in [1, {allowed}] (topk_group={topk_group} of "
+                         f"n_group={n_group} groups hold {allowed} of the {num_experts} experts)")
+    return jax.lax.top_k(choice_TE, top_k)[1]
 
 
 def _normalise(gates_TK: Float[Array, "T K"], norm_topk_prob: bool) -> Float[Array, "T K"]:
@@ -62,8 +78,7 @@ def softmax_topk(logits_TE: Float[Array, "T E"], top_k: int, *, norm_topk_prob: 
     gates are renormalised to sum to 1.
     """
     probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
-    choice_TE = group_limited_mask(probs_TE, n_group, topk_group)
-    _, experts_TK = jax.lax.top_k(choice_TE, top_k)
+    experts_TK = _select_experts(probs_TE, top_k, n_group, topk_group)
     gates_TK = _normalise(jnp.take_along_axis(probs_TE, experts_TK, axis=-1), norm_topk_prob)
     return gates_TK * routed_scaling_factor, experts_TK, probs_TE
 
@@ -83,17 +98,19 @@ def sigmoid_topk(logits_TE: Float[Array, "T E"], bias_E: Float[Array, "E"], top_
     """
     scores_TE = jax.nn.sigmoid(logits_TE.astype(jnp.float32))
     choice_TE = scores_TE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))[None, :]
-    choice_TE = group_limited_mask(choice_TE, n_group, topk_group)
-    _, experts_TK = jax.lax.top_k(choice_TE, top_k)
+    experts_TK = _select_experts(choice_TE, top_k, n_group, topk_group)
     gates_TK = _normalise(jnp.take_along_axis(scores_TE, experts_TK, axis=-1), norm_topk_prob)
     probs_TE = scores_TE / scores_TE.sum(axis=-1, keepdims=True)
     return gates_TK * routed_scaling_factor, experts_TK, probs_TE
 
 
 def expert_fraction(experts_TK: Int[Array, "T K"], num_experts: int) -> Float[Array, "E"]:
-    """Fraction of the T*K (token, slot) assignments that go to each expert."""
-    counts_E = jnp.zeros((num_experts,), jnp.float32).at[experts_TK.reshape(-1)].add(1.0)
-    return counts_E / experts_TK.size
+    """Fraction of the T*K (token, slot) assignments that go to each expert.
+
+    Counted in int32: a float32 count stops at 2**24 (adding 1.0 no longer changes it).
+    """
+    counts_E = jnp.bincount(experts_TK.reshape(-1), length=num_experts)
+    return counts_E.astype(jnp.float32) / experts_TK.size
 
 
 def load_balance_loss(probs_TE: Float[Array, "T E"], experts_TK: Int[Array, "T K"],
@@ -105,6 +122,8 @@ def load_balance_loss(probs_TE: Float[Array, "T E"], experts_TK: Int[Array, "T K
     sequence-major) and averaged (DeepSeek-V3's sequence-wise variant).
     """
     num_tokens, num_experts = probs_TE.shape
+    if not (num_sequences >= 1 and num_tokens % num_sequences == 0):
+        raise ValueError(f"num_sequences={num_sequences} must divide the {num_tokens} tokens")
     probs_SLE = probs_TE.reshape(num_sequences, num_tokens // num_sequences, num_experts)
     experts_SLK = experts_TK.reshape(num_sequences, num_tokens // num_sequences, -1)
     f_SE = jax.vmap(expert_fraction, in_axes=(0, None))(experts_SLK, num_experts)

@@ -111,6 +111,30 @@ def test_capacity_drops_exactly_the_overflow(seed, factor, top_k, collapse):
     assert_close(y.reshape(-1, cfg.d_model), want, what="capacity output")
 
 
+def test_capacity_keeps_a_non_finite_token_to_itself():
+    """A token whose expert output is inf (float16 overflow, a bad input) must not turn
+    other tokens' outputs NaN: dropped pairs used to read the last buffer row (another
+    token's output) and zero it with the gate, and 0 * inf is NaN. The dense reference
+    with the rule's dropped gates zeroed is NaN in that token's row only."""
+    cfg = moejax.MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2)
+    rng = np.random.default_rng(0)
+    # every token's first choice is expert 3, which overflows; second choices vary
+    experts_TK = np.stack([np.full(12, 3), rng.integers(0, 3, 12)], axis=1)
+    gates_TK = jnp.asarray(rng.uniform(0.1, 1.0, (12, 2)), jnp.float32)
+    capacity = dispatch.expert_capacity(12, 2, 4, 0.5)
+    keep = _brute_force_drops(experts_TK, 4, capacity)
+    assert not keep.all()                              # the test does drop
+    bad = capacity - 1   # its first choice fills the last buffer row (expert 3's last slot)
+    x_TD = inputs(cfg, 1, 12, 0).reshape(-1, cfg.d_model).at[bad].set(jnp.inf)
+    experts = build(cfg).experts.weights()
+    run = jax.jit(dispatch.dispatch_experts, static_argnums=0, static_argnames="capacity_factor")
+    y, _ = run("capacity", x_TD, gates_TK, experts_TK, experts, capacity_factor=0.5)
+    want, _ = run("dense", x_TD, jnp.where(keep, gates_TK, 0.0), experts_TK, experts)
+    others = np.arange(12) != bad
+    assert np.isfinite(np.asarray(want)[others]).all()
+    assert_close(np.asarray(y)[others], np.asarray(want)[others], what="other tokens")
+
+
 def test_huge_capacity_factor_is_capped_at_the_token_count():
     """No expert can get more than T pairs (a token's experts are distinct): cf=1e6 on 10
     tokens used to size [E, 2.5e6, D] buffers (640 MB of temporaries for 10 tokens).

@@ -121,3 +121,32 @@ def test_router_math_is_float32_for_bfloat16_inputs(router):
 def test_expert_fraction_counts_every_assignment():
     experts = jnp.array(list(itertools.product(range(3), repeat=2)))
     np.testing.assert_allclose(routing.expert_fraction(experts, 4), [1 / 3, 1 / 3, 1 / 3, 0.0])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: routing.group_limited_mask(s, 3, 1), "n_group=3"),
+    (lambda s: routing.group_limited_mask(s, 4, 0), "topk_group=0"),
+    (lambda s: routing.group_limited_mask(s, 4, 5), "topk_group=5"),
+    (lambda s: routing.softmax_topk(s, 9, norm_topk_prob=True), "top_k=9"),
+    # 1 group of 2 experts holds fewer than 4: top_k used to pick masked (-inf) experts
+    (lambda s: routing.softmax_topk(s, 4, norm_topk_prob=True, n_group=4, topk_group=1), "top_k=4"),
+    (lambda s: routing.sigmoid_topk(s, jnp.zeros(8), 3, norm_topk_prob=True, n_group=4,
+                                    topk_group=1), "top_k=3"),
+    (lambda s: routing.load_balance_loss(jax.nn.softmax(s), jnp.zeros((3, 2), jnp.int32), 2),
+     "num_sequences=2"),
+])
+def test_public_routing_functions_refuse_what_moe_config_refuses(call, message):
+    """Called without a config, the functions check the config's rules themselves
+    (a silent wrong routing or a reshape/top_k error from deep inside before)."""
+    scores = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8)), jnp.float32)
+    with pytest.raises(ValueError, match=message):
+        call(scores)
+
+
+def test_expert_fraction_counts_past_float32_integers():
+    """One expert with more than 2**24 pairs (one collapsed expert, a large batch): a
+    float32 count stalled at 2**24 and under-reported its load and balance loss."""
+    pairs, minority = 2**24 + 2**22, 2**20
+    experts = jnp.zeros((pairs, 1), jnp.int32).at[:minority].set(1)
+    got = jax.jit(routing.expert_fraction, static_argnums=1)(experts, 2)
+    np.testing.assert_allclose(got, [(pairs - minority) / pairs, minority / pairs], rtol=1e-7)
