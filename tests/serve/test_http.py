@@ -41,16 +41,14 @@ CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor
 
 
 class Server:
-    def __init__(self, model_dir: Path, cache_dir: Path):
+    def __init__(self, model_dir: Path, work_dir: Path):
         self.port = free_port()
-        (cache_dir / "chat.jinja").write_text(CHAT_TEMPLATE)
-        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-                   JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_FLAGS=xla_flags())
+        (work_dir / "chat.jinja").write_text(CHAT_TEMPLATE)
+        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", "http", "--model", str(model_dir), "--port", str(self.port),
              "--slots", "4", "--max-queue", "4", "--chunk", "16", "--max-body", str(MAX_BODY), "--name", "micro",
-             "--chat-template", str(cache_dir / "chat.jinja")],
+             "--chat-template", str(work_dir / "chat.jinja")],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -96,8 +94,8 @@ _LIVE: dict = {}
 def server(micro_serving, tmp_path_factory):
     """A running server (started once; started again if a test stopped it)."""
     if "server" not in _LIVE or _LIVE["server"].proc.poll() is not None:
-        cache = _LIVE.setdefault("cache", tmp_path_factory.mktemp("jax_cache"))
-        _LIVE["server"] = Server(micro_serving, cache)
+        work_dir = _LIVE.setdefault("work_dir", tmp_path_factory.mktemp("server"))
+        _LIVE["server"] = Server(micro_serving, work_dir)
     yield _LIVE["server"]
 
 

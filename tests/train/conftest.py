@@ -1,5 +1,5 @@
-"""Fixtures for the training-application tests: a small text corpus and a shared
-compilation cache for the ``python -m train`` subprocesses."""
+"""Fixtures for the training-application tests: a small text corpus shared by the
+xdist workers."""
 
 from __future__ import annotations
 
@@ -32,10 +32,3 @@ def corpus_file(shared_dir) -> Path:
         tmp.write_text("".join((stdlib / name).read_text() for name in CORPUS_MODULES))
         tmp.replace(path)
     return path
-
-
-@pytest.fixture(scope="session")
-def compile_cache(shared_dir) -> str:
-    path = shared_dir / "jax_cache"
-    path.mkdir(exist_ok=True)
-    return str(path)

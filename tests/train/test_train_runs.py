@@ -37,7 +37,7 @@ def run_args(corpus: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def reference_run(shared_dir, corpus_file, compile_cache) -> Path:
+def reference_run(shared_dir, corpus_file) -> Path:
     """The uninterrupted run (made once per session, whichever worker asks first)."""
     out = shared_dir / "reference"
     with open(shared_dir / "reference.lock", "w") as lock:
@@ -45,7 +45,7 @@ def reference_run(shared_dir, corpus_file, compile_cache) -> Path:
         if not (out / "summary.json").exists():
             args = run_args(corpus_file, out)
             args = [a for a in args if a not in ("--no-plot", "--no-tensorboard")]
-            result = run_train(args, cache_dir=compile_cache)
+            result = run_train(args)
             assert result.returncode == 0, result.stderr
             (shared_dir / "reference.stdout").write_text(result.stdout)
     return out
@@ -102,17 +102,17 @@ def restored_state(out: Path, step: int):
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
 
-def test_sigkill_then_sigterm_resume_is_bit_identical(reference_run, corpus_file, compile_cache, tmp_path):
+def test_sigkill_then_sigterm_resume_is_bit_identical(reference_run, corpus_file, tmp_path):
     out = tmp_path / "run"
     args = run_args(corpus_file, out)
 
-    first = start_train(args, cache_dir=compile_cache)
+    first = start_train(args)
     killed_after = wait_for_checkpoint(first, out, after=0)
     first.send_signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
     assert STEPS not in checkpoint_steps(out)
 
-    second = start_train(args, cache_dir=compile_cache)
+    second = start_train(args)
     resumed_from = max(checkpoint_steps(out))
     assert resumed_from >= killed_after
     wait_for_checkpoint(second, out, after=resumed_from)
@@ -123,7 +123,7 @@ def test_sigkill_then_sigterm_resume_is_bit_identical(reference_run, corpus_file
     assert "SIGTERM: saved checkpoint at step" in stdout
     assert STEPS not in checkpoint_steps(out)
 
-    third = run_train(args, cache_dir=compile_cache)
+    third = run_train(args)
     assert third.returncode == 0, third.stderr
     ours, theirs = restored_state(out, STEPS), restored_state(reference_run, STEPS)
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
@@ -141,7 +141,7 @@ def test_sigkill_then_sigterm_resume_is_bit_identical(reference_run, corpus_file
 
 @pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "unsealed"])
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_bit_identical(
-        reference_run, corpus_file, compile_cache, tmp_path, sealed):
+        reference_run, corpus_file, tmp_path, sealed):
     """The reference run's newest checkpoint (step 32) loses half of its largest array
     file: resuming reports it in one line, renames it, resumes from step 28 and ends
     exactly where the uninterrupted run ended. Unsealed (a run killed before it sealed
@@ -155,7 +155,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_bit_identical(
                      key=lambda p: p.stat().st_size)
     os.truncate(array_file, array_file.stat().st_size // 2)
 
-    result = run_train(run_args(corpus_file, out), cache_dir=compile_cache)
+    result = run_train(run_args(corpus_file, out))
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"warning: checkpoint step {STEPS} is damaged"), \
@@ -168,10 +168,9 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_bit_identical(
     assert records(out)[-1] == records(reference_run)[-1] | {"tokens_per_s": records(out)[-1]["tokens_per_s"]}
 
 
-def test_mesh_data2_expert4_matches_single_device(reference_run, corpus_file, compile_cache, tmp_path):
+def test_mesh_data2_expert4_matches_single_device(reference_run, corpus_file, tmp_path):
     out = tmp_path / "mesh"
-    result = run_train(run_args(corpus_file, out, "--mesh", "data=2,expert=4"), devices=8,
-                       cache_dir=compile_cache)
+    result = run_train(run_args(corpus_file, out, "--mesh", "data=2,expert=4"), devices=8)
     assert result.returncode == 0, result.stderr
     assert "'data': 2" in result.stdout and "'expert': 4" in result.stdout
     ref = {r["step"]: r for r in records(reference_run)}
@@ -186,7 +185,7 @@ def test_mesh_data2_expert4_matches_single_device(reference_run, corpus_file, co
 
 
 def test_out_holding_only_a_model_dir_starts_from_its_weights(reference_run, corpus_file,
-                                                             compile_cache, tmp_path):
+                                                             tmp_path):
     """What ``python -m moejax.convert --out RUN`` leaves: config.json + model/ only.
     (``reference_run`` only warms the compilation cache: the step program is the same.)"""
     out = save_micro_model(tmp_path / "converted", seed=123)  # not the seed train would use
@@ -195,7 +194,7 @@ def test_out_holding_only_a_model_dir_starts_from_its_weights(reference_run, cor
     logits = jax.jit(lambda x: model(x)[0])(val_BS1[:, :-1])
     expected = float(lm_loss(logits, val_BS1[:, 1:]))
 
-    result = run_train(run_args(corpus_file, out, "--resume"), cache_dir=compile_cache)
+    result = run_train(run_args(corpus_file, out, "--resume"))
     assert result.returncode == 0, result.stderr
     assert "weights from" in result.stdout and "fresh optimizer" in result.stdout
     first = records(out)[0]
@@ -204,14 +203,14 @@ def test_out_holding_only_a_model_dir_starts_from_its_weights(reference_run, cor
     assert checkpoint_steps(out)[-1] == STEPS
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus_file, compile_cache, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus_file, tmp_path):
     # lr 1e30: the warmup's first non-zero step makes the weights astronomically large, and
     # the step after it overflows
     out = tmp_path / "diverge"
     args = ["--data", str(corpus_file), "--out", str(out), *MICRO, "--steps", "8", "--lr", "1e30",
             "--warmup-steps", "4", "--checkpoint-every", "1", "--log-every", "1", "--no-plot",
             "--no-tensorboard"]
-    result = run_train(args, cache_dir=compile_cache)
+    result = run_train(args)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert len(lines) == 1 and "non-finite loss" in lines[0], result.stderr

@@ -1,7 +1,7 @@
 """Run ``python -m train`` in a subprocess, the way a user does.
 
-Subprocesses share a persistent XLA compilation cache (one directory per
-test session), so the runs of one micro config compile their step once.
+Subprocesses inherit the session's persistent XLA compilation cache
+(tests/conftest.py), so the runs of one micro config compile their step once.
 """
 
 from __future__ import annotations
@@ -22,15 +22,11 @@ MICRO = ["--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2", "--
          "--batch-size", "8", "--seq-len", "32", "--eval-batches", "1"]
 
 
-def train_env(devices: int = 1, cache_dir: str | None = None) -> dict:
+def train_env(devices: int = 1) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(devices if devices > 1 else None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
-    if cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
 
 
