@@ -6,7 +6,8 @@ multiplied by ``rhs[g]``; rows past ``sum(group_sizes)`` give zeros.
 - ``gmm`` / ``tgmm`` (per-group ``lhs^T @ grad`` -> [G,K,N], the weight
   gradient): differentiable; ``backend='auto'`` runs the Pallas kernel on
   TPU (tpu.py, Mosaic) or GPU (gpu.py, Triton) and the XLA path on CPU,
-  chosen per lowering platform (``jax.lax.platform_dependent``).
+  chosen per lowering platform (kernels_pallas.lowering: a ``jax.jit`` on a
+  CPU host never traces the kernels, an export for TPU/GPU carries them).
 - ``gmm_int8(lhs, rhs_int8, rhs_scale[G,N], group_sizes)``: weight-only int8
   experts for serving, dequantized inside the kernel; gradients for lhs
   and rhs_scale (the int8 weights are frozen).

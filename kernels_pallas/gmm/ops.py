@@ -1,6 +1,7 @@
 """Public entry points: validate, pick a backend and call it."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,10 @@ import jax.numpy as jnp
 from kernels_pallas.gmm.reference import gmm_int8_reference, gmm_reference, tgmm_reference
 from kernels_pallas.gmm.tiling import GmmTiling
 from kernels_pallas.gmm.validate import check_floating, check_gmm, check_int8, check_tgmm
-from kernels_pallas.gmm.vjp import KernelChoice, gmm_int8_pallas, gmm_pallas, tgmm_pallas
-from kernels_pallas.gmm.xla import gmm_int8_xla, gmm_xla, tgmm_xla
+from kernels_pallas.gmm.vjp import (KernelChoice, gmm_bwd, gmm_int8_bwd, gmm_int8_pallas,
+                                    gmm_pallas, run_gmm, run_tgmm, tgmm_bwd, tgmm_pallas)
+from kernels_pallas.gmm.xla import gmm_int8_xla, gmm_xla, gmm_xla_bwd, tgmm_xla
+from kernels_pallas.lowering import per_lowering_platform
 from kernels_pallas.shard_map_types import match_varying
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
@@ -18,7 +21,7 @@ BACKENDS = ("auto", "pallas", "xla", "reference")
 def _resolve(op, backend, tiling, interpret):
     """-> (backend, KernelChoice) with interpret=None made concrete. 'auto' becomes
     'pallas' when running on TPU/GPU; on any other host it stays 'auto', resolved
-    per lowering platform by :func:`_per_lowering_platform`."""
+    per lowering platform by :func:`_auto_per_platform`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     on_accelerator = jax.default_backend() in ("tpu", "gpu")
@@ -46,13 +49,48 @@ def _clamped_sizes(group_sizes, num_rows):
     return jnp.clip(group_sizes, 0, num_rows).astype(jnp.int32)
 
 
-def _per_lowering_platform(xla_fn, pallas_fn, choice, *args):
-    """backend='auto' traced on a host without TPU/GPU: the XLA path where the function
+def _auto_per_platform(xla_fn, pallas_fwd, pallas_bwd, choice, differentiable, *args,
+                           xla_bwd=None):
+    """backend='auto' traced on a host without TPU/GPU: ``xla_fn(*args)`` where the function
     is lowered for CPU, the compiled Pallas kernel where it is lowered for TPU or GPU
-    (``jax.export(..., platforms=['tpu'])`` from this host carries the kernel)."""
-    compiled = dataclasses.replace(choice, interpret=False)
-    return jax.lax.platform_dependent(*args, cpu=xla_fn,
-                                      default=lambda *a: pallas_fn(*a, compiled))
+    (``jax.export(..., platforms=['tpu'])`` from this host carries the kernel; a plain
+    ``jax.jit`` here never traces it: kernels_pallas.lowering). Differentiable in the args
+    flagged in ``differentiable``: on CPU by ``xla_bwd(*args, cotangent)`` if given, else by
+    autodiff of ``xla_fn``; on TPU/GPU by ``pallas_bwd(choice, args, cotangent)`` (the
+    kernels' own backward). Both return the cotangents of the flagged args (None for the rest).
+    """
+    kernels = {"tpu": dataclasses.replace(choice, interpret=False, platform="tpu")}
+    kernels["cuda"] = kernels["rocm"] = dataclasses.replace(choice, interpret=False, platform="gpu")
+    wrt = [i for i, d in enumerate(differentiable) if d]
+
+    def forward(*a):
+        return per_lowering_platform(lambda *x: (xla_fn(*x),), {
+            p: functools.partial(lambda c, *x: (pallas_fwd(c, *x),), c) for p, c in kernels.items()},
+            *a)[0]
+
+    def xla_backward(*a_g):
+        *a, g = a_g
+        if xla_bwd is not None:
+            return tuple(x for x in xla_bwd(*a, g) if x is not None)
+
+        def of_wrt(*d):
+            return xla_fn(*[d[wrt.index(i)] if i in wrt else x for i, x in enumerate(a)])
+        return jax.vjp(of_wrt, *[a[i] for i in wrt])[1](g)
+
+    def pallas_backward(c, *a_g):
+        return tuple(x for x in pallas_bwd(c, a_g[:-1], a_g[-1]) if x is not None)
+
+    @jax.custom_vjp
+    def run(*a):
+        return forward(*a)
+
+    def backward(a, g):
+        grads = iter(per_lowering_platform(xla_backward, {
+            p: functools.partial(pallas_backward, c) for p, c in kernels.items()}, *a, g))
+        return tuple(next(grads) if d else None for d in differentiable)
+
+    run.defvjp(lambda *a: (forward(*a), a), backward)
+    return run(*args)
 
 
 def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
@@ -82,9 +120,12 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     if backend == "pallas":
         return gmm_pallas(lhs, rhs, group_sizes, out_dtype, choice)
     if backend == "auto":
-        return _per_lowering_platform(
+        return _auto_per_platform(
             lambda a, b, s: gmm_xla(a, b, s, preferred_element_type),
-            lambda a, b, s, c: gmm_pallas(a, b, s, out_dtype, c), choice, lhs, rhs, group_sizes)
+            lambda c, a, b, s: run_gmm(c, a, b, s, out_dtype),
+            lambda c, res, g: gmm_bwd(out_dtype, c, res, g),
+            choice, (True, True, False), lhs, rhs, group_sizes,
+            xla_bwd=gmm_xla_bwd)
     if backend == "xla":  # tile loop: ragged_dot runs many times under dense speed on XLA:CPU
         return gmm_xla(lhs, rhs, group_sizes, preferred_element_type)
     return gmm_reference(lhs, rhs, group_sizes, preferred_element_type)
@@ -109,9 +150,11 @@ def tgmm(lhs, grad, group_sizes, *, preferred_element_type=None, tiling=None,
     if backend == "pallas":
         return tgmm_pallas(lhs, grad, group_sizes, out_dtype, choice)
     if backend == "auto":
-        return _per_lowering_platform(
+        return _auto_per_platform(
             lambda a, g, s: tgmm_xla(a, g, s, preferred_element_type),
-            lambda a, g, s, c: tgmm_pallas(a, g, s, out_dtype, c), choice, lhs, grad, group_sizes)
+            lambda c, a, g, s: run_tgmm(c, a, g, s, out_dtype),
+            lambda c, res, g: tgmm_bwd(out_dtype, c, res, g),
+            choice, (True, True, False), lhs, grad, group_sizes)
     if backend == "xla":
         return tgmm_xla(lhs, grad, group_sizes, preferred_element_type)
     return tgmm_reference(lhs, grad, group_sizes, preferred_element_type)
@@ -139,10 +182,11 @@ def gmm_int8(lhs, rhs, rhs_scale, group_sizes, *, preferred_element_type=None, t
     if backend == "pallas":
         return gmm_int8_pallas(lhs, rhs, rhs_scale, group_sizes, out_dtype, choice)
     if backend == "auto":
-        return _per_lowering_platform(
+        return _auto_per_platform(
             lambda a, q, sc, s: gmm_int8_xla(a, q, sc, s, out_dtype),
-            lambda a, q, sc, s, c: gmm_int8_pallas(a, q, sc, s, out_dtype, c),
-            choice, lhs, rhs, rhs_scale, group_sizes)
+            lambda c, a, q, sc, s: run_gmm(c, a, q, s, out_dtype, rhs_scale_GN=sc),
+            lambda c, res, g: gmm_int8_bwd(out_dtype, c, res, g),
+            choice, (True, False, True, False), lhs, rhs, rhs_scale, group_sizes)
     if backend == "xla":
         return gmm_int8_xla(lhs, rhs, rhs_scale, group_sizes, out_dtype)
     return gmm_int8_reference(lhs, rhs, rhs_scale, group_sizes, out_dtype)

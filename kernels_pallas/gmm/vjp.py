@@ -25,8 +25,9 @@ PLATFORMS = (None, "tpu", "gpu")
 @dataclasses.dataclass(frozen=True)
 class KernelChoice:
     """Which kernel runs and how. platform None: the running backend's kernel; when
-    tracing on CPU with interpret=False (e.g. jax.export for TPU/GPU) both kernels are
-    staged with lax.platform_dependent, so a given tiling must be legal for both.
+    tracing on CPU with interpret=False and no platform (backend='pallas' exported for
+    TPU/GPU) both kernels are staged with lax.platform_dependent, so a given tiling must
+    be legal for both ('auto' names the platform: ops._auto_per_platform).
     Export for one platform at a time: a multi-platform export would lower each
     pallas_call for every platform, which Pallas refuses."""
 
@@ -132,7 +133,7 @@ def _gmm_fwd(lhs_MK, rhs_GKN, group_sizes_G, out_dtype, choice):
     return out_MN, (lhs_MK, rhs_GKN, group_sizes_G)
 
 
-def _gmm_bwd(out_dtype, choice, residuals, d_out_MN):
+def gmm_bwd(out_dtype, choice, residuals, d_out_MN):
     lhs_MK, rhs_GKN, group_sizes_G = residuals
     # Matmul inputs in the operands' dtype; every kernel accumulates in float32.
     d_out_MN = d_out_MN.astype(lhs_MK.dtype)
@@ -142,7 +143,7 @@ def _gmm_bwd(out_dtype, choice, residuals, d_out_MN):
     return d_lhs_MK, d_rhs_GKN, None
 
 
-gmm_pallas.defvjp(_gmm_fwd, _gmm_bwd)
+gmm_pallas.defvjp(_gmm_fwd, gmm_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -156,7 +157,7 @@ def _tgmm_fwd(lhs_MK, grad_MN, group_sizes_G, out_dtype, choice):
     return out_GKN, (lhs_MK, grad_MN, group_sizes_G)
 
 
-def _tgmm_bwd(out_dtype, choice, residuals, d_out_GKN):
+def tgmm_bwd(out_dtype, choice, residuals, d_out_GKN):
     lhs_MK, grad_MN, group_sizes_G = residuals
     d_out_GKN = d_out_GKN.astype(lhs_MK.dtype)
     # d_lhs[M,K] contracts N against d_out[G,K,N] read as [G,N,K]^T; d_grad[M,N] contracts K.
@@ -166,7 +167,7 @@ def _tgmm_bwd(out_dtype, choice, residuals, d_out_GKN):
     return d_lhs_MK, d_grad_MN, None
 
 
-tgmm_pallas.defvjp(_tgmm_fwd, _tgmm_bwd)
+tgmm_pallas.defvjp(_tgmm_fwd, tgmm_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -185,7 +186,7 @@ def _int8_fwd(lhs_MK, rhs_GKN, scale_GN, group_sizes_G, out_dtype, choice):
     return out_MN, (lhs_MK, rhs_GKN, scale_GN, group_sizes_G)
 
 
-def _int8_bwd(out_dtype, choice, residuals, d_out_MN):
+def gmm_int8_bwd(out_dtype, choice, residuals, d_out_MN):
     lhs_MK, rhs_GKN, scale_GN, group_sizes_G = residuals
     m, num_groups = lhs_MK.shape[0], rhs_GKN.shape[0]
     ends_G = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), m)
@@ -201,4 +202,4 @@ def _int8_bwd(out_dtype, choice, residuals, d_out_MN):
     return d_lhs_MK, None, d_scale_GN.astype(scale_GN.dtype), None
 
 
-gmm_int8_pallas.defvjp(_int8_fwd, _int8_bwd)
+gmm_int8_pallas.defvjp(_int8_fwd, gmm_int8_bwd)

@@ -308,6 +308,13 @@ def _gmm_bwd(out_dtype, sizes, residuals, grad_MN):
 _gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+def gmm_xla_bwd(lhs_MK, rhs_GKN, group_sizes_G, grad_MN):
+    """Cotangents (d_lhs, d_rhs) of ``gmm_xla`` (default tile sizes) without its forward."""
+    sizes = tile_sizes(lhs_MK.shape[0])
+    return _grouped_matmul_bwd(lhs_MK, rhs_GKN, grad_MN,
+                               tile_plan(group_sizes_G, lhs_MK.shape[0], sizes), sizes)
+
+
 def tgmm_xla(lhs_MK: Float[Array, "M K"], grad_MN: Float[Array, "M N"],
              group_sizes_G: Integer[Array, " G"], preferred_element_type=None, *,
              min_tile_rows: int | None = None, max_tile_rows: int | None = None
