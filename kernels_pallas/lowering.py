@@ -29,32 +29,42 @@ per_platform_p = Primitive("moejax_per_lowering_platform")
 per_platform_p.multiple_results = True
 
 
-def per_lowering_platform(cpu_fn: Callable, accelerator_fns: dict[str, Callable], *args):
+def per_lowering_platform(cpu_fn: Callable, accelerator_fns: dict[str, Callable], *args,
+                          cpu_error: str | None = None):
     """``cpu_fn(*args)`` where lowered for CPU, ``accelerator_fns[p](*args)`` where lowered for
     platform p ('tpu', 'cuda', 'rocm'; a missing one cannot be lowered) -> a tuple of outputs.
 
-    Every function takes the arrays ``args`` (closing over no traced value) and returns a
-    tuple of arrays of the same shapes and dtypes as ``cpu_fn``'s.
+    ``args`` are arrays or pytrees of them (None for an absent operand); every function takes
+    them, closes over no traced value and returns a tuple of arrays of the same shapes and
+    dtypes as ``cpu_fn``'s. With ``cpu_error`` the CPU lowering raises NotImplementedError
+    with that message instead (``cpu_fn`` then only gives the output types).
     """
     unknown = set(accelerator_fns) - set(ACCELERATORS)
     if unknown:
         raise ValueError(f"per_lowering_platform: unknown platforms {sorted(unknown)}; "
                          f"known: {ACCELERATORS}")
-    cpu_jaxpr = jax.make_jaxpr(lambda *a: tuple(cpu_fn(*a)))(*args)
+    leaves, tree = jax.tree.flatten(args)
+
+    def on_leaves(fn):
+        return lambda *x: tuple(fn(*jax.tree.unflatten(tree, x)))
+    cpu_jaxpr = jax.make_jaxpr(on_leaves(cpu_fn))(*leaves)
     if any(isinstance(c, jax.core.Tracer) for c in cpu_jaxpr.consts):
         raise ValueError("per_lowering_platform: cpu_fn closes over a traced value; pass it "
                          "as an argument")
-    return tuple(per_platform_p.bind(*args, cpu_jaxpr=cpu_jaxpr,
-                                     accelerators=tuple(sorted(accelerator_fns.items()))))
+    return tuple(per_platform_p.bind(
+        *leaves, cpu_jaxpr=cpu_jaxpr, cpu_error=cpu_error,
+        accelerators=tuple(sorted((p, on_leaves(f)) for p, f in accelerator_fns.items()))))
 
 
-def _abstract_eval(*avals, cpu_jaxpr: ClosedJaxpr, accelerators):
-    del avals, accelerators
+def _abstract_eval(*avals, cpu_jaxpr: ClosedJaxpr, **_):
+    del avals
     return cpu_jaxpr.out_avals
 
 
 def _lowering(platform: str):
-    def rule(ctx, *args, cpu_jaxpr: ClosedJaxpr, accelerators):
+    def rule(ctx, *args, cpu_jaxpr: ClosedJaxpr, cpu_error: str | None, accelerators):
+        if platform == "cpu" and cpu_error:
+            raise NotImplementedError(cpu_error)
         if platform == "cpu":
             return mlir.lower_fun(jaxpr_as_fun(cpu_jaxpr), multiple_results=True)(ctx, *args)
         fns = dict(accelerators)
@@ -78,10 +88,11 @@ def _batched(fn: Callable, dims) -> Callable:
     return jax.vmap(lambda *a: tuple(fn(*a)), in_axes=tuple(dims))   # None: not batched
 
 
-def _batch(axis_data, args, dims, *, cpu_jaxpr: ClosedJaxpr, accelerators):
+def _batch(axis_data, args, dims, *, cpu_jaxpr: ClosedJaxpr, cpu_error, accelerators):
     del axis_data   # the size comes with the batched args (some dim is not None here)
     outs = per_lowering_platform(_batched(jaxpr_as_fun(cpu_jaxpr), dims),
-                                 {p: _batched(f, dims) for p, f in accelerators}, *args)
+                                 {p: _batched(f, dims) for p, f in accelerators}, *args,
+                                 cpu_error=cpu_error)
     return outs, (0,) * len(outs)
 
 

@@ -49,6 +49,18 @@ def test_auto_dispatch_exports_the_pallas_kernel(platform):
     assert TARGET[platform] not in _export(ragged, platform, TOKENS)
 
 
+def test_one_multi_platform_export_carries_each_platforms_kernel():
+    model = moejax.Transformer(_tiny(), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    exported = jax.export.export(
+        jax.jit(lambda st, t: nnx.merge(graphdef, st)(t)[0]), platforms=["cpu", "tpu", "cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(state, TOKENS)
+    module = exported.mlir_module()
+    assert module.count(f"custom_call @{TARGET['tpu']}") == 3
+    assert module.count(f"custom_call @{TARGET['cuda']}") == 3
+    assert exported.platforms == ("cpu", "tpu", "cuda")
+
+
 def test_auto_dispatch_gradient_exports_the_kernels_for_tpu():
     model = moejax.Transformer(_tiny(), rngs=nnx.Rngs(0))
     module = _export(model, "tpu", TOKENS, grad=True)

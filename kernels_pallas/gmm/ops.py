@@ -105,7 +105,8 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=None, tiling=None,
     (Pallas on TPU/GPU, 'xla' on CPU, chosen per lowering platform, so an
     export for TPU/GPU from a CPU host carries the compiled kernel).
     tiling: None (heuristic), a GmmTiling or (tm, tk, tn); used by 'pallas'.
-    interpret: None = interpret mode unless running on TPU/GPU.
+    interpret: None = interpret mode unless running on TPU/GPU; False on a CPU host lowers
+    the compiled kernels for export to TPU/GPU (run here, a NotImplementedError).
     """
     lhs, rhs, group_sizes = _arrays(lhs, rhs, group_sizes)
     check_gmm("gmm", lhs, rhs, group_sizes)

@@ -18,18 +18,18 @@ from kernels_pallas.gmm import gpu, tpu
 from kernels_pallas.gmm.reference import gmm_reference, tgmm_reference
 from kernels_pallas.gmm.tiling import (GmmTiling, check_gpu_tiling, check_tpu_tiling,
                                        default_gpu_tiling, default_tpu_tiling)
+from kernels_pallas.lowering import per_lowering_platform
 
 PLATFORMS = (None, "tpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelChoice:
-    """Which kernel runs and how. platform None: the running backend's kernel; when
-    tracing on CPU with interpret=False and no platform (backend='pallas' exported for
-    TPU/GPU) both kernels are staged with lax.platform_dependent, so a given tiling must
-    be legal for both ('auto' names the platform: ops._auto_per_platform).
-    Export for one platform at a time: a multi-platform export would lower each
-    pallas_call for every platform, which Pallas refuses."""
+    """Which kernel runs and how. platform None: the running backend's kernel; traced on
+    a CPU host with interpret=False, each platform's kernel where the code is lowered for
+    it (kernels_pallas.lowering: ``jax.export(..., platforms=['tpu'])``), and an error
+    where it is lowered for the CPU. A multi-platform export (``platforms=['tpu',
+    'cuda']``) carries each platform's own kernel."""
 
     tiling: GmmTiling | None = None
     interpret: bool = False
@@ -59,13 +59,13 @@ def _per_platform(choice, tpu_fn, gpu_fn, fallback_fn, *args):
     backend = jax.default_backend()
     if backend in ("tpu", "gpu"):
         return (tpu_fn if backend == "tpu" else gpu_fn)(*args)
-    # Traced elsewhere for a compiled kernel (jax.export): choose at lowering time.
-    try:
-        return jax.lax.platform_dependent(*args, tpu=tpu_fn, cuda=gpu_fn, rocm=gpu_fn,
-                                          default=fallback_fn)
-    except ValueError as e:  # e.g. a TPU-only tiling refused by the GPU rules on a TPU export
-        raise ValueError(f"{e} (traced on {jax.default_backend()}, both the TPU and the GPU "
-                         "kernel are staged, so a tiling must be legal for both)") from e
+    # A compiled kernel traced on another host (jax.export for TPU/GPU): each platform's
+    # kernel is traced where it is lowered; run here, it is an error, not the reference.
+    return per_lowering_platform(
+        lambda *a: (fallback_fn(*a),), {"tpu": lambda *a: (tpu_fn(*a),),
+                                        "cuda": lambda *a: (gpu_fn(*a),), "rocm": lambda *a: (gpu_fn(*a),)},
+        *args, cpu_error=f"compiled Pallas kernels (interpret=False) run on TPU/GPU only, not on "
+                         f"{backend}: use interpret=True to run them here, or backend='xla'")[0]
 
 
 def run_gmm(choice, lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False,

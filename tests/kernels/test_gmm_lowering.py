@@ -6,6 +6,8 @@ the hardware. Triton's custom call has no export compatibility guarantee, so
 the CUDA exports name it explicitly as an accepted target.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -73,13 +75,29 @@ def test_explicit_tiling_exports_for_tpu():
 @pytest.mark.parametrize("tiling, message", [
     ((100, 128, 128), "tiling.tm=100 is not legal on TPU"),   # not a multiple of 16 (bf16)
     ((128, 200, 128), "tiling.tk=200 is not legal on TPU"),
-    # TPU-legal, not a power of 2: staged for both platforms, so refused, saying why
-    ((48, 128, 128), "tiling.tm=48 is not legal for the GPU.*must be legal for both"),
 ])
 def test_tiling_illegal_for_hardware_is_a_value_error(tiling, message):
     args = (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16), S((G,), jnp.int32))
     with pytest.raises(ValueError, match=message):
         _export(lambda a, b, s: _pallas_gmm(a, b, s, tiling=tiling), "tpu", *args)
+
+
+def test_a_tiling_is_checked_only_for_the_platform_it_is_lowered_for():
+    """tm=48 is legal on TPU, not on the GPU (a power of 2 there): each kernel is traced only
+    where the code is lowered for its platform, so only the GPU export refuses it."""
+    args = (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16), S((G,), jnp.int32))
+    tiled = functools.partial(_pallas_gmm, tiling=(48, 128, 128))
+    assert TARGET["tpu"] in _export(tiled, "tpu", *args)
+    with pytest.raises(ValueError, match="tiling.tm=48 is not legal for the GPU"):
+        _export(tiled, "cuda", *args)
+
+
+def test_compiled_kernel_run_on_cpu_is_an_error_not_the_reference():
+    lhs, rhs, sizes = jnp.ones((8, 16)), jnp.ones((2, 16, 8)), jnp.array([3, 5])
+    for op in (lambda: gmm(lhs, rhs, sizes, backend="pallas", interpret=False),
+               lambda: tgmm(lhs, jnp.ones((8, 8)), sizes, backend="pallas", interpret=False)):
+        with pytest.raises(NotImplementedError, match="run on TPU/GPU only.*interpret=True"):
+            jax.block_until_ready(op())
 
 
 @pytest.mark.parametrize("tm, tk, tn, field", [
