@@ -51,6 +51,8 @@ def per_lowering_platform(cpu_fn: Callable, accelerator_fns: dict[str, Callable]
     if any(isinstance(c, jax.core.Tracer) for c in cpu_jaxpr.consts):
         raise ValueError("per_lowering_platform: cpu_fn closes over a traced value; pass it "
                          "as an argument")
+    if cpu_jaxpr.effects:   # the primitive declares none: they would be dropped or reordered
+        raise ValueError(f"per_lowering_platform: cpu_fn has side effects {cpu_jaxpr.effects}")
     return tuple(per_platform_p.bind(
         *leaves, cpu_jaxpr=cpu_jaxpr, cpu_error=cpu_error,
         accelerators=tuple(sorted((p, on_leaves(f)) for p, f in accelerator_fns.items()))))

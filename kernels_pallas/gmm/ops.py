@@ -50,7 +50,7 @@ def _clamped_sizes(group_sizes, num_rows):
 
 
 def _auto_per_platform(xla_fn, pallas_fwd, pallas_bwd, choice, differentiable, *args,
-                           xla_bwd=None):
+                       xla_bwd=None):
     """backend='auto' traced on a host without TPU/GPU: ``xla_fn(*args)`` where the function
     is lowered for CPU, the compiled Pallas kernel where it is lowered for TPU or GPU
     (``jax.export(..., platforms=['tpu'])`` from this host carries the kernel; a plain

@@ -70,6 +70,8 @@ def test_mismatched_accelerator_output_and_bad_use_are_errors():
         return per_lowering_platform(lambda a: (a + y,), {}, x)
     with pytest.raises(ValueError, match="closes over a traced value"):
         closes_over(x)
+    with pytest.raises(ValueError, match="side effects"):
+        per_lowering_platform(lambda a: (jax.debug.print("{}", a) or a,), {}, x)
 
 
 def test_auto_gmm_under_vmap_and_grad_equals_the_reference():
