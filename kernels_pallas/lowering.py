@@ -23,7 +23,8 @@ import jax
 from jax.extend.core import ClosedJaxpr, Primitive, jaxpr_as_fun
 from jax.interpreters import batching, mlir
 
-ACCELERATORS = ("tpu", "cuda", "rocm")
+# accelerator_fns keys -> the lowering platforms each serves ('gpu': KernelChoice's name)
+ACCELERATORS = {"tpu": ("tpu",), "cuda": ("cuda",), "rocm": ("rocm",), "gpu": ("cuda", "rocm")}
 
 per_platform_p = Primitive("moejax_per_lowering_platform")
 per_platform_p.multiple_results = True
@@ -32,30 +33,33 @@ per_platform_p.multiple_results = True
 def per_lowering_platform(cpu_fn: Callable, accelerator_fns: dict[str, Callable], *args,
                           cpu_error: str | None = None):
     """``cpu_fn(*args)`` where lowered for CPU, ``accelerator_fns[p](*args)`` where lowered for
-    platform p ('tpu', 'cuda', 'rocm'; a missing one cannot be lowered) -> a tuple of outputs.
+    p ('tpu', 'cuda', 'rocm', or 'gpu' for both of these; a missing one cannot be lowered).
 
     ``args`` are arrays or pytrees of them (None for an absent operand); every function takes
-    them, closes over no traced value and returns a tuple of arrays of the same shapes and
-    dtypes as ``cpu_fn``'s. With ``cpu_error`` the CPU lowering raises NotImplementedError
-    with that message instead (``cpu_fn`` then only gives the output types).
+    them, closes over no traced value and returns a pytree of arrays whose leaves have the
+    shapes and dtypes of ``cpu_fn``'s (None, no leaf, may stand for an absent output); the
+    result has ``cpu_fn``'s structure. With ``cpu_error`` the CPU lowering raises
+    NotImplementedError with that message instead (``cpu_fn`` then only gives the types).
     """
     unknown = set(accelerator_fns) - set(ACCELERATORS)
     if unknown:
         raise ValueError(f"per_lowering_platform: unknown platforms {sorted(unknown)}; "
-                         f"known: {ACCELERATORS}")
+                         f"known: {sorted(ACCELERATORS)}")
     leaves, tree = jax.tree.flatten(args)
 
     def on_leaves(fn):
-        return lambda *x: tuple(fn(*jax.tree.unflatten(tree, x)))
-    cpu_jaxpr = jax.make_jaxpr(on_leaves(cpu_fn))(*leaves)
+        return lambda *x: fn(*jax.tree.unflatten(tree, x))
+    cpu_jaxpr, out_shapes = jax.make_jaxpr(on_leaves(cpu_fn), return_shape=True)(*leaves)
     if any(isinstance(c, jax.core.Tracer) for c in cpu_jaxpr.consts):
         raise ValueError("per_lowering_platform: cpu_fn closes over a traced value; pass it "
                          "as an argument")
     if cpu_jaxpr.effects:   # the primitive declares none: they would be dropped or reordered
         raise ValueError(f"per_lowering_platform: cpu_fn has side effects {cpu_jaxpr.effects}")
-    return tuple(per_platform_p.bind(
-        *leaves, cpu_jaxpr=cpu_jaxpr, cpu_error=cpu_error,
-        accelerators=tuple(sorted((p, on_leaves(f)) for p, f in accelerator_fns.items()))))
+    by_platform = tuple(sorted((platform, on_leaves(fn)) for key, fn in accelerator_fns.items()
+                               for platform in ACCELERATORS[key]))
+    outs = per_platform_p.bind(*leaves, cpu_jaxpr=cpu_jaxpr, cpu_error=cpu_error,
+                               accelerators=by_platform)
+    return jax.tree.unflatten(jax.tree.structure(out_shapes), outs)
 
 
 def _abstract_eval(*avals, cpu_jaxpr: ClosedJaxpr, **_):
@@ -76,7 +80,7 @@ def _lowering(platform: str):
         want = [(a.shape, a.dtype) for a in cpu_jaxpr.out_avals]
 
         def checked(*a):
-            outs = tuple(fns[platform](*a))
+            outs = jax.tree.leaves(fns[platform](*a))
             got = [(o.shape, o.dtype) for o in outs]
             if got != want:
                 raise TypeError(f"per_lowering_platform: the {platform} function returns "
@@ -87,7 +91,7 @@ def _lowering(platform: str):
 
 
 def _batched(fn: Callable, dims) -> Callable:
-    return jax.vmap(lambda *a: tuple(fn(*a)), in_axes=tuple(dims))   # None: not batched
+    return jax.vmap(lambda *a: jax.tree.leaves(fn(*a)), in_axes=tuple(dims))   # None: not batched
 
 
 def _batch(axis_data, args, dims, *, cpu_jaxpr: ClosedJaxpr, cpu_error, accelerators):
@@ -105,5 +109,5 @@ def _impl(*args, **params):
 per_platform_p.def_impl(_impl)
 per_platform_p.def_abstract_eval(_abstract_eval)
 batching.fancy_primitive_batchers[per_platform_p] = _batch
-for _platform in ("cpu",) + ACCELERATORS:
+for _platform in ("cpu", "tpu", "cuda", "rocm"):
     mlir.register_lowering(per_platform_p, _lowering(_platform), platform=_platform)

@@ -56,29 +56,27 @@ def _auto_per_platform(xla_fn, pallas_fwd, pallas_bwd, choice, differentiable, *
     (``jax.export(..., platforms=['tpu'])`` from this host carries the kernel; a plain
     ``jax.jit`` here never traces it: kernels_pallas.lowering). Differentiable in the args
     flagged in ``differentiable``: on CPU by ``xla_bwd(*args, cotangent)`` if given, else by
-    autodiff of ``xla_fn``; on TPU/GPU by ``pallas_bwd(choice, args, cotangent)`` (the
-    kernels' own backward). Both return the cotangents of the flagged args (None for the rest).
+    autodiff of ``xla_fn`` (the flagged args' cotangents); on TPU/GPU by the kernels' own
+    backward ``pallas_bwd(choice, args, cotangent)`` (one per arg, None for the others).
     """
-    kernels = {"tpu": dataclasses.replace(choice, interpret=False, platform="tpu")}
-    kernels["cuda"] = kernels["rocm"] = dataclasses.replace(choice, interpret=False, platform="gpu")
+    kernels = {p: dataclasses.replace(choice, interpret=False, platform=p) for p in ("tpu", "gpu")}
     wrt = [i for i, d in enumerate(differentiable) if d]
 
     def forward(*a):
-        return per_lowering_platform(lambda *x: (xla_fn(*x),), {
-            p: functools.partial(lambda c, *x: (pallas_fwd(c, *x),), c) for p, c in kernels.items()},
-            *a)[0]
+        return per_lowering_platform(xla_fn, {
+            p: functools.partial(pallas_fwd, c) for p, c in kernels.items()}, *a)
 
     def xla_backward(*a_g):
         *a, g = a_g
         if xla_bwd is not None:
-            return tuple(x for x in xla_bwd(*a, g) if x is not None)
+            return xla_bwd(*a, g)
 
         def of_wrt(*d):
             return xla_fn(*[d[wrt.index(i)] if i in wrt else x for i, x in enumerate(a)])
         return jax.vjp(of_wrt, *[a[i] for i in wrt])[1](g)
 
-    def pallas_backward(c, *a_g):
-        return tuple(x for x in pallas_bwd(c, a_g[:-1], a_g[-1]) if x is not None)
+    def pallas_backward(c, *a_g):   # None for the other args: no leaf, like xla_backward
+        return pallas_bwd(c, a_g[:-1], a_g[-1])
 
     @jax.custom_vjp
     def run(*a):

@@ -62,10 +62,9 @@ def _per_platform(choice, tpu_fn, gpu_fn, fallback_fn, *args):
     # A compiled kernel traced on another host (jax.export for TPU/GPU): each platform's
     # kernel is traced where it is lowered; run here, it is an error, not the reference.
     return per_lowering_platform(
-        lambda *a: (fallback_fn(*a),), {"tpu": lambda *a: (tpu_fn(*a),),
-                                        "cuda": lambda *a: (gpu_fn(*a),), "rocm": lambda *a: (gpu_fn(*a),)},
-        *args, cpu_error=f"compiled Pallas kernels (interpret=False) run on TPU/GPU only, not on "
-                         f"{backend}: use interpret=True to run them here, or backend='xla'")[0]
+        fallback_fn, {"tpu": tpu_fn, "gpu": gpu_fn}, *args,
+        cpu_error=f"compiled Pallas kernels (interpret=False) run on TPU/GPU only, not on "
+                  f"{backend}: use interpret=True to run them here, or backend='xla'")
 
 
 def run_gmm(choice, lhs_MK, rhs_GKN, group_sizes_G, out_dtype, *, transpose_rhs=False,
